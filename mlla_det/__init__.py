@@ -1,0 +1,11 @@
+"""mmdetection side of mlla-det. Importing it makes mmdet usable without a compiled mmcv,
+lets mmengine's checkpoints load on torch >= 2.6, and registers the MLLA backbone."""
+from .mmcv_ext import install_mmcv_ext
+from .mmengine_compat import allow_mmengine_checkpoints
+
+install_mmcv_ext()
+allow_mmengine_checkpoints()
+
+from .models import MLLA  # noqa: E402
+
+__all__ = ["MLLA"]

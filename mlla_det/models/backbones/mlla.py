@@ -1,0 +1,331 @@
+"""MLLA: Mamba-Like Linear Attention backbone ("Demystify Mamba in Vision", Han et al., NeurIPS 2024).
+
+Detection form of the model: four stages of MLLA blocks on a convolutional stem, with a LayerNorm
+on each returned stage output. Module and parameter names follow the paper's checkpoints, so its
+ImageNet and Mask R-CNN weights load as they are. The attention math runs through
+`mlla_kernels.linear_attention`, which dispatches to fused Triton kernels on CUDA.
+"""
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from mmcv.cnn.bricks import DropPath
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from mmengine.runner.checkpoint import CheckpointLoader
+
+from mmdet.registry import MODELS
+from mlla_kernels import linear_attention
+
+HwShape = Tuple[int, int]
+
+
+def tokens_to_map(x: torch.Tensor, hw_shape: HwShape) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    b, _, c = x.shape
+    return x.transpose(1, 2).reshape(b, c, *hw_shape)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def depthwise_conv3x3(dim: int) -> nn.Conv2d:
+    return nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d, optional BatchNorm, optional ReLU; named `conv` / `norm` as in the checkpoints."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 0, groups: int = 1, bias: bool = True, norm: bool = True, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                              groups=groups, bias=bias)
+        self.norm = nn.BatchNorm2d(out_channels) if norm else None
+        self.act = nn.ReLU() if act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class LinearAttention(nn.Module):
+    """Linear attention with 2-D RoPE and LePE; q and k from one projection, v is the input."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.attn_impl = attn_impl
+        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.lepe = depthwise_conv3x3(dim)
+        # The paper's checkpoints carry a fixed 56x56 RoPE table (`rope.rotations`) that detection
+        # never uses: angles are computed for the actual (H, W). Drop it when loading.
+        self._register_load_state_dict_pre_hook(_drop_rope_table)
+
+    def forward(self, x: torch.Tensor, hw_shape: HwShape) -> torch.Tensor:
+        out = linear_attention(self.qk(x), x, hw_shape, self.num_heads, impl=self.attn_impl)
+        return out + map_to_tokens(self.lepe(tokens_to_map(x, hw_shape)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, attn_impl={self.attn_impl!r}"
+
+
+def _drop_rope_table(state_dict, prefix, *args, **kwargs):
+    state_dict.pop(prefix + "rope.rotations", None)
+
+
+class MLLABlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "auto"):
+        super().__init__()
+        self.cpe1 = depthwise_conv3x3(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.in_proj = nn.Linear(dim, dim)
+        self.act_proj = nn.Linear(dim, dim)
+        self.dwc = depthwise_conv3x3(dim)
+        self.act = nn.SiLU()
+        self.attn = LinearAttention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl)
+        self.out_proj = nn.Linear(dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.cpe2 = depthwise_conv3x3(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor, hw_shape: HwShape) -> torch.Tensor:
+        x = x + map_to_tokens(self.cpe1(tokens_to_map(x, hw_shape)))
+        shortcut = x
+        x = self.norm1(x)
+        gate = self.act(self.act_proj(x))
+        x = tokens_to_map(self.in_proj(x), hw_shape)
+        x = map_to_tokens(self.act(self.dwc(x)))
+        x = self.attn(x, hw_shape)
+        x = shortcut + self.drop_path(self.out_proj(x * gate))
+        x = x + map_to_tokens(self.cpe2(tokens_to_map(x, hw_shape)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """Stride-2 downsampling: 1x1 expand, depthwise 3x3/2, 1x1 project + BN; odd sizes padded."""
+
+    def __init__(self, dim: int, ratio: float = 4.0):
+        super().__init__()
+        out_dim = 2 * dim
+        hidden = int(out_dim * ratio)
+        self.conv = nn.Sequential(
+            ConvNormAct(dim, hidden, kernel_size=1, norm=False),
+            ConvNormAct(hidden, hidden, kernel_size=3, stride=2, padding=1, groups=hidden, norm=False),
+            ConvNormAct(hidden, out_dim, kernel_size=1, act=False),
+        )
+
+    def forward(self, x: torch.Tensor, hw_shape: HwShape) -> Tuple[torch.Tensor, HwShape]:
+        height, width = hw_shape
+        x = tokens_to_map(x, hw_shape)
+        if height % 2 or width % 2:
+            x = F.pad(x, (0, width % 2, 0, height % 2))
+        x = self.conv(x)
+        return map_to_tokens(x), (x.shape[2], x.shape[3])
+
+
+class MLLAStage(nn.Module):
+    def __init__(self, dim: int, depth: int, num_heads: int, drop_path: Sequence[float], mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop: float = 0.0, downsample: bool = True, use_checkpoint: bool = False,
+                 attn_impl: str = "auto"):
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList([
+            MLLABlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
+                      drop_path=drop_path[i], attn_impl=attn_impl)
+            for i in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x: torch.Tensor, hw_shape: HwShape):
+        """Returns the stage output (before downsampling) and the next stage's input."""
+        for block in self.blocks:
+            if self.use_checkpoint and x.requires_grad:
+                x = checkpoint.checkpoint(block, x, hw_shape, use_reentrant=False)
+            else:
+                x = block(x, hw_shape)
+        if self.downsample is None:
+            return x, hw_shape, x, hw_shape
+        x_down, down_hw_shape = self.downsample(x, hw_shape)
+        return x, hw_shape, x_down, down_hw_shape
+
+
+class Stem(nn.Module):
+    """Stride-4 convolutional stem; pads the image right/bottom to a multiple of `patch_size`."""
+
+    def __init__(self, in_chans: int = 3, embed_dim: int = 96, patch_size: int = 4):
+        super().__init__()
+        self.patch_size = patch_size
+        half = embed_dim // 2
+        self.conv1 = ConvNormAct(in_chans, half, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv2 = nn.Sequential(
+            ConvNormAct(half, half, kernel_size=3, padding=1, bias=False),
+            ConvNormAct(half, half, kernel_size=3, padding=1, bias=False, act=False),
+        )
+        self.conv3 = nn.Sequential(
+            ConvNormAct(half, embed_dim * 4, kernel_size=3, stride=2, padding=1, bias=False),
+            ConvNormAct(embed_dim * 4, embed_dim, kernel_size=1, bias=False, act=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, HwShape]:
+        height, width = x.shape[-2:]
+        pad_w = -width % self.patch_size
+        pad_h = -height % self.patch_size
+        if pad_w or pad_h:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.conv1(x)
+        x = self.conv2(x) + x
+        x = self.conv3(x)
+        return map_to_tokens(x), (x.shape[2], x.shape[3])
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Tuple[dict, dict]:
+    """Map a published MLLA checkpoint (classification or detection) onto the backbone.
+
+    Returns the filtered state dict and {skipped key: reason}.
+    """
+    if any(key.startswith("backbone.") for key in state_dict):
+        state_dict = {key[len("backbone."):]: value for key, value in state_dict.items()
+                      if key.startswith("backbone.")}
+    own_keys = set(model.state_dict().keys())
+    kept, skipped = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith("head."):
+            skipped[key] = "classification head"
+        elif key.startswith("norm."):
+            skipped[key] = "classifier's final norm (detection normalises each output stage instead)"
+        elif key.endswith("attn.rope.rotations"):
+            skipped[key] = "fixed 56x56 RoPE table; angles are computed for each input size"
+        elif key not in own_keys:
+            skipped[key] = "not a parameter of this backbone"
+        else:
+            kept[key] = value
+    return kept, skipped
+
+
+@MODELS.register_module()
+class MLLA(BaseModule):
+    """MLLA backbone for dense prediction.
+
+    Args:
+        embed_dim: channels of the first stage; stage i has embed_dim * 2**i.
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        mlp_ratio: MLP hidden size over the block width.
+        qkv_bias: bias in the qk projection.
+        drop_rate: dropout in the MLPs and after the stem.
+        drop_path_rate: stochastic depth, growing linearly from 0 over all blocks.
+        out_indices: stages whose (layer-normalised) outputs are returned.
+        use_checkpoint: activation checkpointing per block (saves memory in training).
+        attn_impl: "auto" (fused Triton kernels on CUDA, eager elsewhere), "triton" or "reference".
+        init_cfg: mmengine init config; `dict(type='Pretrained', checkpoint=PATH)` loads an MLLA
+            ImageNet checkpoint (weights under `model`) or a detection checkpoint.
+        img_size, patch_size, in_chans, num_classes, qk_scale: the paper's configs pass these;
+            only in_chans and patch_size matter for detection.
+    """
+
+    def __init__(self, embed_dim: int = 64, depths: Sequence[int] = (2, 4, 8, 4),
+                 num_heads: Sequence[int] = (2, 4, 8, 16), mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3),
+                 use_checkpoint: bool = False, attn_impl: str = "auto", init_cfg: Optional[dict] = None,
+                 img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000, qk_scale=None,
+                 **kwargs):
+        super().__init__(init_cfg=init_cfg)
+        if kwargs:
+            MMLogger.get_current_instance().warning(f"MLLA ignores unknown arguments {sorted(kwargs)}")
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} must have one entry per stage")
+        num_stages = len(depths)
+        if any(not 0 <= i < num_stages for i in out_indices):
+            raise ValueError(f"out_indices {tuple(out_indices)} must lie in [0, {num_stages})")
+        self.out_indices = tuple(out_indices)
+        self.num_features = [int(embed_dim * 2 ** i) for i in range(num_stages)]
+
+        self.patch_embed = Stem(in_chans, embed_dim, patch_size)
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+            start = sum(depths[:i])
+            self.layers.append(MLLAStage(
+                self.num_features[i], depth, heads, drop_path[start:start + depth], mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias, drop=drop_rate, downsample=i < num_stages - 1,
+                use_checkpoint=use_checkpoint, attn_impl=attn_impl))
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
+
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def init_weights(self) -> None:
+        if not (isinstance(self.init_cfg, dict) and self.init_cfg.get("type") == "Pretrained"):
+            super().init_weights()
+            return
+        path = self.init_cfg.get("checkpoint")
+        if not path:
+            raise ValueError("init_cfg type 'Pretrained' needs a `checkpoint` path")
+        if "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"MLLA pretrained checkpoint not found at {path!r} (resolved: {os.path.abspath(path)}). "
+                f"Put the paper's ImageNet-1K weights there (e.g. MLLA_T.pth), or set the backbone's "
+                f"init_cfg=None to train from scratch.")
+        logger = MMLogger.get_current_instance()
+        ckpt = CheckpointLoader.load_checkpoint(path, map_location="cpu", logger=logger)
+        state_dict = ckpt.get("model", ckpt.get("state_dict", ckpt))
+        state_dict, skipped = checkpoint_filter_fn(state_dict, self)
+        for key, reason in skipped.items():
+            logger.info(f"MLLA: skipped checkpoint key {key}: {reason}")
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        if missing:
+            logger.warning(f"MLLA: {len(missing)} backbone keys not in {path} (left at their "
+                           f"initialisation): {missing}")
+        logger.info(f"MLLA: loaded {len(state_dict)} tensors from {path}, skipped {len(skipped)}")
+        self._is_init = True
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if x.dim() != 4:
+            raise ValueError(f"MLLA expects images of shape (B, C, H, W), got {tuple(x.shape)}")
+        x, hw_shape = self.patch_embed(x)
+        x = self.pos_drop(x)
+        outs = []
+        for i, stage in enumerate(self.layers):
+            out, out_hw_shape, x, hw_shape = stage(x, hw_shape)
+            if i in self.out_indices:
+                out = getattr(self, f"norm{i}")(out)
+                outs.append(tokens_to_map(out, out_hw_shape).contiguous())
+        return tuple(outs)
