@@ -1,0 +1,56 @@
+# Mask R-CNN with an MLLA-T backbone, 1x schedule (12 epochs), COCO 2017.
+# The paper's recipe: AdamW, DETR-style multi-scale + crop augmentation, batch 16 (2 per GPU x 8).
+# The S / B / 3x configs inherit from this file and change only what differs.
+_base_ = '../_base_/mask-rcnn_fpn_coco.py'
+
+custom_imports = dict(imports=['mlla_det'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        type='MLLA',
+        embed_dim=64,
+        depths=[2, 4, 8, 4],
+        num_heads=[2, 4, 8, 16],
+        mlp_ratio=4,
+        qkv_bias=True,
+        drop_rate=0.,
+        drop_path_rate=0.1,
+        out_indices=(0, 1, 2, 3),
+        use_checkpoint=False,
+        # ImageNet-1K weights of the paper (the classification checkpoint, weights under `model`).
+        init_cfg=dict(type='Pretrained', checkpoint='data/MLLA_T.pth')),
+    neck=dict(in_channels=[64, 128, 256, 512]))
+
+# Flip, then either a multi-scale resize or resize -> absolute-range crop -> multi-scale resize
+# (the augmentation of DETR / Sparse R-CNN, as the paper's mmdet 2.x AutoAugment policy).
+multi_scale = [(480, 1333), (512, 1333), (544, 1333), (576, 1333), (608, 1333), (640, 1333),
+               (672, 1333), (704, 1333), (736, 1333), (768, 1333), (800, 1333)]
+train_pipeline = [
+    dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(
+        type='RandomChoice',
+        transforms=[
+            [dict(type='RandomChoiceResize', scales=multi_scale, keep_ratio=True)],
+            [
+                dict(type='RandomChoiceResize', scales=[(400, 1333), (500, 1333), (600, 1333)],
+                     keep_ratio=True),
+                dict(type='RandomCrop', crop_type='absolute_range', crop_size=(384, 600),
+                     allow_negative_crop=True),
+                dict(type='RandomChoiceResize', scales=multi_scale, keep_ratio=True),
+            ],
+        ]),
+    dict(type='PackDetInputs'),
+]
+train_dataloader = dict(batch_size=2, dataset=dict(pipeline=train_pipeline))
+
+# No weight decay on any norm layer: matches the blocks' LayerNorms (norm1, norm2), the output
+# LayerNorms (norm0..norm3) and the BatchNorms of the stem and the downsampling layers (`.norm.`).
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)}))
+
+# Schedule and runtime: the base's mmdet 1x (linear warmup over 500 iterations, steps at epochs 8
+# and 11); the learning rate is for a total batch of 16, see auto_scale_lr there.
