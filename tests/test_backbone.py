@@ -1,0 +1,143 @@
+"""The MLLA backbone against the paper's float64 golden outputs, checkpoint loading, odd sizes."""
+import os
+
+import pytest
+import torch
+
+from mlla_det.models.backbones.mlla import MLLA, checkpoint_filter_fn
+
+
+def rel_err(x, ref):
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def golden(reference_dir):
+    return torch.load(os.path.join(reference_dir, "mlla_tiny_backbone.pt"), weights_only=False)
+
+
+def build_golden_model(golden, **kwargs):
+    model = MLLA(**golden["arch"], drop_path_rate=0.0, **kwargs).double().eval()
+    model.load_state_dict(golden["state_dict"], strict=True)
+    return model
+
+
+def test_golden_backbone_outputs(golden):
+    model = build_golden_model(golden, attn_impl="reference")
+    assert len(golden["inputs"]) == 3
+    with torch.no_grad():
+        for image, expected in zip(golden["inputs"], golden["outputs"]):
+            outputs = model(image)
+            assert len(outputs) == len(expected) == 4
+            for out, ref in zip(outputs, expected):
+                assert out.shape == ref.shape
+                assert rel_err(out, ref) < 1e-10
+
+
+def test_state_dict_layout_matches_published_checkpoints(golden):
+    model = MLLA(**golden["arch"])
+    published = {k for k in golden["state_dict"] if not k.endswith("attn.rope.rotations")}
+    assert set(model.state_dict()) == published
+    for key, value in model.state_dict().items():
+        assert value.shape == golden["state_dict"][key].shape, key
+
+
+@pytest.mark.parametrize("hw", [(33, 47), (64, 64), (17, 90), (5, 7)])
+def test_any_input_size_follows_the_padding_rules(hw):
+    torch.manual_seed(0)
+    model = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *hw))
+    h, w = -(-hw[0] // 4), -(-hw[1] // 4)
+    for i, out in enumerate(outs):
+        assert out.shape == (1, 16 * 2 ** i, h, w)
+        assert torch.isfinite(out).all()
+        h, w = -(-h // 2), -(-w // 2)
+
+
+def test_out_indices_select_stages_and_norms():
+    model = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), out_indices=(1, 3))
+    assert not hasattr(model, "norm0") and hasattr(model, "norm1") and hasattr(model, "norm3")
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [32, 128]
+
+
+def test_drop_path_grows_linearly():
+    model = MLLA(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), drop_path_rate=0.3)
+    rates = [float(getattr(block.drop_path, "drop_prob", 0.0)) for stage in model.layers for block in stage.blocks]
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 8))
+
+
+def test_checkpointing_gives_the_same_gradients(golden):
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 40, 56, dtype=torch.float64)
+    grads = []
+    for use_checkpoint in (False, True):
+        model = build_golden_model(golden, use_checkpoint=use_checkpoint).train()
+        sum(o.sum() for o in model(image)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def classification_checkpoint(model):
+    """A state dict in the layout of the paper's ImageNet checkpoints (MLLA_T.pth)."""
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("norm")}
+    last = model.num_features[-1]
+    state.update({"head.weight": torch.randn(1000, last), "head.bias": torch.randn(1000),
+                  "norm.weight": torch.randn(last), "norm.bias": torch.randn(last),
+                  "layers.0.blocks.0.attn.rope.rotations": torch.randn(56, 56, 8, 2)})
+    return {"model": state}
+
+
+def test_pretrained_classification_checkpoint_loads(tmp_path):
+    source = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+    path = tmp_path / "MLLA_tiny.pth"
+    torch.save(classification_checkpoint(source), path)
+    model = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                 init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    model.init_weights()
+    own = model.state_dict()
+    for key, value in source.state_dict().items():
+        if not key.startswith("norm"):
+            torch.testing.assert_close(own[key], value, msg=key)
+    _, skipped = checkpoint_filter_fn(classification_checkpoint(source)["model"], model)
+    assert {"head.weight", "head.bias", "norm.weight", "norm.bias",
+            "layers.0.blocks.0.attn.rope.rotations"} <= set(skipped)
+
+
+def test_detection_checkpoint_with_rope_tables_loads_strictly(golden):
+    """A published Mask R-CNN checkpoint holds `backbone.*.attn.rope.rotations`: nothing is unexpected."""
+    model = MLLA(**golden["arch"])
+    result = model.load_state_dict(golden["state_dict"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    prefixed = {"backbone." + k: v for k, v in golden["state_dict"].items()}
+    kept, skipped = checkpoint_filter_fn(prefixed, model)
+    assert set(kept) == set(model.state_dict())
+    assert all(k.endswith("rope.rotations") for k in skipped)
+
+
+def test_missing_pretrained_checkpoint_names_the_path(tmp_path):
+    path = tmp_path / "data" / "MLLA_T.pth"
+    model = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                 init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    with pytest.raises(FileNotFoundError, match="MLLA_T.pth"):
+        model.init_weights()
+
+
+def test_registered_in_mmdet_models():
+    from mmdet.registry import MODELS
+    backbone = MODELS.build(dict(type="MLLA", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                                 img_size=224, patch_size=4, in_chans=3, num_classes=80, qk_scale=None))
+    assert isinstance(backbone, MLLA)
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="one entry per stage"):
+        MLLA(depths=(1, 1), num_heads=(1, 2, 4))
+    with pytest.raises(ValueError, match="out_indices"):
+        MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), out_indices=(4,))
+    with pytest.raises(ValueError, match="not divisible"):
+        MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(3, 2, 2, 4))
+    model = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        model(torch.randn(3, 32, 32))
