@@ -1,4 +1,5 @@
 """The public linear-attention op: input checks and dispatch between implementations."""
+import operator
 import os
 
 import torch
@@ -7,6 +8,7 @@ from .reference import linear_attention_reference
 
 IMPLS = ("auto", "reference", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def triton_interpreting() -> bool:
@@ -33,9 +35,7 @@ def check_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int) ->
         raise TypeError(f"qk and v must share a dtype, got {qk.dtype} and {v.dtype}")
     if qk.device != v.device:
         raise ValueError(f"qk and v must be on one device, got {qk.device} and {v.device}")
-    if len(hw_shape) != 2:
-        raise ValueError(f"hw_shape must be (H, W), got {hw_shape!r}")
-    height, width = (int(s) for s in hw_shape)
+    height, width = normalize_hw_shape(hw_shape)
     if height * width != n:
         raise ValueError(f"hw_shape {tuple(hw_shape)} gives H*W = {height * width} tokens, but the inputs have N = {n}")
     if not isinstance(num_heads, int) or num_heads <= 0:
@@ -46,13 +46,35 @@ def check_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int) ->
         raise ValueError(f"2-D RoPE needs C to be a multiple of 4, got C = {c}")
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
+def normalize_hw_shape(hw_shape):
+    """(H, W) as two ints; SymInts (torch.compile with dynamic shapes) pass through unspecialized."""
+    try:
+        height, width = hw_shape
+    except (TypeError, ValueError):
+        raise ValueError(f"hw_shape must be (H, W), got {hw_shape!r}") from None
+    try:
+        return tuple(s if isinstance(s, (int, torch.SymInt)) else operator.index(s) for s in (height, width))
+    except TypeError:
+        raise TypeError(f"hw_shape must hold two ints, got {hw_shape!r}") from None
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = None, head_dim: int = None) -> str:
+    """The implementation to run. "auto" takes the kernels on CUDA when they support the inputs
+    (fp32/fp16/bf16, even head dim) and the reference otherwise."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    kernels_fit = (dtype is None or dtype in TRITON_DTYPES) and (head_dim is None or head_dim % 2 == 0)
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    if impl == "triton" and device.type != "cuda" and not triton_interpreting():
-        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")
+        return "triton" if device.type == "cuda" and kernels_fit else "reference"
+    if impl == "triton":
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            raise TypeError(f"impl='triton' supports float32, float16 and bfloat16, got {dtype}; "
+                            f"use impl='reference' (or 'auto') for it")
+        if head_dim is not None and head_dim % 2 != 0:
+            raise ValueError(f"impl='triton' needs an even head dim (RoPE pairs must not straddle heads), "
+                             f"got {head_dim}; use impl='reference' (or 'auto')")
     return impl
 
 
@@ -64,14 +86,14 @@ def linear_attention(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int
         v: (B, N, C) values.
         hw_shape: (H, W) with H * W == N, tokens row-major.
         num_heads: heads; C must be divisible by it.
-        impl: "reference" (eager PyTorch), "triton" (fused kernels) or "auto" (the kernels on
-            CUDA, the reference elsewhere).
+        impl: "reference" (eager PyTorch), "triton" (fused kernels, fp32/fp16/bf16, even head dim)
+            or "auto" (the kernels on CUDA where they support the inputs, the reference elsewhere).
     Returns:
         (B, N, C) tensor in v's dtype.
     """
     check_inputs(qk, v, hw_shape, num_heads)
-    impl = resolve_impl(impl, v.device)
-    hw_shape = (int(hw_shape[0]), int(hw_shape[1]))
+    impl = resolve_impl(impl, v.device, v.dtype, v.shape[-1] // num_heads)
+    hw_shape = normalize_hw_shape(hw_shape)
     if impl == "reference":
         return linear_attention_reference(qk, v, hw_shape, num_heads)
     from .triton import linear_attention_triton

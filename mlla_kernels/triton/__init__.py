@@ -1,0 +1,28 @@
+"""Fused Triton kernels for MLLA's linear attention (forward and backward).
+
+Importing this module registers the torch.library ops mlla::linear_attention_fwd/_bwd.
+"""
+import torch
+
+from .launch import SUPPORTED_DTYPES, check_triton_inputs, launch_overrides
+from .op import linear_attention_bwd, linear_attention_fwd
+
+
+def linear_attention_triton(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int,
+                            deterministic: bool = True) -> torch.Tensor:
+    """MLLA linear attention (DESIGN.md steps 2-4) with fused kernels: (B, N, 2C), (B, N, C) -> (B, N, C).
+
+    qk and v are read where they lie (any strides); the output is a new contiguous (B, N, C)
+    tensor of the inputs' dtype (fp32, fp16 or bf16; all arithmetic in fp32). Differentiable.
+
+    deterministic (default True): the reductions over tokens, split across many programs, write
+    one partial per program and add them in a fixed order, so results are bitwise identical run
+    to run. False adds the partials with fp32 atomics instead (order varies between runs).
+    """
+    check_triton_inputs(qk, v, hw_shape, num_heads)
+    out, _ = linear_attention_fwd(qk, v, hw_shape[0], hw_shape[1], num_heads, deterministic)
+    return out
+
+
+__all__ = ["SUPPORTED_DTYPES", "check_triton_inputs", "launch_overrides", "linear_attention_bwd",
+           "linear_attention_fwd", "linear_attention_triton"]

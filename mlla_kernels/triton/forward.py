@@ -1,0 +1,116 @@
+"""Forward kernels: reduce each head's tokens to its state, then write the output.
+
+State of a (batch, head), fp32, flat (d*d + d,): sum_m rope(k)_m^T v_m (d x d, row = k channel)
+followed by sum_m k_m (d). The output pass scales both by 1/N.
+"""
+import triton
+import triton.language as tl
+
+from ._common import (NORMALIZER_EPS, feature_map, load_head_tile, load_pair_tiles, load_state, matmul,
+                      rope_cos_sin, rotate, store_state)
+
+
+@triton.jit
+def kv_state_kernel(
+    qk_ptr, v_ptr, state_ptr,
+    num_tokens, width, num_heads, quarter_c, tokens_per_split,
+    stride_qk_b, stride_qk_n, stride_qk_c, stride_v_b, stride_v_n, stride_v_c,
+    stride_partial_bh, stride_partial_split,
+    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC: tl.constexpr, BF16_DOT: tl.constexpr,
+):
+    """Program (bh, split) sums phi(k), RoPE'd, against v over its run of tokens.
+
+    Deterministic mode writes one partial per split (summed afterwards in a fixed order);
+    ATOMIC adds straight into a zeroed state.
+    """
+    HALF_DIM: tl.constexpr = HEAD_DIM // 2
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = bh // num_heads
+    head = bh - batch * num_heads
+    pairs = tl.arange(0, HALF_PAD)
+    channels = tl.arange(0, DIM_PAD)
+    pair_ok = pairs < HALF_DIM
+    chan_ok = channels < HEAD_DIM
+
+    k_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + (num_heads + head) * HEAD_DIM * stride_qk_c
+    v_base = v_ptr + batch.to(tl.int64) * stride_v_b + head * HEAD_DIM * stride_v_c
+
+    kv_even = tl.zeros((HALF_PAD, DIM_PAD), dtype=tl.float32)
+    kv_odd = tl.zeros((HALF_PAD, DIM_PAD), dtype=tl.float32)
+    ksum_even = tl.zeros((HALF_PAD,), dtype=tl.float32)
+    ksum_odd = tl.zeros((HALF_PAD,), dtype=tl.float32)
+
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, num_tokens)
+    for block_start in range(start, end, BLOCK_N):
+        tokens = block_start + tl.arange(0, BLOCK_N)
+        tok_ok = tokens < end
+        mask = tok_ok[:, None] & pair_ok[None, :]
+        k_even, k_odd = load_pair_tiles(k_base, tokens, pairs, stride_qk_n, stride_qk_c, mask)
+        k_even = tl.where(mask, feature_map(k_even), 0.0)
+        k_odd = tl.where(mask, feature_map(k_odd), 0.0)
+        ksum_even += tl.sum(k_even, axis=0)
+        ksum_odd += tl.sum(k_odd, axis=0)
+
+        cos, sin = rope_cos_sin(tokens, pairs, head, width, HALF_DIM, quarter_c)
+        rk_even, rk_odd = rotate(k_even, k_odd, cos, sin)
+        values = load_head_tile(v_base, tokens, channels, stride_v_n, stride_v_c, tok_ok[:, None] & chan_ok[None, :])
+        kv_even = matmul(tl.trans(rk_even), values, kv_even, BF16_DOT)
+        kv_odd = matmul(tl.trans(rk_odd), values, kv_odd, BF16_DOT)
+
+    out_ptr = state_ptr + bh * stride_partial_bh + split * stride_partial_split
+    store_state(out_ptr, pairs, channels, kv_even, kv_odd, ksum_even, ksum_odd, HEAD_DIM, HALF_DIM, ATOMIC)
+
+
+@triton.jit
+def output_kernel(
+    qk_ptr, state_ptr, out_ptr,
+    num_tokens, width, num_heads, quarter_c, tokens_per_split,
+    stride_qk_b, stride_qk_n, stride_qk_c, stride_out_b, stride_out_n, stride_out_c,
+    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BF16_DOT: tl.constexpr,
+):
+    """out_n = (rope(q)_n . KV) / (q_n . kbar + eps) for program (bh, split)'s tokens."""
+    HALF_DIM: tl.constexpr = HEAD_DIM // 2
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = bh // num_heads
+    head = bh - batch * num_heads
+    pairs = tl.arange(0, HALF_PAD)
+    channels = tl.arange(0, DIM_PAD)
+    pair_ok = pairs < HALF_DIM
+    chan_ok = channels < HEAD_DIM
+    inv_n = 1.0 / (num_tokens * 1.0)
+
+    kv_even, kv_odd, ksum_even, ksum_odd = load_state(state_ptr + bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM),
+                                                      pairs, channels, HEAD_DIM, HALF_DIM)
+    kv_even = kv_even * inv_n
+    kv_odd = kv_odd * inv_n
+    kbar_even = ksum_even * inv_n
+    kbar_odd = ksum_odd * inv_n
+
+    q_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + head * HEAD_DIM * stride_qk_c
+    o_base = out_ptr + batch.to(tl.int64) * stride_out_b + head * HEAD_DIM * stride_out_c
+
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, num_tokens)
+    for block_start in range(start, end, BLOCK_N):
+        tokens = block_start + tl.arange(0, BLOCK_N)
+        tok_ok = tokens < end
+        mask = tok_ok[:, None] & pair_ok[None, :]
+        q_even, q_odd = load_pair_tiles(q_base, tokens, pairs, stride_qk_n, stride_qk_c, mask)
+        q_even = tl.where(mask, feature_map(q_even), 0.0)
+        q_odd = tl.where(mask, feature_map(q_odd), 0.0)
+        z = 1.0 / (tl.sum(q_even * kbar_even[None, :], axis=1) + tl.sum(q_odd * kbar_odd[None, :], axis=1)
+                   + NORMALIZER_EPS)
+
+        cos, sin = rope_cos_sin(tokens, pairs, head, width, HALF_DIM, quarter_c)
+        rq_even, rq_odd = rotate(q_even, q_odd, cos, sin)
+        out = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), BF16_DOT)
+        out = matmul(rq_odd, kv_odd, out, BF16_DOT)
+        out = out * z[:, None]
+
+        ptrs = o_base + tokens.to(tl.int64)[:, None] * stride_out_n + channels[None, :] * stride_out_c
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & chan_ok[None, :])

@@ -1,0 +1,183 @@
+"""Host side of the kernels: checks, launch geometry, workspaces, and the two passes of each
+direction. The custom ops in op.py call attention_forward / attention_backward.
+"""
+import contextlib
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+
+from ..linear_attention import TRITON_DTYPES, check_inputs
+from .backward import grad_state_kernel, input_grad_kernel
+from .forward import kv_state_kernel, output_kernel
+
+SUPPORTED_DTYPES = TRITON_DTYPES
+# Programs to aim for per SM in a pass: enough to hide memory latency with several resident.
+PROGRAMS_PER_SM = 4
+# bf16 inputs: feed the matrix products to the tensor cores as bf16 instead of exact fp32 FMAs.
+# Off by default (see NOTES.md for the measurement behind that choice).
+_BF16_DOT_DEFAULT = os.environ.get("MLLA_BF16_DOT", "0") == "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    block_n: int          # tokens per block; >= 16 for tl.dot
+    splits: int           # programs per (batch, head) along the tokens
+    tokens_per_split: int  # a multiple of block_n
+    num_warps: int
+
+
+_overrides: dict = {}
+
+
+@contextlib.contextmanager
+def launch_overrides(**kwargs):
+    """Force block_n / splits / bf16_dot (tests use this to get many splits and partial blocks
+    from a few dozen tokens under the interpreter)."""
+    unknown = set(kwargs) - {"block_n", "splits", "bf16_dot", "num_warps"}
+    if unknown:
+        raise TypeError(f"unknown launch overrides {sorted(unknown)}")
+    saved = dict(_overrides)
+    _overrides.update(kwargs)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device) -> LaunchConfig:
+    block_n = _overrides.get("block_n") or (64 if head_dim <= 32 else 32)
+    blocks = triton.cdiv(num_tokens, block_n)
+    if "splits" in _overrides:
+        splits = _overrides["splits"]
+    elif device.type == "cuda":
+        # Fill the GPU even when B * heads is small and N large (stage 1: 4 heads, 64k tokens).
+        splits = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device.index or 0), batch_heads)
+    else:
+        splits = 2
+    splits = max(1, min(splits, blocks))
+    blocks_per_split = triton.cdiv(blocks, splits)
+    splits = triton.cdiv(blocks, blocks_per_split)
+    num_warps = _overrides.get("num_warps") or 4
+    return LaunchConfig(block_n, splits, blocks_per_split * block_n, num_warps)
+
+
+def _padded(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def check_triton_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int) -> None:
+    """check_inputs plus what the kernels in particular need."""
+    check_inputs(qk, v, hw_shape, num_heads)
+    if v.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton linear attention needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
+                         f"kernels on the CPU), got tensors on {v.device}")
+    if v.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton linear attention supports float32, float16 and bfloat16, got {v.dtype}; "
+                        f"use impl='reference' for other dtypes")
+    head_dim = v.shape[-1] // num_heads
+    if head_dim % 2 != 0:
+        raise ValueError(f"the Triton linear attention needs an even head dim (RoPE pairs must not straddle "
+                         f"heads), got C = {v.shape[-1]} over {num_heads} heads = {head_dim}; "
+                         f"use impl='reference'")
+
+
+def _device_guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _geometry(v: torch.Tensor, num_heads: int):
+    batch, num_tokens, channels = v.shape
+    head_dim = channels // num_heads
+    return batch, num_tokens, channels, head_dim, _padded(head_dim // 2), _padded(head_dim)
+
+
+def _bf16_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and _overrides.get("bf16_dot", _BF16_DOT_DEFAULT)
+
+
+def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
+                        cfg: LaunchConfig, deterministic: bool, device: torch.device, **meta) -> torch.Tensor:
+    """Run a (batch_heads, splits) reduction kernel; return the (batch_heads, state_size) sums.
+
+    Deterministic: each split writes its own partial and torch.sum adds them in a fixed order.
+    Otherwise the splits add into one zeroed buffer with fp32 atomics (order varies run to run).
+    """
+    grid = (batch_heads, cfg.splits)
+    common = dict(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
+    if cfg.splits == 1 or not deterministic:
+        alloc = torch.empty if cfg.splits == 1 else torch.zeros
+        state = alloc((batch_heads, state_size), dtype=torch.float32, device=device)
+        kernel[grid](*pointers, state, *rest, state_size, 0, ATOMIC=cfg.splits > 1, **common)
+        return state
+    partials = torch.empty((batch_heads, cfg.splits, state_size), dtype=torch.float32, device=device)
+    kernel[grid](*pointers, partials, *rest, cfg.splits * state_size, state_size, ATOMIC=False, **common)
+    return partials.sum(dim=1)
+
+
+def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int, num_heads: int,
+                      deterministic: bool = True, out: torch.Tensor = None):
+    """Returns (out (B, N, C) in v's dtype, state (B, heads, d*d + d) fp32).
+
+    `out`, if given, must be a contiguous (B, N, C) tensor of v's dtype; it is filled in place
+    (tests hand in a NaN-filled buffer to prove every element is written).
+    """
+    check_triton_inputs(qk, v, (height, width), num_heads)
+    batch, num_tokens, channels, head_dim, half_pad, dim_pad = _geometry(v, num_heads)
+    batch_heads = batch * num_heads
+    state_size = head_dim * head_dim + head_dim
+    cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
+    bf16_dot = _bf16_dot(v.dtype)
+    if out is None:
+        out = torch.empty((batch, num_tokens, channels), dtype=v.dtype, device=v.device)
+    elif out.shape != v.shape or out.dtype != v.dtype or out.device != v.device:
+        raise ValueError(f"out must be {tuple(v.shape)} {v.dtype} on {v.device}, got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device}")
+    scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
+    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, BF16_DOT=bf16_dot)
+    with _device_guard(v.device):
+        state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
+                                    batch_heads, state_size, cfg, deterministic, v.device, **meta)
+        output_kernel[(batch_heads, cfg.splits)](
+            qk, state, out, *scalars, *qk.stride(), *out.stride(),
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
+    return out, state.view(batch, num_heads, state_size)
+
+
+def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
+                       height: int, width: int, num_heads: int, deterministic: bool = True):
+    """Returns (grad_qk (B, N, 2C), grad_v (B, N, C)), contiguous, in the inputs' dtypes."""
+    batch, num_tokens, channels, head_dim, half_pad, dim_pad = _geometry(v, num_heads)
+    if grad_out.shape != v.shape:
+        raise ValueError(f"grad_out must be {tuple(v.shape)}, got {tuple(grad_out.shape)}")
+    batch_heads = batch * num_heads
+    state_size = head_dim * head_dim + head_dim
+    state = state.reshape(batch_heads, state_size)
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("state must be the contiguous fp32 tensor the forward returned")
+    cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
+    grad_qk = torch.empty((batch, num_tokens, 2 * channels), dtype=qk.dtype, device=qk.device)
+    grad_v = torch.empty((batch, num_tokens, channels), dtype=v.dtype, device=v.device)
+    scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
+    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, BF16_DOT=_bf16_dot(v.dtype))
+    with _device_guard(v.device):
+        grad_state = _reduce_over_tokens(grad_state_kernel, (qk, grad_out, state),
+                                         (*scalars, *qk.stride(), *grad_out.stride()),
+                                         batch_heads, state_size, cfg, deterministic, v.device, **meta)
+        input_grad_kernel[(batch_heads, cfg.splits)](
+            qk, v, grad_out, state, grad_state, grad_qk, grad_v, *scalars,
+            *qk.stride(), *v.stride(), *grad_out.stride(), *grad_qk.stride(), *grad_v.stride(),
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
+    return grad_qk, grad_v
