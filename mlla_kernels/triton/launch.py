@@ -127,6 +127,15 @@ def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, 
     return partials.sum(dim=1)
 
 
+def _output_buffer(buffer, shape, like: torch.Tensor, name: str) -> torch.Tensor:
+    if buffer is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(buffer.shape) != tuple(shape) or buffer.dtype != like.dtype or buffer.device != like.device:
+        raise ValueError(f"{name} must be {tuple(shape)} {like.dtype} on {like.device}, got "
+                         f"{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}")
+    return buffer
+
+
 def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int, num_heads: int,
                       deterministic: bool = True, out: torch.Tensor = None):
     """Returns (out (B, N, C) in v's dtype, state (B, heads, d*d + d) fp32).
@@ -140,11 +149,7 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     state_size = head_dim * head_dim + head_dim
     cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
     bf16_dot = _bf16_dot(v.dtype)
-    if out is None:
-        out = torch.empty((batch, num_tokens, channels), dtype=v.dtype, device=v.device)
-    elif out.shape != v.shape or out.dtype != v.dtype or out.device != v.device:
-        raise ValueError(f"out must be {tuple(v.shape)} {v.dtype} on {v.device}, got {tuple(out.shape)} "
-                         f"{out.dtype} on {out.device}")
+    out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
     meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, BF16_DOT=bf16_dot)
     with _device_guard(v.device):
@@ -157,8 +162,12 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
 
 
 def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
-                       height: int, width: int, num_heads: int, deterministic: bool = True):
-    """Returns (grad_qk (B, N, 2C), grad_v (B, N, C)), contiguous, in the inputs' dtypes."""
+                       height: int, width: int, num_heads: int, deterministic: bool = True,
+                       grad_qk: torch.Tensor = None, grad_v: torch.Tensor = None):
+    """Returns (grad_qk (B, N, 2C), grad_v (B, N, C)), contiguous, in the inputs' dtypes.
+
+    grad_qk / grad_v, if given, are filled in place (tests hand in NaN-filled buffers).
+    """
     batch, num_tokens, channels, head_dim, half_pad, dim_pad = _geometry(v, num_heads)
     if grad_out.shape != v.shape:
         raise ValueError(f"grad_out must be {tuple(v.shape)}, got {tuple(grad_out.shape)}")
@@ -168,8 +177,8 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError("state must be the contiguous fp32 tensor the forward returned")
     cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
-    grad_qk = torch.empty((batch, num_tokens, 2 * channels), dtype=qk.dtype, device=qk.device)
-    grad_v = torch.empty((batch, num_tokens, channels), dtype=v.dtype, device=v.device)
+    grad_qk = _output_buffer(grad_qk, (batch, num_tokens, 2 * channels), qk, "grad_qk")
+    grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
     meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, BF16_DOT=_bf16_dot(v.dtype))
     with _device_guard(v.device):

@@ -1,0 +1,328 @@
+"""The fused Triton linear attention against the float64 reference and the paper's golden data.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py): shapes stay small and
+launch_overrides forces small blocks and several splits, so multi-split reductions and partial
+blocks are exercised anyway. Tests marked gpu cover the big shapes, opcheck and torch.compile.
+Every check draws fresh random inputs (the seed is in the failure message) and the buffers the
+kernels write are NaN-filled beforehand.
+"""
+import os
+import random
+
+import pytest
+import torch
+
+from mlla_kernels import linear_attention, linear_attention_reference
+from mlla_kernels.triton import launch_overrides, linear_attention_triton
+from mlla_kernels.triton.launch import attention_backward, attention_forward
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# Under the interpreter: 16-token blocks and 3 splits, so a few dozen tokens give several
+# programs per head and a partial last block.
+SMALL_LAUNCH = dict(block_n=16, splits=3)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture
+def gen():
+    """A generator with a fresh seed per test; the seed is printed when a test fails."""
+    seed = random.SystemRandom().randrange(2 ** 31)
+    print(f"seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def make_inputs(gen, batch, height, width, channels, dtype, strided=False, scale=1.0):
+    """qk (B, N, 2C) and v (B, N, C) on DEVICE. strided: qk is a slice of a wider projection
+    output and v a transposed (channel-major) view, so neither is contiguous."""
+    n = height * width
+    if strided:
+        wide = torch.randn(batch, n, 2 * channels + 24, generator=gen, dtype=torch.float64) * scale
+        qk = wide.to(DEVICE, dtype)[..., 8:8 + 2 * channels]
+        v = (torch.randn(batch, channels, n, generator=gen, dtype=torch.float64) * scale).to(DEVICE, dtype)
+        v = v.transpose(1, 2)
+        assert not qk.is_contiguous() and not v.is_contiguous()
+    else:
+        qk = (torch.randn(batch, n, 2 * channels, generator=gen, dtype=torch.float64) * scale).to(DEVICE, dtype)
+        v = (torch.randn(batch, n, channels, generator=gen, dtype=torch.float64) * scale).to(DEVICE, dtype)
+    return qk, v
+
+
+def reference_with_grads(qk, v, hw, heads, grad_out):
+    qk64 = qk.detach().double().requires_grad_()
+    v64 = v.detach().double().requires_grad_()
+    out = linear_attention_reference(qk64, v64, hw, heads)
+    out.backward(grad_out.double())
+    return out.detach(), qk64.grad, v64.grad
+
+
+def fused_with_grads(qk, v, hw, heads, grad_out, deterministic=True):
+    """Forward and backward through the kernels' entry points with NaN-poisoned output buffers."""
+    nan_like = lambda t: torch.full(t.shape, float("nan"), dtype=t.dtype, device=t.device)  # noqa: E731
+    out = nan_like(v)
+    attention_forward(qk, v, hw[0], hw[1], heads, deterministic, out=out)
+    _, state = attention_forward(qk, v, hw[0], hw[1], heads, deterministic)
+    grad_qk, grad_v = nan_like(qk), nan_like(v)
+    attention_backward(grad_out, qk, v, state, hw[0], hw[1], heads, deterministic, grad_qk=grad_qk, grad_v=grad_v)
+    return out, grad_qk, grad_v
+
+
+def assert_matches_reference(qk, v, hw, heads, gen, deterministic=True, grad_abs_tol=None):
+    dtype = v.dtype
+    grad_out = torch.randn(v.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    ref_out, ref_gqk, ref_gv = reference_with_grads(qk, v, hw, heads, grad_out)
+    out, grad_qk, grad_v = fused_with_grads(qk, v, hw, heads, grad_out, deterministic)
+    for name, x in (("out", out), ("grad_qk", grad_qk), ("grad_v", grad_v)):
+        assert x.dtype == dtype, f"{name} is {x.dtype}, expected {dtype}"
+        assert torch.isfinite(x).all(), f"{name} has NaN/Inf (unwritten elements?)"
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, ref_out) < tol, f"out: {rel_err(out, ref_out):.2e}"
+    assert rel_err(grad_v, ref_gv) < tol, f"grad_v: {rel_err(grad_v, ref_gv):.2e}"
+    if grad_abs_tol is None:
+        assert rel_err(grad_qk, ref_gqk) < tol, f"grad_qk: {rel_err(grad_qk, ref_gqk):.2e}"
+    else:  # the exact gradient is ~0 (N = 1): relative error means nothing, bound the absolute one
+        assert (grad_qk.double() - ref_gqk).abs().max().item() < grad_abs_tol
+
+
+# ---------------------------------------------------------------------------------------------
+# Small shapes: run everywhere (interpreter on the CPU).
+
+@pytest.mark.parametrize("batch, height, width, channels, heads", [
+    (1, 5, 7, 32, 2),    # d = 16, odd H and W, H != W
+    (2, 3, 11, 64, 2),   # d = 32, rows and columns on separate heads
+    (3, 6, 5, 64, 1),    # d = 64, batch 3
+    (2, 7, 3, 48, 3),    # d = 16 with C/4 = 12: a head's pairs mix row and column angles
+    (1, 4, 4, 8, 2),     # d = 4 (golden data has it): half a head padded to 16 lanes
+])
+def test_fp32_matches_float64_reference(gen, batch, height, width, channels, heads):
+    qk, v = make_inputs(gen, batch, height, width, channels, torch.float32)
+    with launch_overrides(**SMALL_LAUNCH):
+        assert_matches_reference(qk, v, (height, width), heads, gen)
+
+
+def test_single_token(gen):
+    qk, v = make_inputs(gen, 2, 1, 1, 32, torch.float32)
+    assert_matches_reference(qk, v, (1, 1), 2, gen, grad_abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_float64_reference(gen, dtype):
+    qk, v = make_inputs(gen, 2, 5, 9, 64, dtype)
+    with launch_overrides(**SMALL_LAUNCH):
+        assert_matches_reference(qk, v, (5, 9), 2, gen)
+
+
+def test_strided_inputs_are_read_in_place(gen):
+    qk, v = make_inputs(gen, 2, 7, 5, 64, torch.float32, strided=True)
+    with launch_overrides(**SMALL_LAUNCH):
+        assert_matches_reference(qk, v, (7, 5), 2, gen)
+
+
+def test_atomic_mode_matches_reference(gen):
+    qk, v = make_inputs(gen, 1, 6, 9, 32, torch.float32)
+    with launch_overrides(**SMALL_LAUNCH):
+        assert_matches_reference(qk, v, (6, 9), 2, gen, deterministic=False)
+
+
+def test_split_and_block_choices_agree(gen):
+    """One split, many splits, one token block per split: the same function."""
+    qk, v = make_inputs(gen, 1, 5, 10, 32, torch.float32)
+    ref = linear_attention_reference(qk.double(), v.double(), (5, 10), 2)
+    for overrides in (dict(block_n=16, splits=1), dict(block_n=16, splits=4), dict(block_n=32, splits=2)):
+        with launch_overrides(**overrides):
+            out = linear_attention_triton(qk, v, (5, 10), 2)
+        assert rel_err(out, ref) < 1e-5, overrides
+
+
+def test_golden_data(reference_dir):
+    """The paper's float64 outputs and gradients, from fp32 inputs."""
+    cases = torch.load(os.path.join(reference_dir, "linear_attention_core.pt"), weights_only=False)
+    assert len(cases) >= 5
+    for case in cases:
+        qk = case["qk"].to(DEVICE, torch.float32).requires_grad_()
+        v = case["v"].to(DEVICE, torch.float32).requires_grad_()
+        hw = (case["h"], case["w"])
+        out = linear_attention(qk, v, hw, case["heads"], impl="triton")
+        out.backward(case["grad_out"].to(DEVICE, torch.float32))
+        label = f"case b={case['b']} {hw} c={case['c']} heads={case['heads']}"
+        assert rel_err(out, case["out"]) < 1e-5, label
+        assert rel_err(qk.grad, case["grad_qk"]) < 1e-5, label
+        assert rel_err(v.grad, case["grad_v"]) < 1e-5, label
+
+
+def test_public_op_is_differentiable_and_keeps_dtype(gen):
+    qk, v = make_inputs(gen, 2, 4, 6, 32, torch.bfloat16)
+    qk.requires_grad_()
+    v.requires_grad_()
+    out = linear_attention(qk, v, (4, 6), 2, impl="triton")
+    assert out.dtype == torch.bfloat16 and out.shape == v.shape and out.is_contiguous()
+    out.float().square().sum().backward()
+    assert qk.grad.dtype == torch.bfloat16 and v.grad.dtype == torch.bfloat16
+    assert qk.grad.shape == qk.shape and torch.isfinite(qk.grad).all() and torch.isfinite(v.grad).all()
+
+
+def test_nan_propagates_like_the_reference(gen):
+    qk, v = make_inputs(gen, 1, 3, 4, 16, torch.float32)
+    v[0, 5, 0] = float("nan")
+    qk[0, 7, 1] = float("nan")  # a q channel: only token 7's outputs
+    out = linear_attention(qk, v, (3, 4), 2, impl="triton")
+    ref = linear_attention_reference(qk, v, (3, 4), 2)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out.isnan().any()
+    finite = ~ref.isnan()
+    assert rel_err(out[finite], ref[finite].double()) < 1e-5
+
+
+def test_compiled_module_with_two_sizes_compiles_once(gen):
+    """fullgraph (no graph break) and dynamic H, W (no recompile for a new size)."""
+    import torch._dynamo.testing
+
+    module = _AttentionModule(32, 2).to(DEVICE)
+    backend = "inductor" if ON_GPU else "aot_eager"
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    compiled = torch.compile(module, backend=counter, fullgraph=True, dynamic=True)
+    for hw in ((3, 5), (4, 7)):
+        x = torch.randn(2, 32, *hw, generator=gen).to(DEVICE).requires_grad_()
+        out = compiled(x)
+        out.square().sum().backward()
+        grad = x.grad.clone()
+        x.grad = None
+        expected = module(x, impl="reference")
+        expected.square().sum().backward()
+        assert rel_err(out, expected) < 1e-5 and rel_err(grad, x.grad) < 1e-5
+    assert counter.frame_count == 1
+
+
+class _AttentionModule(torch.nn.Module):
+    def __init__(self, channels, heads):
+        super().__init__()
+        self.qk = torch.nn.Linear(channels, 2 * channels)
+        self.heads = heads
+
+    def forward(self, x, impl="triton"):
+        batch, channels, height, width = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        return linear_attention(self.qk(tokens), tokens, (height, width), self.heads, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+
+def test_float64_is_refused_with_the_supported_dtypes_named():
+    qk, v = torch.randn(1, 12, 16, dtype=torch.float64), torch.randn(1, 12, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        linear_attention(qk.to(DEVICE), v.to(DEVICE), (3, 4), 2, impl="triton")
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        linear_attention_triton(qk.to(DEVICE), v.to(DEVICE), (3, 4), 2)
+
+
+def test_auto_falls_back_to_the_reference_where_the_kernels_do_not_fit():
+    from mlla_kernels.linear_attention import resolve_impl
+    cuda = torch.device("cuda")
+    assert resolve_impl("auto", cuda, torch.float32, 32) == "triton"
+    assert resolve_impl("auto", cuda, torch.float64, 32) == "reference"
+    assert resolve_impl("auto", cuda, torch.float32, 3) == "reference"
+    assert resolve_impl("auto", torch.device("cpu"), torch.float32, 32) == "reference"
+
+
+@pytest.mark.parametrize("qk_shape, v_shape, hw, heads, error, match", [
+    ((0, 12, 16), (0, 12, 8), (3, 4), 2, ValueError, "at least one"),
+    ((2, 0, 16), (2, 0, 8), (0, 4), 2, ValueError, "at least one"),
+    ((2, 12, 16), (2, 12, 8), (3, 5), 2, ValueError, "H\\*W = 15"),
+    ((2, 12, 24), (2, 12, 12), (3, 4), 5, ValueError, "cannot be split"),
+    ((2, 12, 24), (2, 12, 12), (3, 4), 4, ValueError, "even head dim"),
+    ((2, 12, 16), (2, 12, 9), (3, 4), 1, ValueError, "qk must be"),
+    ((2, 12, 16), (2, 12, 8), (3, 4, 1), 2, ValueError, "hw_shape must be"),
+])
+def test_bad_inputs_raise_clear_errors(qk_shape, v_shape, hw, heads, error, match):
+    with pytest.raises(error, match=match):
+        linear_attention_triton(torch.randn(qk_shape, device=DEVICE), torch.randn(v_shape, device=DEVICE), hw, heads)
+
+
+def test_mixed_dtypes_and_devices_are_refused():
+    qk, v = torch.randn(1, 12, 16, device=DEVICE), torch.randn(1, 12, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="share a dtype"):
+        linear_attention_triton(qk, v.half(), (3, 4), 2)
+    if ON_GPU:
+        with pytest.raises(ValueError, match="one device"):
+            linear_attention_triton(qk, v.cpu(), (3, 4), 2)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU without the interpreter")
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        linear_attention_triton(torch.randn(1, 12, 16), torch.randn(1, 12, 8), (3, 4), 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        linear_attention(torch.randn(1, 12, 16), torch.randn(1, 12, 8), (3, 4), 2, impl="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: full shapes, big N, opcheck, inductor, determinism.
+
+GPU_SHAPES = [
+    # batch, H, W, C, heads
+    (2, 200, 320, 64, 2),    # MLLA-T stage 1 at 1280x800: 64,000 tokens, 2 x 2 programs' worth of heads
+    (1, 336, 200, 64, 2),    # 67,200 tokens (> 64k)
+    (3, 25, 39, 512, 16),    # stage 4, odd W
+    (2, 49, 81, 96, 3),      # MLLA-B stage 1 head count, odd sizes
+    (1, 17, 23, 128, 8),     # d = 16
+    (2, 31, 29, 256, 4),     # d = 64
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch, height, width, channels, heads", GPU_SHAPES)
+def test_gpu_shape_matrix(gen, dtype, batch, height, width, channels, heads):
+    qk, v = make_inputs(gen, batch, height, width, channels, dtype, strided=(height % 2 == 1))
+    assert_matches_reference(qk, v, (height, width), heads, gen)
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_large_activations_do_not_overflow(gen):
+    height, width, channels = 336, 200, 64
+    qk = (torch.rand(1, height * width, 2 * channels, generator=gen) * 60 - 30).to(DEVICE, torch.float16)
+    v = (torch.rand(1, height * width, channels, generator=gen) * 60 - 30).to(DEVICE, torch.float16)
+    assert_matches_reference(qk, v, (height, width), 2, gen)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck(gen):
+    qk, v = make_inputs(gen, 2, 13, 21, 64, torch.float32)
+    qk.requires_grad_()
+    v.requires_grad_()
+    torch.library.opcheck(torch.ops.mlla.linear_attention_fwd.default, (qk, v, 13, 21, 2, True))
+    _, state = torch.ops.mlla.linear_attention_fwd(qk, v, 13, 21, 2, True)
+    grad_out = torch.randn(v.shape, generator=gen).to(DEVICE)
+    torch.library.opcheck(torch.ops.mlla.linear_attention_bwd.default,
+                          (grad_out, qk.detach(), v.detach(), state.detach(), 13, 21, 2, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_deterministic_mode_is_bitwise_reproducible(gen, dtype):
+    qk, v = make_inputs(gen, 2, 200, 320, 64, dtype)
+    grad_out = torch.randn(v.shape, generator=gen).to(DEVICE, dtype)
+    first = fused_with_grads(qk, v, (200, 320), 2, grad_out)
+    second = fused_with_grads(qk, v, (200, 320), 2, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_autocast(gen):
+    module = _AttentionModule(64, 2).to(DEVICE)
+    x = torch.randn(2, 64, 20, 30, generator=gen).to(DEVICE).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        tokens = module.qk(x.flatten(2).transpose(1, 2))
+        out = linear_attention(tokens, tokens[..., :64].contiguous(), (20, 30), 2, impl="triton")
+    assert out.dtype == torch.bfloat16
+    ref = linear_attention_reference(tokens.double(), tokens[..., :64].double(), (20, 30), 2)
+    assert rel_err(out, ref) < 2e-2
+    out.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all()
