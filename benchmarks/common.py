@@ -1,0 +1,236 @@
+"""Shared helpers of the benchmark scripts: timing, memory, bandwidth, tables, JSON, versions.
+
+Plain functions, no mmdet: any script under benchmarks/ may use them.
+
+    bench(fn, warmup_ms, rep_ms) -> median milliseconds of one call of fn
+    peak_memory_mb(fn, device)   -> peak allocated memory of one call, MiB (None off CUDA)
+    copy_bandwidth_gbs(device)   -> measured device-to-device copy bandwidth, GB/s
+    print_table(rows, columns)   -> prints rows (dicts) as an aligned text table
+    write_json(path, rows)       -> writes rows as a JSON list (NaN/inf become null)
+    environment()                -> {device, torch, triton, cuda, python}
+"""
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(fn: Callable[[], object], warmup_ms: float = 100.0, rep_ms: float = 500.0, device=None) -> float:
+    """Median time of one call of fn, in milliseconds.
+
+    On CUDA this is triton.testing.do_bench (CUDA events around each call, L2 flushed between
+    calls, warm-up then as many repeats as fit in rep_ms). Elsewhere: wall-clock per call, at
+    least one warm-up call and one timed call. Compile or autotune outside of this (call fn once
+    first) so that its time is not mixed into the warm-up estimate.
+    """
+    if device is None:
+        device = "cuda" if cuda_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    return _bench_wall_clock(fn, warmup_ms, rep_ms)
+
+
+def _bench_wall_clock(fn, warmup_ms: float, rep_ms: float) -> float:
+    start = time.perf_counter()
+    fn()
+    while (time.perf_counter() - start) * 1e3 < warmup_ms:
+        fn()
+    times = []
+    start = time.perf_counter()
+    while not times or (time.perf_counter() - start) * 1e3 < rep_ms:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device) -> Optional[float]:
+    """Peak memory allocated by torch during one call of fn, MiB; None when not on CUDA.
+
+    Counts everything alive during the call (weights, optimizer state, inputs), as
+    torch.cuda.max_memory_allocated does; the counter is reset just before the call.
+    """
+    if torch.device(device).type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+def free_memory(device) -> None:
+    """Release cached blocks so the next measurement starts from the same place."""
+    import gc
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def copy_bandwidth_gbs(device, size_mb: int = 512) -> float:
+    """Device memory bandwidth of a large copy (bytes read + bytes written per second), GB/s.
+
+    Used to turn byte counts into time floors. On the CPU it measures main-memory bandwidth.
+    """
+    numel = size_mb * 2 ** 20 // 4
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), warmup_ms=25, rep_ms=100, device=device)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def environment(device=None) -> Dict[str, str]:
+    """Names and versions that a number is meaningless without."""
+    if device is None:
+        device = "cuda" if cuda_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": str(torch.version.cuda),
+        "python": platform.python_version(),
+    }
+
+
+def _format_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and abs(value) < 0.1:
+            return f"{value:.3g}"
+        return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str], title: Optional[str] = None, file=None) -> None:
+    """Print rows (dicts) as a Markdown-style table of the given columns (missing cells: '-')."""
+    file = file or sys.stdout
+    cells = [[_format_cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
+    if title:
+        print(title, file=file)
+    print("| " + " | ".join(col.ljust(w) for col, w in zip(columns, widths)) + " |", file=file)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
+    for r in cells:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |", file=file)
+    file.flush()
+
+
+def _json_safe(value):
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path, rows: Iterable[dict]) -> None:
+    """Write rows as a JSON list (strict JSON: NaN and inf are written as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_json_safe(list(rows)), f, indent=2, default=str, allow_nan=False)
+        f.write("\n")
+
+
+def add_repo_to_path() -> None:
+    """Let `python benchmarks/x.py` import mlla_det and mlla_kernels from the source tree."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def error_text(exc: BaseException, limit: int = 160) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --- mmdetection side (imported lazily: the helpers above must work without mmdet) ---
+
+ARCHS = ("t", "s", "b")
+
+
+def config_path(arch: str, schedule: str = "1x") -> Path:
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    return REPO_ROOT / "configs" / "mlla" / f"mask-rcnn_mlla-{arch}_fpn_{schedule}_coco.py"
+
+
+def detector_config(arch: str, attn_impl: str = "auto"):
+    """The Mask R-CNN config of the paper's row for `arch`, without pretrained weights."""
+    add_repo_to_path()
+    from mmengine.config import Config
+    path = config_path(arch)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config for MLLA-{arch.upper()} at {path}")
+    cfg = Config.fromfile(str(path))
+    # Random weights: the numbers measured here do not depend on them, and no checkpoint is needed.
+    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.attn_impl = attn_impl
+    return cfg
+
+
+def build_detector(cfg):
+    import mlla_det  # noqa: F401  registers MLLA and provides mmcv's ops without compiling mmcv
+    # mlla_det's mmcv._ext stand-in calls torch.ops.torchvision.roi_align, which exists only once
+    # torchvision is imported; mmdet imports it lazily (in NMS), too late for a bare RoI head call.
+    import torchvision  # noqa: F401
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    model = MODELS.build(cfg.model)
+    # mmdet's own initialisation (the heads' normal/xavier inits), without its per-tensor INFO log.
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel("WARNING")
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
+    return model
+
+
+def set_attn_impl(model: torch.nn.Module, impl: str) -> int:
+    """Switch every MLLA attention module of model to impl; returns how many were switched."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "attn_impl"):
+            module.attn_impl = impl
+            switched += 1
+    if switched == 0:
+        raise ValueError("model has no module with an `attn_impl` attribute (is it an MLLA model?)")
+    return switched
