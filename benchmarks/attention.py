@@ -1,0 +1,238 @@
+"""Linear attention at the MLLA-T / MLLA-B stage shapes: eager reference vs torch.compile(reference)
+vs the fused Triton kernels, forward and forward+backward, fp32 and bf16, batch 2.
+
+    python benchmarks/attention.py [--json out.json] [--models T B] [--dtypes fp32 bf16]
+                                   [--compile-budget-s 120] [--cpu-sanity]
+
+Times are medians of triton.testing.do_bench (warm-up first, L2 flushed between runs, inputs
+rotated among fresh random sets). GB/s counts each input read once and each output written once:
+forward reads qk, v and writes out (4*B*N*C elements); forward+backward also reads grad_out and
+writes grad_qk, grad_v (8*B*N*C). The fraction is of a device-to-device copy measured in the same
+run. "fused graph" replays the fused op from a CUDA graph (no host launch overhead). Peak memory
+is what one forward+backward allocates beyond its inputs.
+
+Without a GPU it says so and exits 0; --cpu-sanity runs one tiny shape in Triton's interpreter to
+check the script itself.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+STAGE_GRIDS = [(200, 320), (100, 160), (50, 80), (25, 40)]  # 1280x800 image: strides 4, 8, 16, 32
+MODELS = {"T": ((64, 128, 256, 512), (2, 4, 8, 16)), "B": ((96, 192, 384, 768), (3, 6, 12, 24))}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BATCH = 2
+DEVICE = "cuda"
+ROTATION_BYTES = 384 * 2 ** 20  # enough input sets that a rotation outgrows the L2 cache
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write every number to this file")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--compile-budget-s", type=float, default=float("inf"),
+                        help="stop compiling new torch.compile graphs once this much wall time went into them")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="skip the fused variants (atomic reduction, bf16 tensor-core products)")
+    parser.add_argument("--cpu-sanity", action="store_true", help="tiny shape in the Triton interpreter")
+    return parser.parse_args(argv)
+
+
+def make_sets(batch, n, channels, dtype, device, requires_grad):
+    per_set = batch * n * channels * 4 * torch.tensor([], dtype=dtype).element_size()
+    count = max(2, min(12, math.ceil(ROTATION_BYTES / per_set)))
+    sets = []
+    for _ in range(count):
+        qk = torch.randn(batch, n, 2 * channels, device=device, dtype=dtype).requires_grad_(requires_grad)
+        v = torch.randn(batch, n, channels, device=device, dtype=dtype).requires_grad_(requires_grad)
+        grad = torch.randn(batch, n, channels, device=device, dtype=dtype)
+        sets.append((qk, v, grad))
+    return sets
+
+
+def forward_runner(fn, sets):
+    cycle = itertools.cycle(sets)
+
+    def run():
+        qk, v, _ = next(cycle)
+        with torch.no_grad():
+            fn(qk, v)
+    return run
+
+
+def forward_backward_runner(fn, sets):
+    cycle = itertools.cycle(sets)
+
+    def run():
+        qk, v, grad = next(cycle)
+        qk.grad = None
+        v.grad = None
+        fn(qk, v).backward(grad)
+    return run
+
+
+def peak_megabytes(run):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def copy_bandwidth(do_bench):
+    src = torch.randn(2 ** 28, device=DEVICE)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    del src, dst
+    return 2 * 2 ** 30 / (ms * 1e-3) / 1e9
+
+
+def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
+    from mlla_kernels import linear_attention_reference
+    from mlla_kernels.triton import launch_overrides, linear_attention_triton
+
+    do_bench, do_bench_graph = ctx["do_bench"], ctx["do_bench_graph"]
+    dtype = DTYPES[dtype_name]
+    n = hw[0] * hw[1]
+    elem = torch.tensor([], dtype=dtype).element_size()
+    row = dict(model=model, stage=stage, hw=list(hw), channels=channels, heads=heads, dtype=dtype_name,
+               batch=BATCH, bytes_fwd=4 * BATCH * n * channels * elem, bytes_fwd_bwd=8 * BATCH * n * channels * elem)
+
+    eager = lambda qk, v: linear_attention_reference(qk, v, hw, heads)  # noqa: E731
+    fused = lambda qk, v: linear_attention_triton(qk, v, hw, heads)  # noqa: E731
+    fused_atomic = lambda qk, v: linear_attention_triton(qk, v, hw, heads, deterministic=False)  # noqa: E731
+
+    for mode, runner_of, sets in (("fwd", forward_runner, ctx["sets_fwd"]), ("fwd_bwd", forward_backward_runner,
+                                                                              ctx["sets_bwd"])):
+        bench = lambda fn: do_bench(runner_of(fn, sets), warmup=25, rep=100, return_mode="median")  # noqa: E731
+        row[f"{mode}_eager_ms"] = bench(eager)
+        row[f"{mode}_fused_ms"] = bench(fused)
+        try:
+            row[f"{mode}_fused_graph_ms"] = do_bench_graph(runner_of(fused, sets), rep=100, return_mode="median")
+        except Exception as exc:  # report, keep going: graphs are a side measurement
+            row[f"{mode}_fused_graph_ms"] = None
+            row[f"{mode}_fused_graph_error"] = repr(exc)[:200]
+        if not args.no_variants:
+            row[f"{mode}_fused_atomic_ms"] = bench(fused_atomic)
+            if dtype == torch.bfloat16:
+                with launch_overrides(bf16_dot=True):
+                    row[f"{mode}_fused_bf16dot_ms"] = bench(fused)
+        if ctx["compile_spent"] < args.compile_budget_s:
+            compiled = torch.compile(linear_attention_reference, dynamic=False)
+            start = time.perf_counter()
+            runner_of(lambda qk, v: compiled(qk, v, hw, heads), sets)()
+            torch.cuda.synchronize()
+            ctx["compile_spent"] += time.perf_counter() - start
+            row[f"{mode}_compile_ms"] = bench(lambda qk, v: compiled(qk, v, hw, heads))
+        else:
+            row[f"{mode}_compile_ms"] = None
+        best = row[f"{mode}_fused_ms"]
+        row[f"{mode}_fused_gbps"] = row[f"bytes_{mode}"] / (best * 1e-3) / 1e9
+        row[f"{mode}_fused_copy_fraction"] = row[f"{mode}_fused_gbps"] / ctx["copy_gbps"]
+        if row[f"{mode}_fused_graph_ms"]:
+            graph_gbps = row[f"bytes_{mode}"] / (row[f"{mode}_fused_graph_ms"] * 1e-3) / 1e9
+            row[f"{mode}_fused_graph_copy_fraction"] = graph_gbps / ctx["copy_gbps"]
+    for name, fn in (("eager", eager), ("fused", fused)):
+        row[f"peak_mb_{name}"] = peak_megabytes(forward_backward_runner(fn, ctx["sets_bwd"]))
+    return row
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def ratio(a, b):
+    return "-" if a is None or b is None else f"{a / b:.1f}x"
+
+
+def print_table(rows, copy_gbps, device_name):
+    print(f"\n{device_name}; copy bandwidth {copy_gbps:.0f} GB/s (read + write); batch {BATCH}; ms are medians")
+    header = (f"{'model':5} {'grid':>7} {'C':>4} {'hd':>3} {'dt':4} | {'mode':7} {'eager':>7} {'compile':>7} "
+              f"{'fused':>7} {'graph':>7} {'vs eag':>6} {'vs cmp':>6} {'GB/s':>6} {'%copy':>5} {'%c grph':>7} | "
+              f"{'atomic':>7} {'bf16dot':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        for mode in ("fwd", "fwd_bwd"):
+            frac_graph = r.get(f"{mode}_fused_graph_copy_fraction")
+            print(f"{r['model']:5} {r['hw'][0]:>3}x{r['hw'][1]:<3} {r['channels']:>4} {r['heads']:>3} {r['dtype']:4} | "
+                  f"{mode:7} {fmt(r[f'{mode}_eager_ms']):>7} {fmt(r[f'{mode}_compile_ms']):>7} "
+                  f"{fmt(r[f'{mode}_fused_ms']):>7} {fmt(r.get(f'{mode}_fused_graph_ms')):>7} "
+                  f"{ratio(r[f'{mode}_eager_ms'], r[f'{mode}_fused_ms']):>6} "
+                  f"{ratio(r[f'{mode}_compile_ms'], r[f'{mode}_fused_ms']):>6} "
+                  f"{r[f'{mode}_fused_gbps']:>6.0f} {100 * r[f'{mode}_fused_copy_fraction']:>4.0f}% "
+                  f"{fmt(None if frac_graph is None else 100 * frac_graph, '.0f'):>6}% | "
+                  f"{fmt(r.get(f'{mode}_fused_atomic_ms')):>7} {fmt(r.get(f'{mode}_fused_bf16dot_ms')):>7}")
+    print("peak MB per fwd+bwd beyond inputs (eager / fused): " + ", ".join(
+        f"{r['model']}{r['stage']}-{r['dtype']} {r['peak_mb_eager']:.0f}/{r['peak_mb_fused']:.0f}" for r in rows))
+
+
+def cpu_sanity():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from mlla_kernels import linear_attention_reference
+    from mlla_kernels.triton import launch_overrides, linear_attention_triton
+    hw, channels, heads = (5, 7), 32, 2
+    qk = torch.randn(BATCH, hw[0] * hw[1], 2 * channels, requires_grad=True)
+    v = torch.randn(BATCH, hw[0] * hw[1], channels, requires_grad=True)
+    start = time.perf_counter()
+    with launch_overrides(block_n=16, splits=2):
+        out = linear_attention_triton(qk, v, hw, heads)
+        out.sum().backward()
+    elapsed = time.perf_counter() - start
+    ref = linear_attention_reference(qk.double(), v.double(), hw, heads)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f"cpu sanity (interpreter): {hw} C={channels} heads={heads}: fwd+bwd {elapsed:.2f} s, rel err {err:.1e}")
+    return 0 if err < 1e-5 else 1
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        if args.cpu_sanity:
+            return cpu_sanity()
+        print("no CUDA GPU here: nothing to benchmark (use --cpu-sanity to check the script in the interpreter)")
+        return 0
+    import triton
+    import triton.testing
+
+    torch._dynamo.config.cache_size_limit = 256
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 256
+    device_name = torch.cuda.get_device_name()
+    ctx = dict(do_bench=triton.testing.do_bench, do_bench_graph=triton.testing.do_bench_cudagraph, compile_spent=0.0)
+    ctx["copy_gbps"] = copy_bandwidth(triton.testing.do_bench)
+    print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}: "
+          f"copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
+
+    rows = []
+    for model in args.models:
+        for dtype_name in args.dtypes:
+            for stage, (hw, channels, heads) in enumerate(zip(STAGE_GRIDS, *MODELS[model]), start=1):
+                n = hw[0] * hw[1]
+                ctx["sets_fwd"] = make_sets(BATCH, n, channels, DTYPES[dtype_name], DEVICE, False)
+                ctx["sets_bwd"] = [(qk.detach().requires_grad_(), v.detach().requires_grad_(), g)
+                                   for qk, v, g in ctx["sets_fwd"]]
+                row = bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del ctx["sets_fwd"], ctx["sets_bwd"]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
+                           copy_gbps=ctx["copy_gbps"], compile_seconds=ctx["compile_spent"], rows=rows), f, indent=1)
+    print_table(rows, ctx["copy_gbps"], device_name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
