@@ -1,0 +1,203 @@
+"""Hooks for mmengine's Runner (registered in mmdet's HOOKS when this module is imported).
+
+RNGStateHook makes ``--resume`` a true continuation. mmengine 0.10 restores weights, optimizer,
+parameter schedulers, the iteration and the seed, but not the state of the random number
+generators: a resumed run re-seeds them from scratch, so drop path masks, the RoI samplers and
+the data augmentation draw different numbers than the uninterrupted run would have, and the two
+runs part ways at the first iteration after the resume. This hook stores the torch (CPU and
+current CUDA device), numpy and python ``random`` states in every checkpoint and puts them back
+at the point where the uninterrupted run stood when that checkpoint was written.
+"""
+import logging
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from mmengine.dist import get_world_size, is_main_process
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+
+from mmdet.registry import HOOKS
+
+__all__ = ['RNGStateHook', 'capture_rng_state', 'restore_rng_state']
+
+RNG_STATE_KEY = 'rng_state'
+
+
+def capture_rng_state() -> dict:
+    """The state of every generator the training step and the data pipeline draw from.
+
+    Only tensors, strings, numbers and tuples, so checkpoints holding it still load under torch's
+    ``weights_only=True`` (the numpy key array travels as an int64 tensor)."""
+    numpy_state = np.random.get_state(legacy=False)
+    if numpy_state['bit_generator'] != 'MT19937':
+        raise RuntimeError(f"numpy's global generator is {numpy_state['bit_generator']}, "
+                           f"expected MT19937 (np.random's legacy global state)")
+    state = {
+        'python': random.getstate(),
+        'numpy': {
+            'key': torch.from_numpy(numpy_state['state']['key'].astype(np.int64)),
+            'pos': int(numpy_state['state']['pos']),
+            'has_gauss': int(numpy_state['has_gauss']),
+            'gauss': float(numpy_state['gauss']),
+        },
+        'torch': torch.get_rng_state(),
+    }
+    # Touching torch.cuda when nothing has used it yet would initialise CUDA for nothing.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    missing = {'python', 'numpy', 'torch'} - set(state)
+    if missing:
+        raise KeyError(f'RNG state lacks {sorted(missing)}; expected the dict capture_rng_state() '
+                       f'returns (keys python, numpy, torch and, with CUDA, cuda)')
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state['numpy']
+    np.random.set_state({
+        'bit_generator': 'MT19937',
+        'state': {'key': numpy_state['key'].numpy().astype(np.uint32), 'pos': numpy_state['pos']},
+        'has_gauss': numpy_state['has_gauss'],
+        'gauss': numpy_state['gauss'],
+    })
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'].cpu())
+
+
+class _RestoreAfterReplay:
+    """Stands in for IterBasedTrainLoop's dataloader iterator while the loop replays it.
+
+    On resume, IterBasedTrainLoop fast-forwards the data by drawing (and dropping) as many
+    batches as were already trained on, then draws the first new one. Those replayed draws run
+    the augmentations and so consume random numbers; the saved state belongs right after them,
+    before the first new batch is drawn. So: let `replayed` draws through, then restore, then
+    hand the loop its own iterator back."""
+
+    def __init__(self, loop, replayed: int, restore):
+        self._loop = loop
+        self._inner = loop.dataloader_iterator
+        self._remaining = replayed
+        self._restore = restore
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._remaining > 0:
+            self._remaining -= 1
+            return next(self._inner)
+        self._restore()
+        self._loop.dataloader_iterator = self._inner
+        return next(self._inner)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@HOOKS.register_module()
+class RNGStateHook(Hook):
+    """Save the RNG states in checkpoints; on resume, continue the saved random streams.
+
+    Add it to a config as ``custom_hooks = [dict(type='RNGStateHook')]``.
+
+    Where the states go back:
+    - IterBasedTrainLoop: after the loop has fast-forwarded the dataloader to the resumed
+      iteration, just before it draws the first new batch.
+    - EpochBasedTrainLoop: at the start of the first epoch after the resume (exact when the
+      checkpoint was written at the end of an epoch, which is what its CheckpointHook does).
+    Validation during training is made neutral to the random streams (the states are put back
+    after it), because it runs between a checkpoint and the next iteration in the uninterrupted
+    run but not in the resumed one.
+
+    With several processes only rank 0's state is in the checkpoint (mmengine writes it from rank
+    0), so only rank 0 continues its stream exactly; the other ranks keep their fresh seeds.
+    """
+
+    # Last, so that validation hooks of everyone else run inside the neutral section as far as
+    # the before/after pairs allow; the saving and restoring points do not depend on it.
+    priority = 'LOWEST'
+
+    def __init__(self):
+        self._saved_state: Optional[dict] = None
+        self._saved_iter: Optional[int] = None
+        self._state_before_val: Optional[dict] = None
+        self._pending_epoch_restore = False
+
+    # ---------------------------------------------------------------- saving
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        # A best-model checkpoint is written during validation; what belongs in it is the state
+        # training will continue from, i.e. the one validation is about to be rewound to.
+        state = self._state_before_val if self._state_before_val is not None else capture_rng_state()
+        checkpoint.setdefault('meta', {})[RNG_STATE_KEY] = state
+
+    # ---------------------------------------------------------------- resuming
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        # Called for `load_from` as well as for resuming; before_train tells them apart.
+        meta = checkpoint.get('meta') or {}
+        self._saved_state = meta.get(RNG_STATE_KEY)
+        self._saved_iter = meta.get('iter')
+
+    def before_train(self, runner) -> None:
+        if runner.iter == 0:
+            # Fresh training, or weights loaded with `load_from` to start a new run from.
+            self._saved_state = None
+            return
+        if self._saved_state is None:
+            print_log(f'RNGStateHook: the checkpoint resumed at iteration {runner.iter} holds no '
+                      f'RNG state (written without this hook?): training continues with freshly '
+                      f'seeded generators, not the random streams of the interrupted run.',
+                      logger='current', level=logging.WARNING)
+            return
+        if self._saved_iter != runner.iter:
+            print_log(f'RNGStateHook: the RNG state is from iteration {self._saved_iter} but '
+                      f'training resumes at {runner.iter}; not restoring it.',
+                      logger='current', level=logging.WARNING)
+            self._saved_state = None
+            return
+        if get_world_size() > 1 and not is_main_process():
+            self._saved_state = None
+            return
+        loop = runner.train_loop
+        if isinstance(loop, IterBasedTrainLoop) and type(loop).run is IterBasedTrainLoop.run:
+            loop.dataloader_iterator = _RestoreAfterReplay(loop, runner.iter, self._restore)
+        elif isinstance(loop, EpochBasedTrainLoop) and type(loop).run is EpochBasedTrainLoop.run:
+            if runner.iter != runner.epoch * len(loop.dataloader):
+                print_log(f'RNGStateHook: resuming in the middle of epoch {runner.epoch} '
+                          f'(iteration {runner.iter}); EpochBasedTrainLoop restarts that epoch, '
+                          f'so the resumed run is not an exact continuation.',
+                          logger='current', level=logging.WARNING)
+            self._pending_epoch_restore = True
+        else:
+            print_log(f'RNGStateHook: {type(loop).__name__} is not a loop this hook knows where '
+                      f'to resume in; restoring the RNG state before training starts.',
+                      logger='current', level=logging.WARNING)
+            self._restore()
+
+    def before_train_epoch(self, runner) -> None:
+        if self._pending_epoch_restore:
+            self._pending_epoch_restore = False
+            self._restore()
+
+    def _restore(self) -> None:
+        state, self._saved_state = self._saved_state, None
+        if state is None:
+            return
+        restore_rng_state(state)
+        print_log(f'RNGStateHook: random number generators restored to their state at iteration '
+                  f'{self._saved_iter}.', logger='current', level=logging.INFO)
+
+    # ---------------------------------------------------------------- validation
+    def before_val(self, runner) -> None:
+        self._state_before_val = capture_rng_state()
+
+    def after_val(self, runner) -> None:
+        if self._state_before_val is not None:
+            restore_rng_state(self._state_before_val)
+            self._state_before_val = None
