@@ -43,6 +43,8 @@ def parse_args(argv=None):
                         help="stop compiling new torch.compile graphs once this much wall time went into them")
     parser.add_argument("--no-variants", action="store_true",
                         help="skip the fused variants (atomic reduction, bf16 tensor-core products)")
+    parser.add_argument("--sweep-budget-s", type=float, default=0.0,
+                        help="first try launch configurations of the fused op at MLLA-T stage 1 for this long")
     parser.add_argument("--cpu-sanity", action="store_true", help="tiny shape in the Triton interpreter")
     return parser.parse_args(argv)
 
@@ -114,11 +116,11 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
     for mode, runner_of, sets in (("fwd", forward_runner, ctx["sets_fwd"]), ("fwd_bwd", forward_backward_runner,
                                                                               ctx["sets_bwd"])):
-        bench = lambda fn: do_bench(runner_of(fn, sets), warmup=25, rep=100, return_mode="median")  # noqa: E731
+        bench = lambda fn: do_bench(runner_of(fn, sets), warmup=10, rep=60, return_mode="median")  # noqa: E731
         row[f"{mode}_eager_ms"] = bench(eager)
         row[f"{mode}_fused_ms"] = bench(fused)
         try:
-            row[f"{mode}_fused_graph_ms"] = do_bench_graph(runner_of(fused, sets), rep=100, return_mode="median")
+            row[f"{mode}_fused_graph_ms"] = do_bench_graph(runner_of(fused, sets), rep=60, return_mode="median")
         except Exception as exc:  # report, keep going: graphs are a side measurement
             row[f"{mode}_fused_graph_ms"] = None
             row[f"{mode}_fused_graph_error"] = repr(exc)[:200]
@@ -145,6 +147,32 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
     for name, fn in (("eager", eager), ("fused", fused)):
         row[f"peak_mb_{name}"] = peak_megabytes(forward_backward_runner(fn, ctx["sets_bwd"]))
     return row
+
+
+SWEEP_CONFIGS = [dict(block_n=64, num_warps=4), dict(block_n=32, num_warps=4), dict(block_n=64, num_warps=8),
+                 dict(block_n=128, num_warps=8), dict(block_n=64, num_warps=4, programs_per_sm=2),
+                 dict(block_n=64, num_warps=4, programs_per_sm=8), dict(block_n=128, num_warps=4)]
+
+
+def sweep(args, ctx):
+    """Launch configurations of the fused op at MLLA-T stage 1 (where splitting N matters most)."""
+    from mlla_kernels.triton import launch_overrides, linear_attention_triton
+    hw, channels, heads = STAGE_GRIDS[0], MODELS["T"][0][0], MODELS["T"][1][0]
+    fused = lambda qk, v: linear_attention_triton(qk, v, hw, heads)  # noqa: E731
+    results, start = [], time.perf_counter()
+    for dtype_name in args.dtypes:
+        sets = make_sets(BATCH, hw[0] * hw[1], channels, DTYPES[dtype_name], DEVICE, False)
+        sets_bwd = [(qk.detach().requires_grad_(), v.detach().requires_grad_(), g) for qk, v, g in sets]
+        for config in SWEEP_CONFIGS:
+            if time.perf_counter() - start > args.sweep_budget_s:
+                break
+            with launch_overrides(**config):
+                fwd = ctx["do_bench"](forward_runner(fused, sets), warmup=10, rep=50, return_mode="median")
+                fwd_bwd = ctx["do_bench"](forward_backward_runner(fused, sets_bwd), warmup=10, rep=50,
+                                          return_mode="median")
+            results.append(dict(dtype=dtype_name, **config, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+            print(f"sweep {dtype_name} {config}: fwd {fwd:.4f} ms, fwd+bwd {fwd_bwd:.4f} ms", flush=True)
+    return results
 
 
 def fmt(x, spec=".3f"):
@@ -214,6 +242,7 @@ def main(argv=None):
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}: "
           f"copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
 
+    sweep_results = sweep(args, ctx) if args.sweep_budget_s > 0 else []
     rows = []
     for model in args.models:
         for dtype_name in args.dtypes:
@@ -229,7 +258,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
-                           copy_gbps=ctx["copy_gbps"], compile_seconds=ctx["compile_spent"], rows=rows), f, indent=1)
+                           copy_gbps=ctx["copy_gbps"], compile_seconds=ctx["compile_spent"], rows=rows,
+                           sweep=sweep_results), f, indent=1)
     print_table(rows, ctx["copy_gbps"], device_name)
     return 0
 

@@ -177,15 +177,14 @@ def test_nan_propagates_like_the_reference(gen):
     assert rel_err(out[finite], ref[finite].double()) < 1e-5
 
 
-def test_compiled_module_with_two_sizes_compiles_once(gen):
+def check_compiled_module_compiles_once(gen, backend):
     """fullgraph (no graph break) and dynamic H, W (no recompile for a new size)."""
     import torch._dynamo.testing
 
     module = _AttentionModule(32, 2).to(DEVICE)
-    backend = "inductor" if ON_GPU else "aot_eager"
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
     compiled = torch.compile(module, backend=counter, fullgraph=True, dynamic=True)
-    for hw in ((3, 5), (4, 7)):
+    for hw in ((3, 5), (4, 7), (6, 2)):
         x = torch.randn(2, 32, *hw, generator=gen).to(DEVICE).requires_grad_()
         out = compiled(x)
         out.square().sum().backward()
@@ -195,6 +194,10 @@ def test_compiled_module_with_two_sizes_compiles_once(gen):
         expected.square().sum().backward()
         assert rel_err(out, expected) < 1e-5 and rel_err(grad, x.grad) < 1e-5
     assert counter.frame_count == 1
+
+
+def test_compiled_module_with_several_sizes_compiles_once(gen):
+    check_compiled_module_compiles_once(gen, "aot_eager")
 
 
 class _AttentionModule(torch.nn.Module):
@@ -289,6 +292,16 @@ def test_gpu_fp16_large_activations_do_not_overflow(gen):
     qk = (torch.rand(1, height * width, 2 * channels, generator=gen) * 60 - 30).to(DEVICE, torch.float16)
     v = (torch.rand(1, height * width, channels, generator=gen) * 60 - 30).to(DEVICE, torch.float16)
     assert_matches_reference(qk, v, (height, width), 2, gen)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_module_with_several_sizes_compiles_once(gen):
+    check_compiled_module_compiles_once(gen, "inductor")
+
+
+@pytest.mark.gpu
+def test_gpu_golden_data(reference_dir):
+    test_golden_data(reference_dir)
 
 
 @pytest.mark.gpu

@@ -37,7 +37,7 @@ def grad_state_kernel(
     ATOMIC: tl.constexpr, BF16_DOT: tl.constexpr,
 ):
     """Program (bh, split) sums dKV and dkbar over its tokens; layout as the forward state."""
-    HALF_DIM: tl.constexpr = HEAD_DIM // 2
+    HALF_DIM = HEAD_DIM // 2
     bh = tl.program_id(0)
     split = tl.program_id(1)
     batch = bh // num_heads
@@ -99,7 +99,7 @@ def input_grad_kernel(
     BF16_DOT: tl.constexpr,
 ):
     """Program (bh, split) writes d(qk) (both halves) and dv for its tokens, in one pass."""
-    HALF_DIM: tl.constexpr = HEAD_DIM // 2
+    HALF_DIM = HEAD_DIM // 2
     bh = tl.program_id(0)
     split = tl.program_id(1)
     batch = bh // num_heads

@@ -24,7 +24,7 @@ def kv_state_kernel(
     Deterministic mode writes one partial per split (summed afterwards in a fixed order);
     ATOMIC adds straight into a zeroed state.
     """
-    HALF_DIM: tl.constexpr = HEAD_DIM // 2
+    HALF_DIM = HEAD_DIM // 2
     bh = tl.program_id(0)
     split = tl.program_id(1)
     batch = bh // num_heads
@@ -73,7 +73,7 @@ def output_kernel(
     BF16_DOT: tl.constexpr,
 ):
     """out_n = (rope(q)_n . KV) / (q_n . kbar + eps) for program (bh, split)'s tokens."""
-    HALF_DIM: tl.constexpr = HEAD_DIM // 2
+    HALF_DIM = HEAD_DIM // 2
     bh = tl.program_id(0)
     split = tl.program_id(1)
     batch = bh // num_heads

@@ -34,9 +34,9 @@ _overrides: dict = {}
 
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
-    """Force block_n / splits / bf16_dot (tests use this to get many splits and partial blocks
+    """Force block_n / splits / programs_per_sm / num_warps / bf16_dot (tests use this to get many splits and partial blocks
     from a few dozen tokens under the interpreter)."""
-    unknown = set(kwargs) - {"block_n", "splits", "bf16_dot", "num_warps"}
+    unknown = set(kwargs) - {"block_n", "splits", "bf16_dot", "num_warps", "programs_per_sm"}
     if unknown:
         raise TypeError(f"unknown launch overrides {sorted(unknown)}")
     saved = dict(_overrides)
@@ -64,7 +64,8 @@ def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torc
         splits = _overrides["splits"]
     elif device.type == "cuda":
         # Fill the GPU even when B * heads is small and N large (stage 1: 4 heads, 64k tokens).
-        splits = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device.index or 0), batch_heads)
+        programs_per_sm = _overrides.get("programs_per_sm") or PROGRAMS_PER_SM
+        splits = triton.cdiv(programs_per_sm * _sm_count(device.index or 0), batch_heads)
     else:
         splits = 2
     splits = max(1, min(splits, blocks))
