@@ -32,7 +32,10 @@ RNG_HOOK = [dict(type='RNGStateHook')]
 def train(config, work_dir, *args):
     """tools/train.py in a fresh process; returns its output (stdout + stderr)."""
     command = [sys.executable, TRAIN_TOOL, config, '--work-dir', work_dir, *args]
-    done = subprocess.run(command, cwd=osp.dirname(config), stdout=subprocess.PIPE,
+    # One thread: the tiny model gains nothing from more (2 threads cost ~3x the CPU time here),
+    # and runs compared bitwise must share the thread count (reductions split differently).
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    done = subprocess.run(command, cwd=osp.dirname(config), env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert done.returncode == 0, (f'{" ".join(command)} failed (exit {done.returncode}):\n'
                                   f'{done.stdout[-6000:]}')
