@@ -1,0 +1,137 @@
+"""tools/train.py and tools/test.py: `--help`, and a clear error (exit code 1, the path named)
+before the runner starts for a missing config, dataset, checkpoint or pretrained backbone.
+End-to-end runs of both tools are in tests/test_data_robustness.py and tests/test_resume.py."""
+import importlib.util
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TRAIN = osp.join(REPO_ROOT, 'tools', 'train.py')
+TEST = osp.join(REPO_ROOT, 'tools', 'test.py')
+CONFIG_T = osp.join(REPO_ROOT, 'configs', 'mlla', 'mask-rcnn_mlla-t_fpn_1x_coco.py')
+
+
+def run(tool, *args, cwd):
+    """The tool in a fresh process, from `cwd` (the configs' data paths are relative to it)."""
+    done = subprocess.run([sys.executable, tool, *map(str, args)], cwd=str(cwd), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=180)
+    return done.returncode, done.stdout, done.stderr
+
+
+def assert_fails_with(result, *fragments):
+    code, out, err = result
+    assert code == 1, f'exit code {code}\nstdout:\n{out}\nstderr:\n{err}'
+    assert 'Traceback' not in err, err
+    for fragment in fragments:
+        assert fragment in err, f'{fragment!r} not in:\n{err}'
+
+
+def missing_listing(stderr: str) -> str:
+    """The list of missing paths in a dataset error, without the advice that follows it."""
+    return stderr.split('The configs in configs/mlla/')[0]
+
+
+def make_fake_coco(root):
+    """The files and folders the COCO configs read (empty: only their existence is checked)."""
+    coco = root / 'data' / 'coco'
+    (coco / 'annotations').mkdir(parents=True)
+    for split in ('train2017', 'val2017'):
+        (coco / split).mkdir()
+        (coco / 'annotations' / f'instances_{split}.json').write_text('{}')
+
+
+@pytest.mark.parametrize('tool, expected', [
+    (TRAIN, ['--work-dir', '--amp', '--resume', '--cfg-options', '--launcher', '--local_rank']),
+    (TEST, ['checkpoint', '--work-dir', '--out', '--show-dir', '--cfg-options', '--launcher']),
+], ids=['train', 'test'])
+def test_help(tool, expected, tmp_path):
+    code, out, err = run(tool, '--help', cwd=tmp_path)
+    assert code == 0, err
+    assert out.startswith('usage:')
+    for option in expected:
+        assert option in out
+
+
+@pytest.mark.parametrize('tool, extra', [(TRAIN, []), (TEST, ['model.pth'])], ids=['train', 'test'])
+def test_missing_config(tool, extra, tmp_path):
+    missing = tmp_path / 'configs' / 'no-such-config.py'
+    assert_fails_with(run(tool, missing, *extra, cwd=tmp_path),
+                      f'config file not found: {missing}', 'mask-rcnn_mlla-t_fpn_1x_coco.py')
+
+
+def test_test_missing_checkpoint(tmp_path):
+    assert_fails_with(run(TEST, CONFIG_T, 'work_dirs/epoch_12.pth', cwd=tmp_path),
+                      'checkpoint not found: work_dirs/epoch_12.pth',
+                      str(tmp_path / 'work_dirs' / 'epoch_12.pth'))
+
+
+def test_train_missing_dataset(tmp_path):
+    result = run(TRAIN, CONFIG_T, cwd=tmp_path)
+    assert_fails_with(result, 'dataset not found', 'data/coco/annotations/instances_train2017.json',
+                      'data/coco/train2017/', 'data/coco/annotations/instances_val2017.json',
+                      str(tmp_path / 'data' / 'coco'), 'https://cocodataset.org')
+
+
+def test_train_missing_dataset_follows_cfg_options(tmp_path):
+    make_fake_coco(tmp_path)  # the default place is fine, the overridden one is not
+    elsewhere = tmp_path / 'elsewhere'
+    result = run(TRAIN, CONFIG_T, '--cfg-options', f'train_dataloader.dataset.data_root={elsewhere}/',
+                 cwd=tmp_path)
+    assert_fails_with(result, f'{elsewhere}/annotations/instances_train2017.json')
+    assert 'instances_val2017.json' not in missing_listing(result[2])
+
+
+def test_test_missing_dataset(tmp_path):
+    checkpoint = tmp_path / 'model.pth'
+    checkpoint.write_bytes(b'')  # only its existence is checked before the dataset
+    result = run(TEST, CONFIG_T, checkpoint, cwd=tmp_path)
+    assert_fails_with(result, 'dataset not found', 'data/coco/annotations/instances_val2017.json',
+                      'data/coco/val2017/')
+    assert 'train2017' not in missing_listing(result[2])  # testing needs no training data
+
+
+def test_train_missing_pretrained_backbone(tmp_path):
+    make_fake_coco(tmp_path)
+    assert_fails_with(run(TRAIN, CONFIG_T, cwd=tmp_path),
+                      'pretrained weights not found: data/MLLA_T.pth',
+                      'model.backbone.init_cfg.checkpoint',
+                      '--cfg-options model.backbone.init_cfg=None')
+
+
+def test_train_missing_resume_checkpoint(tmp_path):
+    assert_fails_with(run(TRAIN, CONFIG_T, '--resume', 'old/epoch_3.pth', cwd=tmp_path),
+                      'checkpoint to resume from not found: old/epoch_3.pth')
+
+
+def test_test_out_must_be_a_pickle(tmp_path):
+    checkpoint = tmp_path / 'model.pth'
+    checkpoint.write_bytes(b'')
+    assert_fails_with(run(TEST, CONFIG_T, checkpoint, '--out', 'results.json', cwd=tmp_path),
+                      '--out must name a pickle file', 'results.json')
+
+
+@pytest.fixture(scope='module')
+def train_tool():
+    spec = importlib.util.spec_from_file_location('mlla_train_tool', TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dataset_paths_look_inside_dataset_wrappers(train_tool):
+    inner = dict(type='CocoDataset', data_root='root/', ann_file='a.json', data_prefix=dict(img='imgs/'))
+    wrapped = dict(type='ConcatDataset', datasets=[dict(type='RepeatDataset', times=2, dataset=inner),
+                                                    dict(type='CocoDataset', ann_file='/abs/b.json')])
+    paths = dict(train_tool.dataset_paths(wrapped, 'train'))
+    assert paths == {
+        'train.datasets[0].dataset.data_root': 'root/',
+        'train.datasets[0].dataset.ann_file': os.path.join('root/', 'a.json'),
+        'train.datasets[0].dataset.data_prefix.img': os.path.join('root/', 'imgs/'),
+        'train.datasets[1].ann_file': '/abs/b.json',
+    }
+    # Files on a storage backend can't be checked locally and are left to the runner.
+    assert train_tool.dataset_paths(dict(inner, backend_args=dict(backend='petrel')), 'x') == []
