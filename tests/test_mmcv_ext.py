@@ -1,0 +1,524 @@
+"""The torchvision-backed mmcv._ext stand-in (mlla_det/mmcv_ext.py) against plain-PyTorch
+references: greedy IoU NMS and mmcv-semantics bilinear RoIAlign, forward, input gradient,
+fp16/bf16 autocast; plus the install logic and the errors of the ops it does not provide."""
+import ast
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import math
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from mlla_det.mmcv_ext import (EXT_MODULE_NAME, MissingCompiledOpError, SUPPORTED_OPS,
+                               build_stand_in_module, install_mmcv_ext, is_stand_in)
+
+install_mmcv_ext()  # no-op when mlla_det's __init__ already did it
+
+import mmcv  # noqa: E402
+import mmcv.ops  # noqa: E402
+
+# Whether this environment uses the stand-in (no compiled mmcv): the op tests target it.
+USING_STAND_IN = is_stand_in(sys.modules[EXT_MODULE_NAME])
+needs_stand_in = pytest.mark.skipif(not USING_STAND_IN, reason="a compiled mmcv is installed")
+
+
+# ----------------------------------------------------------------------------- references
+
+def reference_box_iou(a, b, offset):
+    """IoU of every box in a with every box in b, boxes x2 - x1 + offset wide (float64)."""
+    area_a = (a[:, 2] - a[:, 0] + offset) * (a[:, 3] - a[:, 1] + offset)
+    area_b = (b[:, 2] - b[:, 0] + offset) * (b[:, 3] - b[:, 1] + offset)
+    width = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0]) + offset).clamp(min=0)
+    height = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1]) + offset).clamp(min=0)
+    inter = width * height
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def reference_nms(boxes, scores, iou_threshold, offset=0):
+    """Greedy NMS: visit boxes by decreasing score, keep one unless its IoU with an already kept
+    box exceeds the threshold. Returns kept indices, highest score first."""
+    boxes = boxes.double()
+    iou = reference_box_iou(boxes, boxes, offset)
+    kept = []
+    for index in torch.argsort(scores.double(), descending=True).tolist():
+        if all(iou[index, other] <= iou_threshold for other in kept):
+            kept.append(index)
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def bilinear_weight_matrix(coords, size):
+    """Rows: sample coordinates; columns: pixels. mmcv's bilinear rule: a sample below -1 or
+    beyond size contributes nothing, one in [-1, 0] clamps to 0, one past the last pixel centre
+    uses the last pixel alone."""
+    weights = torch.zeros(len(coords), size, dtype=torch.float64)
+    for row, coord in enumerate(coords):
+        if coord < -1.0 or coord > size:
+            continue
+        coord = max(coord, 0.0)
+        low = int(coord)
+        if low >= size - 1:
+            weights[row, size - 1] = 1.0
+            continue
+        frac = coord - low
+        weights[row, low] += 1.0 - frac
+        weights[row, low + 1] += frac
+    return weights
+
+
+def reference_roi_align(features, rois, out_h, out_w, spatial_scale, sampling_ratio, aligned):
+    """mmcv's RoIAlign ('avg') written out: each output bin averages a grid of bilinear samples;
+    the grid is sampling_ratio per side, or ceil(roi_size / out_size) when sampling_ratio <= 0.
+    aligned=True shifts the RoI by -0.5 pixel; aligned=False makes it at least 1x1.
+    Differentiable in `features` (float64)."""
+    outputs = []
+    height, width = features.shape[-2:]
+    shift = 0.5 if aligned else 0.0
+    for roi in rois.double().tolist():
+        batch_index = int(roi[0])
+        x1, y1, x2, y2 = (value * spatial_scale - shift for value in roi[1:])
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not aligned:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_h, bin_w = roi_h / out_h, roi_w / out_w
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
+        channels = features.shape[1]
+        if grid_h == 0 or grid_w == 0:  # empty RoI: no samples, output stays zero
+            outputs.append(features.new_zeros(channels, out_h, out_w))
+            continue
+        ys = [y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h for ph in range(out_h) for iy in range(grid_h)]
+        xs = [x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w for pw in range(out_w) for ix in range(grid_w)]
+        weights_y = bilinear_weight_matrix(ys, height)
+        weights_x = bilinear_weight_matrix(xs, width)
+        samples = weights_y @ features[batch_index].double() @ weights_x.T  # (C, out_h*gh, out_w*gw)
+        outputs.append(samples.reshape(channels, out_h, grid_h, out_w, grid_w).mean(dim=(2, 4)))
+    return torch.stack(outputs)
+
+
+def random_rois(num_rois, batch, height, width, spatial_scale, generator):
+    """RoIs in image coordinates, some reaching past the feature map, one of zero width."""
+    scale = 1.0 / spatial_scale
+    x1 = (torch.rand(num_rois, generator=generator, dtype=torch.float64) * (width + 4) - 3) * scale
+    y1 = (torch.rand(num_rois, generator=generator, dtype=torch.float64) * (height + 4) - 3) * scale
+    w = torch.rand(num_rois, generator=generator, dtype=torch.float64) * width * 0.8 * scale
+    h = torch.rand(num_rois, generator=generator, dtype=torch.float64) * height * 0.8 * scale
+    w[0] = 0.0
+    index = torch.randint(0, batch, (num_rois,), generator=generator).double()
+    return torch.stack([index, x1, y1, x1 + w, y1 + h], dim=1)
+
+
+def random_boxes(num_boxes, generator, dtype=torch.float32):
+    """Boxes clustered on a few centres so that many pairs overlap; the last quarter are near
+    copies (2% jitter, IoU > 0.9) of the first, so every threshold suppresses something."""
+    centres = torch.rand(4, 2, generator=generator, dtype=torch.float64) * 40
+    pick = torch.randint(0, 4, (num_boxes,), generator=generator)
+    centre = centres[pick] + torch.randn(num_boxes, 2, generator=generator, dtype=torch.float64) * 3
+    size = torch.rand(num_boxes, 2, generator=generator, dtype=torch.float64) * 12 + 1
+    copies = num_boxes // 4
+    size[-copies:] = size[:copies]
+    centre[-copies:] = centre[:copies] + (torch.rand(copies, 2, generator=generator, dtype=torch.float64) - 0.5) * 0.04 * size[:copies]
+    boxes = torch.cat([centre - size / 2, centre + size / 2], dim=1).to(dtype)
+    scores = (torch.randperm(num_boxes, generator=generator).double() / num_boxes + 0.01).to(dtype)
+    return boxes, scores
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+# ----------------------------------------------------------------------------- install logic
+
+def test_importing_mmcv_ops_and_mmdet_models_works():
+    import mmdet  # its import asserts mmcv >= 2.0.0rc4, < 2.2.0 against mmcv's version
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    assert MODELS.get("MaskRCNN") is not None
+    assert mmcv.ops.RoIAlign is not None and mmcv.ops.batched_nms is not None
+    assert mmdet.__version__ == "3.3.0"
+
+
+@needs_stand_in
+def test_install_is_idempotent_and_reports_stand_in():
+    module = sys.modules[EXT_MODULE_NAME]
+    assert install_mmcv_ext() == "stand-in"
+    assert install_mmcv_ext() == "stand-in"
+    assert sys.modules[EXT_MODULE_NAME] is module
+    assert mmcv._ext is module
+
+
+def test_fresh_install_puts_stand_in_module_in_place(monkeypatch):
+    # A clean slate as mmcv-lite has it: no mmcv._ext anywhere.
+    monkeypatch.delitem(sys.modules, EXT_MODULE_NAME, raising=False)
+    monkeypatch.delattr(mmcv, "_ext", raising=False)
+    if importlib.util.find_spec(EXT_MODULE_NAME) is not None:
+        pytest.skip("a compiled mmcv._ext is importable here")
+    assert install_mmcv_ext() == "stand-in"
+    module = sys.modules[EXT_MODULE_NAME]
+    assert is_stand_in(module) and mmcv._ext is module
+    assert install_mmcv_ext() == "stand-in" and sys.modules[EXT_MODULE_NAME] is module
+    # mmcv/mmengine ask "is a full mmcv here?" through pkgutil: the honest answer stays no.
+    from mmcv.utils.ext_loader import check_ops_exist
+    from mmengine.utils.dl_utils import mmcv_full_available
+    assert not check_ops_exist() and not mmcv_full_available()
+
+
+def test_full_mmcv_in_sys_modules_is_left_untouched(monkeypatch):
+    compiled = types.ModuleType(EXT_MODULE_NAME)
+    compiled.nms = object()
+    monkeypatch.setitem(sys.modules, EXT_MODULE_NAME, compiled)
+    monkeypatch.setattr(mmcv, "_ext", compiled, raising=False)
+    assert install_mmcv_ext() == "compiled"
+    assert sys.modules[EXT_MODULE_NAME] is compiled and mmcv._ext is compiled
+    assert compiled.nms is not None and not is_stand_in(compiled)
+
+
+class _FakeCompiledExtFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes `import mmcv._ext` find a module, as a compiled mmcv would."""
+
+    def __init__(self):
+        self.created = None
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == EXT_MODULE_NAME:
+            return importlib.machinery.ModuleSpec(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        self.created = types.ModuleType(spec.name)
+        return self.created
+
+    def exec_module(self, module):
+        module.compiled_marker = True
+
+
+def test_importable_full_mmcv_is_used_not_replaced(monkeypatch):
+    finder = _FakeCompiledExtFinder()
+    monkeypatch.delitem(sys.modules, EXT_MODULE_NAME, raising=False)
+    monkeypatch.delattr(mmcv, "_ext", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
+    try:
+        assert install_mmcv_ext() == "compiled"
+        assert sys.modules[EXT_MODULE_NAME] is finder.created
+        assert getattr(sys.modules[EXT_MODULE_NAME], "compiled_marker", False)
+    finally:
+        sys.modules.pop(EXT_MODULE_NAME, None)  # monkeypatch then restores the original
+
+
+def _names_requested_by_mmcv_op_modules():
+    """(op module, name) for every name mmcv's installed op modules pass to ext_loader.load_ext."""
+    ops_dir = os.path.dirname(mmcv.ops.__file__)
+    requested = []
+    for filename in sorted(os.listdir(ops_dir)):
+        if not filename.endswith(".py"):
+            continue
+        with open(os.path.join(ops_dir, filename)) as source:
+            tree = ast.parse(source.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load_ext":
+                requested += [(filename[:-3], element.value) for element in node.args[1].elts]
+    return requested
+
+
+def test_stand_in_has_every_name_mmcv_op_modules_request():
+    requested = _names_requested_by_mmcv_op_modules()
+    assert len(requested) > 100  # the scan really read mmcv's op modules
+    module = build_stand_in_module()
+    missing = [name for _, name in requested if not callable(getattr(module, name, None))]
+    assert not missing, f"stand-in lacks {missing}"
+
+
+@pytest.mark.parametrize("op_module, name", _names_requested_by_mmcv_op_modules())
+def test_every_op_the_stand_in_lacks_raises_naming_it(op_module, name):
+    if name in SUPPORTED_OPS or name.startswith("get_compil"):
+        return  # implemented (tested below) or informational
+    function = getattr(build_stand_in_module(), name)
+    with pytest.raises(MissingCompiledOpError) as error:
+        function(torch.zeros(1), torch.zeros(1))
+    message = str(error.value)
+    assert f"'{name}'" in message and f"mmcv.ops.{op_module}" in message
+    assert "compiled" in message and "full mmcv build" in message
+
+
+@needs_stand_in
+def test_unsupported_mmcv_ops_raise_clear_error():
+    features = torch.randn(1, 4, 6, 6)
+    offset = torch.zeros(1, 18, 6, 6)
+    weight = torch.randn(4, 4, 3, 3)
+    with pytest.raises(MissingCompiledOpError, match="deform_conv_forward.*full mmcv build"):
+        mmcv.ops.deform_conv2d(features, offset, weight, 1, 1)
+    logits, labels = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    with pytest.raises(MissingCompiledOpError, match="sigmoid_focal_loss_forward"):
+        mmcv.ops.sigmoid_focal_loss(logits, labels, 2.0, 0.25)
+    rois = torch.tensor([[0.0, 1.0, 1.0, 4.0, 4.0]])
+    with pytest.raises(NotImplementedError, match="pool_mode='max'.*full mmcv build"):
+        mmcv.ops.roi_align(features, rois, 2, 1.0, 0, "max", True)
+
+
+def test_compiler_version_queries_answer_instead_of_raising():
+    from mmcv.utils import collect_env
+    env = collect_env()
+    assert isinstance(env["MMCV Compiler"], str) and isinstance(env["MMCV CUDA Compiler"], str)
+
+
+# ----------------------------------------------------------------------------- nms
+
+@needs_stand_in
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("iou_threshold", [0.3, 0.5, 0.7])
+def test_ext_nms_matches_greedy_reference(generator, offset, iou_threshold):
+    boxes, scores = random_boxes(120, generator, dtype=torch.float64)
+    expected = reference_nms(boxes, scores, iou_threshold, offset)
+    kept = mmcv._ext.nms(boxes, scores, iou_threshold=iou_threshold, offset=offset)
+    assert kept.dtype == torch.long
+    assert 0 < len(expected) < len(boxes)  # suppression happened and not everything went
+    assert torch.equal(kept, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mmcv_nms_wrapper_matches_reference(generator, dtype):
+    boxes, scores = random_boxes(80, generator, dtype=dtype)
+    expected = reference_nms(boxes, scores, 0.5)
+    dets, kept = mmcv.ops.nms(boxes, scores, 0.5)
+    assert torch.equal(kept, expected)
+    assert torch.equal(dets[:, :4], boxes[expected]) and torch.equal(dets[:, 4], scores[expected])
+    score_threshold = float(scores.float().median())
+    _, kept = mmcv.ops.nms(boxes, scores, 0.5, score_threshold=score_threshold, max_num=5)
+    valid = torch.nonzero(scores > score_threshold).squeeze(1)
+    assert torch.equal(kept, valid[reference_nms(boxes[valid], scores[valid], 0.5)][:5])
+
+
+def test_mmcv_batched_nms_matches_per_class_reference(generator):
+    boxes, scores = random_boxes(150, generator)
+    classes = torch.randint(0, 3, (150,), generator=generator)
+    per_class = [torch.nonzero(classes == c).squeeze(1) for c in range(3)]
+    kept = torch.cat([members[reference_nms(boxes[members], scores[members], 0.6)] for members in per_class])
+    expected = kept[torch.argsort(scores[kept], descending=True)]
+    dets, keep = mmcv.ops.batched_nms(boxes, scores, classes, dict(type="nms", iou_threshold=0.6))
+    assert torch.equal(keep, expected)
+    assert torch.equal(dets[:, :4], boxes[expected])
+
+
+def test_nms_empty_and_bad_input():
+    kept = mmcv._ext.nms(torch.zeros(0, 4), torch.zeros(0), iou_threshold=0.5, offset=0)
+    assert kept.shape == (0,) and kept.dtype == torch.long
+    if USING_STAND_IN:
+        with pytest.raises(ValueError, match=r"boxes of shape \(N, 4\)"):
+            mmcv._ext.nms(torch.zeros(3, 5), torch.zeros(3), iou_threshold=0.5, offset=0)
+        with pytest.raises(ValueError, match="offset must be 0 or 1"):
+            mmcv._ext.nms(torch.zeros(3, 4), torch.zeros(3), iou_threshold=0.5, offset=2)
+
+
+# ----------------------------------------------------------------------------- roi_align
+
+ROI_ALIGN_CASES = [
+    # out_h, out_w, spatial_scale, sampling_ratio, aligned
+    (7, 7, 0.25, 0, True),    # Mask R-CNN's box branch: adaptive sampling
+    (4, 3, 0.5, 2, True),     # fixed samples per bin, non-square output
+    (5, 5, 1.0, 0, False),    # legacy alignment (RoIs made at least 1x1)
+    (3, 2, 0.125, 3, False),
+]
+
+
+@needs_stand_in
+@pytest.mark.parametrize("out_h, out_w, spatial_scale, sampling_ratio, aligned", ROI_ALIGN_CASES)
+def test_ext_roi_align_forward_and_backward_match_reference(generator, out_h, out_w, spatial_scale,
+                                                           sampling_ratio, aligned):
+    features = torch.randn(2, 3, 11, 13, generator=generator, dtype=torch.float64)
+    rois = random_rois(9, 2, 11, 13, spatial_scale, generator)
+    expected = reference_roi_align(features, rois, out_h, out_w, spatial_scale, sampling_ratio, aligned)
+
+    output = torch.full((9, 3, out_h, out_w), float("nan"), dtype=torch.float64)
+    empty = features.new_zeros(0)
+    mmcv._ext.roi_align_forward(features, rois, output, empty, empty, aligned_height=out_h,
+                                aligned_width=out_w, spatial_scale=spatial_scale,
+                                sampling_ratio=sampling_ratio, pool_mode=1, aligned=aligned)
+    torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
+    assert expected.abs().sum() > 0
+
+    grad_output = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    leaf = features.clone().requires_grad_(True)
+    reference_roi_align(leaf, rois, out_h, out_w, spatial_scale, sampling_ratio, aligned).backward(grad_output)
+    # mmcv's kernels accumulate into grad_input: start from something non-zero to see that.
+    already_there = torch.randn(features.shape, generator=generator, dtype=torch.float64)
+    grad_input = already_there.clone()
+    mmcv._ext.roi_align_backward(grad_output, rois, empty, empty, grad_input, aligned_height=out_h,
+                                 aligned_width=out_w, spatial_scale=spatial_scale,
+                                 sampling_ratio=sampling_ratio, pool_mode=1, aligned=aligned)
+    torch.testing.assert_close(grad_input - already_there, leaf.grad, rtol=1e-10, atol=1e-12)
+    assert leaf.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("out_h, out_w, spatial_scale, sampling_ratio, aligned", ROI_ALIGN_CASES[:2])
+def test_mmcv_roi_align_function_and_module_match_reference(generator, out_h, out_w, spatial_scale,
+                                                            sampling_ratio, aligned):
+    features = torch.randn(2, 4, 10, 9, generator=generator, dtype=torch.float64)
+    rois = random_rois(6, 2, 10, 9, spatial_scale, generator)
+    grad_output = torch.randn(6, 4, out_h, out_w, generator=generator, dtype=torch.float64)
+
+    leaf = features.clone().requires_grad_(True)
+    expected = reference_roi_align(leaf, rois, out_h, out_w, spatial_scale, sampling_ratio, aligned)
+    expected.backward(grad_output)
+
+    layer = mmcv.ops.RoIAlign((out_h, out_w), spatial_scale, sampling_ratio, "avg", aligned)
+    for dtype, tolerance in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
+        inputs = features.detach().to(dtype).clone().requires_grad_(True)
+        output = layer(inputs, rois.to(dtype))
+        output.backward(grad_output.to(dtype))
+        assert output.dtype == dtype and inputs.grad.dtype == dtype
+        torch.testing.assert_close(output.double(), expected, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(inputs.grad.double(), leaf.grad, rtol=tolerance, atol=tolerance)
+
+
+def test_roi_align_backward_passes_gradcheck(generator):
+    features = torch.randn(1, 2, 6, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(3, 1, 6, 7, 0.5, generator)
+    assert torch.autograd.gradcheck(lambda x: mmcv.ops.roi_align(x, rois, (2, 3), 0.5, 2, "avg", True),
+                                    (features,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("features_in_low_precision", [False, True])
+def test_roi_align_under_cpu_autocast_runs_and_matches_fp32(generator, dtype, features_in_low_precision):
+    """A conv feeding RoIAlign, as in Mask R-CNN: under autocast the conv emits `dtype`, and mmdet
+    casts the RoIs to the features' dtype (rois.type_as(feats)). Both paths must run, forward
+    and backward, and roughly agree with fp32."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    images = torch.randn(2, 3, 24, 20, generator=generator)
+    # RoIs already rounded to `dtype`, so that only the features' precision differs from fp32.
+    rois = random_rois(10, 2, 24, 20, 1.0, generator).to(dtype).float()
+    layer = mmcv.ops.RoIAlign(7, 1.0, 0)
+
+    def run(autocast):
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            features = conv(images)
+            if not features_in_low_precision:
+                features = features.float()
+            pooled = layer(features, rois.type_as(features))
+            loss = (pooled.float() * torch.linspace(-1, 1, pooled.numel()).reshape(pooled.shape)).sum()
+        loss.backward()
+        return pooled, conv.weight.grad.clone()
+
+    pooled_fp32, grad_fp32 = run(autocast=False)
+    pooled, grad = run(autocast=True)
+    assert pooled.dtype == (dtype if features_in_low_precision else torch.float32)
+    assert torch.isfinite(pooled.float()).all() and torch.isfinite(grad).all()
+    scale = pooled_fp32.abs().max()
+    assert (pooled.float() - pooled_fp32).abs().max() < 0.03 * scale
+    assert (grad - grad_fp32).abs().max() < 0.03 * grad_fp32.abs().max()
+
+
+def test_roi_align_with_no_rois():
+    features = torch.randn(1, 3, 5, 5, requires_grad=True)
+    output = mmcv.ops.roi_align(features, torch.zeros(0, 5), 7, 1.0, 0, "avg", True)
+    assert output.shape == (0, 3, 7, 7)
+    output.sum().backward()
+    assert torch.equal(features.grad, torch.zeros_like(features))
+
+
+@needs_stand_in
+def test_roi_align_bad_input():
+    features, empty = torch.randn(1, 3, 5, 5), torch.zeros(0)
+    with pytest.raises(ValueError, match=r"rois of shape \(K, 5\)"):
+        mmcv._ext.roi_align_forward(features, torch.zeros(2, 4), torch.zeros(2, 3, 2, 2), empty, empty,
+                                    aligned_height=2, aligned_width=2, spatial_scale=1.0,
+                                    sampling_ratio=0, pool_mode=1, aligned=True)
+    with pytest.raises(ValueError, match="output must have shape"):
+        mmcv._ext.roi_align_forward(features, torch.zeros(2, 5), torch.zeros(2, 3, 3, 2), empty, empty,
+                                    aligned_height=2, aligned_width=2, spatial_scale=1.0,
+                                    sampling_ratio=0, pool_mode=1, aligned=True)
+
+
+# ----------------------------------------------------------------------------- Mask R-CNN end to end
+
+def count_ext_calls(monkeypatch, names):
+    """Counts calls of mmcv._ext functions; mmcv.ops looks them up on the module at call time."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        function = getattr(mmcv._ext, name)
+
+        def counted(*args, _name=name, _function=function, **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(mmcv._ext, name, counted)
+    return calls
+
+
+def _tiny_mask_rcnn():
+    import mmdet
+    from mmengine.config import Config
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    base = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "_base_", "models",
+                        "mask-rcnn_r50_fpn.py")
+    model = Config.fromfile(base).model
+    channels = 16
+    model.backbone.update(depth=18, init_cfg=None, frozen_stages=-1)
+    model.neck.update(in_channels=[64, 128, 256, 512], out_channels=channels)
+    model.rpn_head.update(in_channels=channels, feat_channels=channels)
+    roi_head = model.roi_head
+    roi_head.bbox_roi_extractor.out_channels = channels
+    roi_head.mask_roi_extractor.out_channels = channels
+    roi_head.bbox_head.update(in_channels=channels, fc_out_channels=32, num_classes=3)
+    roi_head.mask_head.update(in_channels=channels, conv_out_channels=channels, num_convs=1, num_classes=3)
+    model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=100)
+    model.train_cfg.rcnn.sampler.num = 64
+    model.test_cfg.rpn.update(nms_pre=200, max_per_img=100)
+    return MODELS.build(model)
+
+
+def _toy_batch(generator, size=(64, 80)):
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+
+    height, width = size
+    images = [torch.rand(3, height, width, generator=generator) * 255 for _ in range(2)]
+    samples = []
+    for _ in range(2):
+        sample = DetDataSample(metainfo=dict(img_shape=size, ori_shape=size, scale_factor=(1.0, 1.0),
+                                             pad_shape=size, batch_input_shape=size))
+        boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 70.0, 40.0]])
+        masks = torch.zeros(2, height, width, dtype=torch.uint8)
+        for index, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+            masks[index, y1:y2, x1:x2] = 1
+        sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.tensor([0, 2]),
+                                           masks=BitmapMasks(masks.numpy(), height, width))
+        samples.append(sample)
+    return dict(inputs=images, data_samples=samples)
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_tiny_mask_rcnn_trains_and_predicts_on_the_stand_in(generator, autocast_dtype, monkeypatch):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    calls = count_ext_calls(monkeypatch, ["nms", "roi_align_forward", "roi_align_backward"])
+    model = _tiny_mask_rcnn()
+    data = model.data_preprocessor(_toy_batch(generator), training=True)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        losses = model(**data, mode="loss")
+    assert {"loss_rpn_cls", "loss_cls", "loss_mask"} <= set(losses)
+    total, _ = model.parse_losses(losses)
+    assert torch.isfinite(total)
+    total.backward()
+    assert torch.isfinite(model.neck.fpn_convs[0].conv.weight.grad).all()
+    assert model.neck.fpn_convs[0].conv.weight.grad.abs().sum() > 0
+
+    model.eval()
+    data = model.data_preprocessor(_toy_batch(generator), training=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype or torch.float32,
+                                         enabled=autocast_dtype is not None):
+        results = model(**data, mode="predict")
+    assert len(results) == 2 and hasattr(results[0].pred_instances, "masks")
+    assert all(calls.values()), f"Mask R-CNN did not reach every mmcv._ext op: {calls}"
