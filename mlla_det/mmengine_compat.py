@@ -13,6 +13,7 @@ and loading it with ``weights_only=True`` until it loaded; tests/test_mmengine_c
 that round trip.
 """
 import importlib
+import pickle
 
 import numpy as np
 import torch
@@ -54,7 +55,8 @@ def history_buffer_statistics_getattr(owner, name):
 
     allowed = set(_HISTORY_BUFFER_STATISTICS) | set(HistoryBuffer._statistics_methods)
     if owner is not HistoryBuffer or name not in allowed:
-        raise ValueError(
+        # UnpicklingError, so torch.load reports it like any other weights_only refusal.
+        raise pickle.UnpicklingError(
             f"checkpoint asks for getattr({owner!r}, {name!r}); with weights_only=True mlla_det "
             f"only allows HistoryBuffer's statistics methods {sorted(allowed)} there. Load the "
             f"file with weights_only=False only if you trust where it came from.")
