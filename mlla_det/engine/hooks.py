@@ -116,12 +116,17 @@ class RNGStateHook(Hook):
     after it), because it runs between a checkpoint and the next iteration in the uninterrupted
     run but not in the resumed one.
 
+    Data workers (num_workers > 0) draw augmentations from their own generators, which mmengine
+    seeds per worker; the dataloader replay on resume reproduces them (checked bitwise with two
+    persistent workers). Runs compared bitwise must also use the same number of CPU threads.
+
     With several processes only rank 0's state is in the checkpoint (mmengine writes it from rank
     0), so only rank 0 continues its stream exactly; the other ranks keep their fresh seeds.
     """
 
-    # Last, so that validation hooks of everyone else run inside the neutral section as far as
-    # the before/after pairs allow; the saving and restoring points do not depend on it.
+    # Lowest: after_val rewinds after every other hook's after_val. (Other hooks' before_val run
+    # before the snapshot; none of mmengine's or mmdet's draw random numbers there.) Saving and
+    # restoring do not depend on the priority.
     priority = 'LOWEST'
 
     def __init__(self):
