@@ -63,6 +63,24 @@ def test_missing_config(tool, extra, tmp_path):
                       f'config file not found: {missing}', 'mask-rcnn_mlla-t_fpn_1x_coco.py')
 
 
+@pytest.mark.parametrize('script, args', [('dist_train.sh', ['{config}', '1']),
+                                          ('dist_test.sh', ['{config}', 'model.pth', '1'])],
+                         ids=['dist_train', 'dist_test'])
+def test_dist_scripts_launch_the_tools(script, args, tmp_path):
+    """torchrun starts one process of the tool, whose error comes back with a failing exit code."""
+    missing = tmp_path / 'missing.py'
+    args = [a.format(config=missing) for a in args]
+    env = dict(os.environ, PORT='29537')
+    done = subprocess.run(['bash', osp.join(REPO_ROOT, 'tools', script), *args], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180)
+    assert done.returncode != 0
+    assert f'config file not found: {missing}' in done.stdout, done.stdout
+    # Too few arguments: the usage line, before torchrun is involved.
+    usage = subprocess.run(['bash', osp.join(REPO_ROOT, 'tools', script), args[0]], cwd=str(tmp_path),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert usage.returncode == 2 and usage.stderr.startswith('usage:'), usage.stderr
+
+
 def test_test_missing_checkpoint(tmp_path):
     assert_fails_with(run(TEST, CONFIG_T, 'work_dirs/epoch_12.pth', cwd=tmp_path),
                       'checkpoint not found: work_dirs/epoch_12.pth',

@@ -85,9 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def require_config_file(path: str) -> None:
     if not osp.isfile(path):
         available = sorted(glob.glob(osp.join(REPO_ROOT, 'configs', 'mlla', '*.py')))
-        names = ', '.join(osp.relpath(p) for p in available) or 'none found'
+        names = ', '.join(osp.relpath(p, REPO_ROOT) for p in available) or 'none found'
         raise PreflightError(f"config file not found: {path} (resolved: {osp.abspath(path)}). "
-                             f"Available configs: {names}")
+                             f"Configs in {REPO_ROOT}: {names}")
 
 
 def import_mlla_det() -> None:
