@@ -6,6 +6,8 @@ from .mmengine_compat import allow_mmengine_checkpoints
 install_mmcv_ext()
 allow_mmengine_checkpoints()
 
+from . import engine  # noqa: E402,F401  (registers RNGStateHook)
+from .datasets import transforms as _transforms  # noqa: E402,F401  (registers LoadImageFromFileOrSkip)
 from .models import MLLA  # noqa: E402
 
 __all__ = ["MLLA"]
