@@ -130,6 +130,14 @@ def _compute_dtype(*tensors):
     return dtype
 
 
+def _torchvision_ops():
+    # Importing torchvision is what registers its C++ ops under torch.ops.torchvision; done
+    # lazily so that `import mlla_det` does not pay for it until an op runs.
+    import torchvision  # noqa: F401
+
+    return torch.ops.torchvision
+
+
 def nms(boxes, scores, iou_threshold, offset):
     """mmcv's ``nms(boxes, scores, iou_threshold, offset)``: indices of the kept boxes, highest
     score first. A box is suppressed when its IoU with a kept, higher-scoring box is > threshold.
@@ -138,8 +146,6 @@ def nms(boxes, scores, iou_threshold, offset):
     for areas and intersections; that is exactly torchvision's NMS on boxes whose far corner is
     moved by +1, so both conventions run on torchvision.
     """
-    import torchvision
-
     if boxes.dim() != 2 or boxes.size(1) != 4:
         raise ValueError(f"nms expects boxes of shape (N, 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
     if scores.dim() != 1 or scores.size(0) != boxes.size(0):
@@ -151,7 +157,7 @@ def nms(boxes, scores, iou_threshold, offset):
     boxes = boxes.to(dtype)
     if offset == 1:
         boxes = torch.cat([boxes[:, :2], boxes[:, 2:] + 1], dim=1)
-    return torchvision.ops.nms(boxes, scores.to(dtype), float(iou_threshold))
+    return _torchvision_ops().nms(boxes, scores.to(dtype), float(iou_threshold))
 
 
 def _check_roi_align_args(rois, pool_mode):
@@ -180,7 +186,7 @@ def roi_align_forward(input, rois, output, argmax_y, argmax_x, aligned_height, a
         raise ValueError(f"roi_align output must have shape {expected} (rois, channels, out_h, out_w), "
                          f"got {tuple(output.shape)}")
     dtype = _compute_dtype(input, rois)
-    pooled = torch.ops.torchvision.roi_align(
+    pooled = _torchvision_ops().roi_align(
         input.to(dtype), rois.to(dtype), float(spatial_scale), int(aligned_height),
         int(aligned_width), int(sampling_ratio), bool(aligned))
     output.copy_(pooled)
@@ -197,7 +203,7 @@ def roi_align_backward(grad_output, rois, argmax_y, argmax_x, grad_input, aligne
         raise ValueError(f"roi_align grad_output must have shape {expected}, got {tuple(grad_output.shape)}")
     batch_size, channels, height, width = grad_input.shape
     dtype = _compute_dtype(grad_output, rois)
-    grad = torch.ops.torchvision._roi_align_backward(
+    grad = _torchvision_ops()._roi_align_backward(
         grad_output.to(dtype), rois.to(dtype), float(spatial_scale), int(aligned_height),
         int(aligned_width), batch_size, channels, height, width, int(sampling_ratio),
         bool(aligned))

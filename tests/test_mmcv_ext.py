@@ -384,27 +384,26 @@ def test_roi_align_backward_passes_gradcheck(generator):
                                     (features,))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("features_in_low_precision", [False, True])
-def test_roi_align_under_cpu_autocast_runs_and_matches_fp32(generator, dtype, features_in_low_precision):
+def check_roi_align_under_autocast(device, dtype, features_in_low_precision, generator):
     """A conv feeding RoIAlign, as in Mask R-CNN: under autocast the conv emits `dtype`, and mmdet
     casts the RoIs to the features' dtype (rois.type_as(feats)). Both paths must run, forward
     and backward, and roughly agree with fp32."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
-    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-    images = torch.randn(2, 3, 24, 20, generator=generator)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).to(device)
+    images = torch.randn(2, 3, 24, 20, generator=generator).to(device)
     # RoIs already rounded to `dtype`, so that only the features' precision differs from fp32.
-    rois = random_rois(10, 2, 24, 20, 1.0, generator).to(dtype).float()
+    rois = random_rois(10, 2, 24, 20, 1.0, generator).to(dtype).float().to(device)
     layer = mmcv.ops.RoIAlign(7, 1.0, 0)
+    weights = torch.linspace(-1, 1, 10 * 8 * 7 * 7, device=device).reshape(10, 8, 7, 7)
 
     def run(autocast):
         conv.zero_grad()
-        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
             features = conv(images)
             if not features_in_low_precision:
                 features = features.float()
             pooled = layer(features, rois.type_as(features))
-            loss = (pooled.float() * torch.linspace(-1, 1, pooled.numel()).reshape(pooled.shape)).sum()
+            loss = (pooled.float() * weights).sum()
         loss.backward()
         return pooled, conv.weight.grad.clone()
 
@@ -412,9 +411,40 @@ def test_roi_align_under_cpu_autocast_runs_and_matches_fp32(generator, dtype, fe
     pooled, grad = run(autocast=True)
     assert pooled.dtype == (dtype if features_in_low_precision else torch.float32)
     assert torch.isfinite(pooled.float()).all() and torch.isfinite(grad).all()
-    scale = pooled_fp32.abs().max()
-    assert (pooled.float() - pooled_fp32).abs().max() < 0.03 * scale
+    assert (pooled.float() - pooled_fp32).abs().max() < 0.03 * pooled_fp32.abs().max()
     assert (grad - grad_fp32).abs().max() < 0.03 * grad_fp32.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("features_in_low_precision", [False, True])
+def test_roi_align_under_cpu_autocast_runs_and_matches_fp32(generator, dtype, features_in_low_precision):
+    check_roi_align_under_autocast("cpu", dtype, features_in_low_precision, generator)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ops_on_cuda_match_references(generator, dtype):
+    """The same torchvision ops on the GPU (skipped without one): nms and roi_align forward and
+    backward against the float64 references, then a conv + RoIAlign under CUDA autocast."""
+    boxes, scores = random_boxes(300, generator)
+    _, kept = mmcv.ops.nms(boxes.cuda(), scores.cuda(), 0.5)
+    assert kept.is_cuda and torch.equal(kept.cpu(), reference_nms(boxes, scores, 0.5))
+
+    features = torch.randn(2, 4, 30, 26, generator=generator, dtype=torch.float64)
+    rois = random_rois(12, 2, 30, 26, 0.25, generator)
+    grad_output = torch.randn(12, 4, 7, 7, generator=generator, dtype=torch.float64)
+    leaf = features.clone().requires_grad_(True)
+    expected = reference_roi_align(leaf, rois, 7, 7, 0.25, 0, True)
+    expected.backward(grad_output)
+    for precision, tolerance in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+        inputs = features.to("cuda", precision).requires_grad_(True)
+        output = mmcv.ops.roi_align(inputs, rois.to("cuda", precision), 7, 0.25, 0, "avg", True)
+        output.backward(grad_output.to("cuda", precision))
+        torch.testing.assert_close(output.double().cpu(), expected, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(inputs.grad.double().cpu(), leaf.grad, rtol=tolerance, atol=tolerance)
+
+    for features_in_low_precision in (False, True):
+        check_roi_align_under_autocast("cuda", dtype, features_in_low_precision, generator)
 
 
 def test_roi_align_with_no_rois():
