@@ -181,18 +181,20 @@ def test_reference_impl_matches_conv2d(epilogue):
     check_against_conv2d(2, 3, 5, 32, torch.float64, epilogue, impl="reference", seed=13)
 
 
-@pytest.mark.parametrize("epilogue", EPILOGUES)
-def test_small_tiles_cross_rows_and_channel_blocks(epilogue):
-    """Tiles of 8 tokens straddle rows of 7; 16-channel blocks split C (the last one partly
-    masked); each of the 2 persistent backward programs walks several tiles."""
+@pytest.mark.parametrize("epilogue, block_n, tile_w", [("none", 8, 4), ("residual", 8, 2), ("silu", 16, 8),
+                                                       ("add", 4, 1)])
+def test_small_tiles_cover_edges_and_channel_blocks(epilogue, block_n, tile_w):
+    """Patches that end inside the 4 x 7 map (right edge of 7 columns, bottom edge), 16-channel
+    blocks splitting C = 24 (the last one half masked), and several tiles per persistent
+    backward program."""
     batch, height, width, channels = 2, 4, 7, 24
     x, weight, bias, addend = make_inputs(batch, height, width, channels, torch.float32, epilogue, seed=17)
+    tiles = dict(block_n=block_n, tile_w=tile_w, block_c=16)
     out = kernels.dwconv3x3_forward(x.detach(), weight.detach(), bias.detach(),
-                                    None if addend is None else addend.detach(), height, width, epilogue,
-                                    block_n=8, block_c=16)
+                                    None if addend is None else addend.detach(), height, width, epilogue, **tiles)
     grad_out = torch.randn_like(out)
     grad_x, grad_w, grad_b = kernels.dwconv3x3_backward(grad_out, x.detach(), weight.detach(), bias.detach(),
-                                                        height, width, epilogue, block_n=8, block_c=16)
+                                                        height, width, epilogue, **tiles)
     ref_out, ref_grads = reference_outputs_and_grads(x, weight, bias, addend, (height, width), epilogue, grad_out)
     for got, want in zip([out, grad_x, grad_w, grad_b], [ref_out, *ref_grads[:3]]):
         assert rel_err(got, want) < 1e-5

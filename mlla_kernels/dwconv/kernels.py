@@ -1,9 +1,11 @@
 """Triton kernels: depthwise 3x3 convolution (stride 1, zero padding 1) straight on token layout.
 
-Layout: x is (B, N, C) with N = H*W row-major, channels innermost, so a program that owns a tile
-of BLOCK_N consecutive tokens x BLOCK_C channels loads rows of channels with coalesced accesses.
-Each of the 9 taps is one masked load of the tile shifted by (dr * W + ds) tokens; the shifted
-tiles overlap, so all but the first touch come from L1/L2 and HBM sees x about once.
+Layout: x is (B, N, C) with N = H*W row-major, channels innermost. A program owns a 2-D patch of
+TILE_H x TILE_W pixels (BLOCK_N tokens) x BLOCK_C channels; each pixel's channels are contiguous,
+so loads along C are coalesced. Each of the 9 taps is one masked load of the patch shifted by
+(dr * W + ds) tokens; the shifted patches overlap, so all but the first touch come from L1/L2 and
+HBM sees x about once. 2-D patches (rather than runs of tokens along a row) cut the halo rows
+that come through L2: a 4x8 patch reads 6 rows for 4, a 1x32 run 3 rows for 1.
 
 Kernels:
     _dwconv3x3_fwd_kernel      conv + bias + epilogue (none / residual / silu / add), one pass.
@@ -44,15 +46,22 @@ def _new_buffer(shape, dtype, device) -> torch.Tensor:
 # Device helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_coords(t, tiles_per_batch, N, W, BLOCK_N: tl.constexpr, IDX64: tl.constexpr):
-    """Tile index -> (batch, token indices, row, column, token mask)."""
+def _tile_coords(t, tiles_w, tiles_per_batch, H, W, BLOCK_N: tl.constexpr, TILE_W: tl.constexpr,
+                 IDX64: tl.constexpr):
+    """Tile index -> (batch, token indices, row, column, token mask) of a TILE_H x TILE_W patch."""
+    TILE_H: tl.constexpr = BLOCK_N // TILE_W
     b = t // tiles_per_batch
-    n = (t - b * tiles_per_batch) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_batch = t - b * tiles_per_batch
+    tile_r = in_batch // tiles_w
+    tile_s = in_batch - tile_r * tiles_w
+    i = tl.arange(0, BLOCK_N)
+    r = tile_r * TILE_H + i // TILE_W
+    s = tile_s * TILE_W + i % TILE_W
     if IDX64:
-        n = n.to(tl.int64)
-    n_ok = n < N
-    r = n // W
-    s = n - r * W
+        r = r.to(tl.int64)
+        s = s.to(tl.int64)
+    n_ok = (r < H) & (s < W)
+    n = r * W + s
     return b.to(tl.int64), n, r, s, n_ok
 
 
@@ -109,14 +118,19 @@ def _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc,
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
+# Sizes never need Triton's divisibility-by-16 / equals-1 specialisation (channel counts and
+# strides do, for vector loads): leaving them out saves a compile per map shape.
+_SIZE_ARGS = ["N", "H", "W", "tiles_w", "tiles_per_batch", "num_tiles"]
+
+
+@triton.jit(do_not_specialize=_SIZE_ARGS[:5])
 def _dwconv3x3_fwd_kernel(
         x_ptr, w_ptr, b_ptr, add_ptr, out_ptr,
-        N, C, H, W, tiles_per_batch,
+        N, C, H, W, tiles_w, tiles_per_batch,
         sxb, sxn, sxc, swc, swh, sww, sab, san, sac,
         EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, IDX64: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    b, n, r, s, n_ok = _tile_coords(tl.program_id(0), tiles_per_batch, N, W, BLOCK_N, IDX64)
+        BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    b, n, r, s, n_ok = _tile_coords(tl.program_id(0), tiles_w, tiles_per_batch, H, W, BLOCK_N, TILE_W, IDX64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mask = n_ok[:, None] & c_ok[None, :]
@@ -134,15 +148,15 @@ def _dwconv3x3_fwd_kernel(
     tl.store(out_base + n[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS[:5])
 def _silu_grad_kernel(
         g_ptr, x_ptr, w_ptr, b_ptr, gp_ptr,
-        N, C, H, W, tiles_per_batch,
+        N, C, H, W, tiles_w, tiles_per_batch,
         sgb, sgn, sgc, sxb, sxn, sxc, swc, swh, sww,
         HAS_BIAS: tl.constexpr, IDX64: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+        BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """gp = g * SiLU'(z), z = conv(x) + bias recomputed (9 cached loads instead of N*C saved)."""
-    b, n, r, s, n_ok = _tile_coords(tl.program_id(0), tiles_per_batch, N, W, BLOCK_N, IDX64)
+    b, n, r, s, n_ok = _tile_coords(tl.program_id(0), tiles_w, tiles_per_batch, H, W, BLOCK_N, TILE_W, IDX64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mask = n_ok[:, None] & c_ok[None, :]
@@ -154,13 +168,13 @@ def _silu_grad_kernel(
     tl.store(gp_ptr + b * N * C + n[:, None] * C + c[None, :], gp.to(gp_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _dwconv3x3_bwd_kernel(
         gp_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
-        N, C, H, W, tiles_per_batch, num_tiles,
+        N, C, H, W, tiles_w, tiles_per_batch, num_tiles,
         sgb, sgn, sgc, sxb, sxn, sxc, swc, swh, sww,
         RESIDUAL: tl.constexpr, IDX64: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+        BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Persistent over token tiles: program p takes tiles p, p + P, p + 2P, ... of one channel block.
 
     gp is the grad of the pre-activation conv(x) + bias (the output grad itself unless SiLU).
@@ -184,7 +198,7 @@ def _dwconv3x3_bwd_kernel(
     dw22 = tl.zeros((BLOCK_C,), dtype=ACC)
     db = tl.zeros((BLOCK_C,), dtype=ACC)
     for t in range(pid, num_tiles, num_programs):
-        b, n, r, s, n_ok = _tile_coords(t, tiles_per_batch, N, W, BLOCK_N, IDX64)
+        b, n, r, s, n_ok = _tile_coords(t, tiles_w, tiles_per_batch, H, W, BLOCK_N, TILE_W, IDX64)
         g_base = gp_ptr + b * sgb
         x_base = x_ptr + b * sxb
         g = _load_tap(g_base, n, r, s, n_ok, c, c_ok, H, W, sgn, sgc, 0, 0).to(ACC)
@@ -223,7 +237,7 @@ def _dwconv3x3_bwd_kernel(
     tl.store(row + 9 * C, db.to(part_ptr.dtype.element_ty), mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _reduce_partials_kernel(part_ptr, dw_ptr, db_ptr, P, C,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Row k (0..8: weight tap, 9: bias) of the partials, summed over programs in a fixed order."""
@@ -262,16 +276,31 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _tile_config(n_tokens: int, channels: int, device: torch.device):
-    """(BLOCK_N, BLOCK_C, num_warps). The interpreter pays per program, so it gets big tiles.
+def _tile_config(height: int, width: int, channels: int, device: torch.device, block_n=None, tile_w=None,
+                 block_c=None, num_warps=None):
+    """(BLOCK_N, TILE_W, BLOCK_C, num_warps), each overridable; patches are (BLOCK_N / TILE_W) x TILE_W.
 
-    On the GPU, 32 tokens x 64 channels with 4 warps: 16 elements a thread per tap. The compiler
-    hoists the 9 (backward: 19) tap loads, so 64-token tiles push the forward past 190 registers
-    and the backward spills (ptxas for sm_90, triton 3.8).
+    On the GPU: 4x8-pixel patches x 64 channels, 4 warps (16 elements a thread per tap). The
+    compiler hoists the 9 (backward: 19) tap loads, so 64-token patches push the forward past
+    190 registers and the backward spills (ptxas for sm_90, triton 3.6 and 3.8). The interpreter
+    pays per program, so it gets big tiles.
     """
     if _interpreting(device):
-        return (min(triton.next_power_of_2(n_tokens), 128), min(triton.next_power_of_2(channels), 128), 4)
-    return 32, min(triton.next_power_of_2(channels), 64), 4
+        defaults = (128, 128, 128, 4)
+    else:
+        defaults = (32, 8, 64, 4)
+    block_n = block_n or defaults[0]
+    tile_w = min(tile_w or defaults[1], triton.next_power_of_2(width), block_n)
+    # No rows of the patch beyond the map's height (1 x W maps would waste most lanes).
+    block_n = tile_w * min(block_n // tile_w, triton.next_power_of_2(height))
+    block_c = min(block_c or defaults[2], triton.next_power_of_2(channels))
+    return block_n, tile_w, block_c, num_warps or defaults[3]
+
+
+def _tile_counts(height: int, width: int, block_n: int, tile_w: int):
+    """(tiles along W, tiles per image)."""
+    tiles_w = triton.cdiv(width, tile_w)
+    return tiles_w, tiles_w * triton.cdiv(height, block_n // tile_w)
 
 
 def _bwd_program_count(num_tiles: int, channel_blocks: int, device: torch.device,
@@ -295,29 +324,29 @@ def _needs_int64(n_tokens: int, width: int, *tensors) -> bool:
 # Launchers (no input checks here: op.py checks before calling)
 # --------------------------------------------------------------------------------------------
 def dwconv3x3_forward(x, weight, bias, addend, height: int, width: int, epilogue: str,
-                      block_n=None, block_c=None, num_warps=None) -> torch.Tensor:
+                      block_n=None, tile_w=None, block_c=None, num_warps=None) -> torch.Tensor:
     """(B, N, C) tokens -> epilogue(conv3x3_depthwise(x) + bias), (B, N, C) contiguous in x.dtype."""
     batch, n_tokens, channels = x.shape
     out = _new_buffer((batch, n_tokens, channels), x.dtype, x.device)
-    cfg_n, cfg_c, cfg_w = _tile_config(n_tokens, channels, x.device)
-    block_n, block_c, num_warps = block_n or cfg_n, block_c or cfg_c, num_warps or cfg_w
-    tiles_per_batch = triton.cdiv(n_tokens, block_n)
+    block_n, tile_w, block_c, num_warps = _tile_config(height, width, channels, x.device, block_n, tile_w,
+                                                       block_c, num_warps)
+    tiles_w, tiles_per_batch = _tile_counts(height, width, block_n, tile_w)
     add = addend if addend is not None else x
     grid = (batch * tiles_per_batch, triton.cdiv(channels, block_c))
     _dwconv3x3_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, add, out,
-        n_tokens, channels, height, width, tiles_per_batch,
+        n_tokens, channels, height, width, tiles_w, tiles_per_batch,
         x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(2), weight.stride(3),
         add.stride(0), add.stride(1), add.stride(2),
         EPILOGUE=EPILOGUE_CODES[epilogue], HAS_BIAS=bias is not None,
         IDX64=_needs_int64(n_tokens, width, x, add, out),
-        BLOCK_N=block_n, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=num_warps)
+        BLOCK_N=block_n, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=num_warps)
     return out
 
 
 def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilogue: str,
-                       block_n=None, block_c=None, num_warps=None, programs_per_sm: int = 4):
+                       block_n=None, tile_w=None, block_c=None, num_warps=None, programs_per_sm: int = 4):
     """Grads of dwconv3x3_forward w.r.t. x, weight and bias (bias grad returned even without a bias).
 
     The addend's grad (epilogue "add") is grad_out itself and is not computed here.
@@ -327,23 +356,23 @@ def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilo
     batch, n_tokens, channels = x.shape
     device = x.device
     acc = _acc_dtype(x.dtype)
-    cfg_n, cfg_c, cfg_w = _tile_config(n_tokens, channels, device)
-    block_n, block_c, num_warps = block_n or cfg_n, block_c or cfg_c, num_warps or cfg_w
-    tiles_per_batch = triton.cdiv(n_tokens, block_n)
+    block_n, tile_w, block_c, num_warps = _tile_config(height, width, channels, device, block_n, tile_w,
+                                                       block_c, num_warps)
+    tiles_w, tiles_per_batch = _tile_counts(height, width, block_n, tile_w)
     num_tiles = batch * tiles_per_batch
     channel_blocks = triton.cdiv(channels, block_c)
     idx64 = _needs_int64(n_tokens, width, x, grad_out)
+    tiling = dict(BLOCK_N=block_n, TILE_W=tile_w, BLOCK_C=block_c, ACC=acc, num_warps=num_warps)
 
     if epilogue == "silu":
         gp = _new_buffer((batch, n_tokens, channels), x.dtype, device)
         _silu_grad_kernel[(num_tiles, channel_blocks)](
             grad_out, x, weight, bias if bias is not None else weight, gp,
-            n_tokens, channels, height, width, tiles_per_batch,
+            n_tokens, channels, height, width, tiles_w, tiles_per_batch,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
             weight.stride(0), weight.stride(2), weight.stride(3),
-            HAS_BIAS=bias is not None, IDX64=idx64,
-            BLOCK_N=block_n, BLOCK_C=block_c, ACC=acc, num_warps=num_warps)
+            HAS_BIAS=bias is not None, IDX64=idx64, **tiling)
     else:
         gp = grad_out
 
@@ -353,12 +382,11 @@ def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilo
     partials = _new_buffer((programs, _PARTIAL_ROWS, channels), partial_dtype, device)
     _dwconv3x3_bwd_kernel[(programs, channel_blocks)](
         gp, x, weight, grad_x, partials,
-        n_tokens, channels, height, width, tiles_per_batch, num_tiles,
+        n_tokens, channels, height, width, tiles_w, tiles_per_batch, num_tiles,
         gp.stride(0), gp.stride(1), gp.stride(2),
         x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(2), weight.stride(3),
-        RESIDUAL=epilogue == "residual", IDX64=idx64,
-        BLOCK_N=block_n, BLOCK_C=block_c, ACC=acc, num_warps=num_warps)
+        RESIDUAL=epilogue == "residual", IDX64=idx64, **tiling)
 
     grad_weight = _new_buffer(tuple(weight.shape), weight.dtype, device)
     grad_bias = _new_buffer((channels,), bias.dtype if bias is not None else weight.dtype, device)
