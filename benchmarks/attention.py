@@ -42,9 +42,10 @@ def parse_args(argv=None):
     parser.add_argument("--compile-budget-s", type=float, default=float("inf"),
                         help="stop compiling new torch.compile graphs once this much wall time went into them")
     parser.add_argument("--no-variants", action="store_true",
-                        help="skip the fused variants (atomic reduction, bf16 tensor-core products)")
+                        help="skip the fused variant with atomic (non-deterministic) reductions")
     parser.add_argument("--sweep-budget-s", type=float, default=0.0,
                         help="first try launch configurations of the fused op at MLLA-T stage 1 for this long")
+    parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
     parser.add_argument("--cpu-sanity", action="store_true", help="tiny shape in the Triton interpreter")
     return parser.parse_args(argv)
 
@@ -126,9 +127,6 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
             row[f"{mode}_fused_graph_error"] = repr(exc)[:200]
         if not args.no_variants:
             row[f"{mode}_fused_atomic_ms"] = bench(fused_atomic)
-            if dtype == torch.bfloat16:
-                with launch_overrides(bf16_dot=True):
-                    row[f"{mode}_fused_bf16dot_ms"] = bench(fused)
         if ctx["compile_spent"] < args.compile_budget_s:
             compiled = torch.compile(linear_attention_reference, dynamic=False)
             start = time.perf_counter()
@@ -149,30 +147,71 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
     return row
 
 
-SWEEP_CONFIGS = [dict(block_n=64, num_warps=4), dict(block_n=32, num_warps=4), dict(block_n=64, num_warps=8),
-                 dict(block_n=128, num_warps=8), dict(block_n=64, num_warps=4, programs_per_sm=2),
-                 dict(block_n=64, num_warps=4, programs_per_sm=8), dict(block_n=128, num_warps=4)]
+SWEEP_CONFIGS = {
+    "fp32": [dict(), dict(block_n=64), dict(dot_mode="tf32x3"), dict(programs_per_sm=8)],
+    "bf16": [dict(), dict(dot_mode="tf32"), dict(dot_mode="bf16")],
+}
 
 
 def sweep(args, ctx):
-    """Launch configurations of the fused op at MLLA-T stage 1 (where splitting N matters most)."""
+    """Launch configurations and matrix-product modes of the fused op at MLLA-T stage 1 (where
+    splitting N matters most): CUDA-graph times (device time without host overhead) and the
+    relative error of out / grad_qk / grad_v against float64 on one input set."""
+    from mlla_kernels import linear_attention_reference
     from mlla_kernels.triton import launch_overrides, linear_attention_triton
     hw, channels, heads = STAGE_GRIDS[0], MODELS["T"][0][0], MODELS["T"][1][0]
     fused = lambda qk, v: linear_attention_triton(qk, v, hw, heads)  # noqa: E731
     results, start = [], time.perf_counter()
     for dtype_name in args.dtypes:
-        sets = make_sets(BATCH, hw[0] * hw[1], channels, DTYPES[dtype_name], DEVICE, False)
+        sets = make_sets(BATCH, hw[0] * hw[1], channels, DTYPES[dtype_name], DEVICE, False)[:2]
         sets_bwd = [(qk.detach().requires_grad_(), v.detach().requires_grad_(), g) for qk, v, g in sets]
-        for config in SWEEP_CONFIGS:
+        qk, v, grad = sets_bwd[0]
+        qk64, v64 = qk.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+        ref = linear_attention_reference(qk64, v64, hw, heads)
+        ref.backward(grad.double())
+        for config in SWEEP_CONFIGS[dtype_name]:
             if time.perf_counter() - start > args.sweep_budget_s:
                 break
             with launch_overrides(**config):
-                fwd = ctx["do_bench"](forward_runner(fused, sets), warmup=10, rep=50, return_mode="median")
-                fwd_bwd = ctx["do_bench"](forward_backward_runner(fused, sets_bwd), warmup=10, rep=50,
-                                          return_mode="median")
-            results.append(dict(dtype=dtype_name, **config, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
-            print(f"sweep {dtype_name} {config}: fwd {fwd:.4f} ms, fwd+bwd {fwd_bwd:.4f} ms", flush=True)
+                qk.grad = v.grad = None
+                out = fused(qk, v)
+                out.backward(grad)
+                errs = [((a.double() - b).norm() / b.norm()).item()
+                        for a, b in ((out, ref), (qk.grad, qk64.grad), (v.grad, v64.grad))]
+                fwd = ctx["do_bench_graph"](forward_runner(fused, sets), rep=40, return_mode="median")
+                fwd_bwd = ctx["do_bench_graph"](forward_backward_runner(fused, sets_bwd), rep=40,
+                                                return_mode="median")
+            results.append(dict(dtype=dtype_name, **config, fwd_graph_ms=fwd, fwd_bwd_graph_ms=fwd_bwd,
+                                rel_err_out=errs[0], rel_err_grad_qk=errs[1], rel_err_grad_v=errs[2]))
+            print(f"sweep {dtype_name} {config or 'default'}: graph fwd {fwd:.4f} ms, fwd+bwd {fwd_bwd:.4f} ms; "
+                  f"rel err out {errs[0]:.1e} grad_qk {errs[1]:.1e} grad_v {errs[2]:.1e}", flush=True)
     return results
+
+
+def profile_host(ctx):
+    """Where the host time of one fused forward+backward goes (cProfile, MLLA-T stage 4, fp32)."""
+    import cProfile
+    import pstats
+    from mlla_kernels.triton import linear_attention_triton
+    hw, channels, heads = STAGE_GRIDS[3], MODELS["T"][0][3], MODELS["T"][1][3]
+    sets = make_sets(BATCH, hw[0] * hw[1], channels, torch.float32, DEVICE, True)[:2]
+    run = forward_backward_runner(lambda qk, v: linear_attention_triton(qk, v, hw, heads), sets)
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(50):
+        run()
+    host_ms = (time.perf_counter() - start) / 50 * 1e3
+    torch.cuda.synchronize()
+    print(f"host: {host_ms:.3f} ms per fused fwd+bwd call (launch only, not synchronized)")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(20):
+        run()
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
 
 
 def fmt(x, spec=".3f"):
@@ -187,7 +226,7 @@ def print_table(rows, copy_gbps, device_name):
     print(f"\n{device_name}; copy bandwidth {copy_gbps:.0f} GB/s (read + write); batch {BATCH}; ms are medians")
     header = (f"{'model':5} {'grid':>7} {'C':>4} {'hd':>3} {'dt':4} | {'mode':7} {'eager':>7} {'compile':>7} "
               f"{'fused':>7} {'graph':>7} {'vs eag':>6} {'vs cmp':>6} {'GB/s':>6} {'%copy':>5} {'%c grph':>7} | "
-              f"{'atomic':>7} {'bf16dot':>7}")
+              f"{'atomic':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -200,7 +239,7 @@ def print_table(rows, copy_gbps, device_name):
                   f"{ratio(r[f'{mode}_compile_ms'], r[f'{mode}_fused_ms']):>6} "
                   f"{r[f'{mode}_fused_gbps']:>6.0f} {100 * r[f'{mode}_fused_copy_fraction']:>4.0f}% "
                   f"{fmt(None if frac_graph is None else 100 * frac_graph, '.0f'):>6}% | "
-                  f"{fmt(r.get(f'{mode}_fused_atomic_ms')):>7} {fmt(r.get(f'{mode}_fused_bf16dot_ms')):>7}")
+                  f"{fmt(r.get(f'{mode}_fused_atomic_ms')):>7}")
     print("peak MB per fwd+bwd beyond inputs (eager / fused): " + ", ".join(
         f"{r['model']}{r['stage']}-{r['dtype']} {r['peak_mb_eager']:.0f}/{r['peak_mb_fused']:.0f}" for r in rows))
 
@@ -242,6 +281,8 @@ def main(argv=None):
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}: "
           f"copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
 
+    if args.profile_host:
+        profile_host(ctx)
     sweep_results = sweep(args, ctx) if args.sweep_budget_s > 0 else []
     rows = []
     for model in args.models:

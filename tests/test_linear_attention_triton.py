@@ -149,9 +149,9 @@ def test_golden_data(reference_dir):
         out = linear_attention(qk, v, hw, case["heads"], impl="triton")
         out.backward(case["grad_out"].to(DEVICE, torch.float32))
         label = f"case b={case['b']} {hw} c={case['c']} heads={case['heads']}"
-        assert rel_err(out, case["out"]) < 1e-5, label
-        assert rel_err(qk.grad, case["grad_qk"]) < 1e-5, label
-        assert rel_err(v.grad, case["grad_v"]) < 1e-5, label
+        assert rel_err(out, case["out"].to(DEVICE)) < 1e-5, label
+        assert rel_err(qk.grad, case["grad_qk"].to(DEVICE)) < 1e-5, label
+        assert rel_err(v.grad, case["grad_v"].to(DEVICE)) < 1e-5, label
 
 
 def test_public_op_is_differentiable_and_keeps_dtype(gen):

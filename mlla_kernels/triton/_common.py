@@ -124,10 +124,14 @@ def store_state(state_ptr, pairs, channels, kv_even, kv_odd, k_even, k_odd,
 
 
 @triton.jit
-def matmul(a, b, acc, BF16_DOT: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. fp32 operands use exact fp32 products (not tf32);
-    with BF16_DOT the operands are rounded to bf16 first so the tensor cores take them."""
-    if BF16_DOT:
+def matmul(a, b, acc, DOT_MODE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation on fp32 operands.
+
+    DOT_MODE "ieee": exact fp32 products (FMA units, the validated default); "tf32" / "tf32x3":
+    tensor cores on tf32-rounded operands (one or three products); "bf16": operands rounded to
+    bf16 for the tensor cores.
+    """
+    if DOT_MODE == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     else:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=DOT_MODE)

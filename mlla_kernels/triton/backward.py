@@ -34,7 +34,7 @@ def grad_state_kernel(
     stride_qk_b, stride_qk_n, stride_qk_c, stride_g_b, stride_g_n, stride_g_c,
     stride_partial_bh, stride_partial_split,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC: tl.constexpr, BF16_DOT: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """Program (bh, split) sums dKV and dkbar over its tokens; layout as the forward state."""
     HALF_DIM = HEAD_DIM // 2
@@ -75,14 +75,14 @@ def grad_state_kernel(
         rq_even, rq_odd = rotate(q_even, q_odd, cos, sin)
         grad = load_head_tile(g_base, tokens, channels, stride_g_n, stride_g_c, tok_ok[:, None] & chan_ok[None, :])
 
-        unnormalized = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), BF16_DOT)
-        unnormalized = matmul(rq_odd, kv_odd, unnormalized, BF16_DOT)
+        unnormalized = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
+        unnormalized = matmul(rq_odd, kv_odd, unnormalized, DOT_MODE)
         dz = tl.sum(unnormalized * grad, axis=1)
         w = -dz * z * z
         dkbar_even += tl.sum(w[:, None] * q_even, axis=0)
         dkbar_odd += tl.sum(w[:, None] * q_odd, axis=0)
-        dkv_even = matmul(tl.trans(rq_even * z[:, None]), grad, dkv_even, BF16_DOT)
-        dkv_odd = matmul(tl.trans(rq_odd * z[:, None]), grad, dkv_odd, BF16_DOT)
+        dkv_even = matmul(tl.trans(rq_even * z[:, None]), grad, dkv_even, DOT_MODE)
+        dkv_odd = matmul(tl.trans(rq_odd * z[:, None]), grad, dkv_odd, DOT_MODE)
 
     out_ptr = grad_state_ptr + bh * stride_partial_bh + split * stride_partial_split
     store_state(out_ptr, pairs, channels, dkv_even, dkv_odd, dkbar_even, dkbar_odd, HEAD_DIM, HALF_DIM, ATOMIC)
@@ -96,7 +96,7 @@ def input_grad_kernel(
     stride_g_b, stride_g_n, stride_g_c,
     stride_gqk_b, stride_gqk_n, stride_gqk_c, stride_gv_b, stride_gv_n, stride_gv_c,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    BF16_DOT: tl.constexpr,
+    DOT_MODE: tl.constexpr,
 ):
     """Program (bh, split) writes d(qk) (both halves) and dv for its tokens, in one pass."""
     HALF_DIM = HEAD_DIM // 2
@@ -147,12 +147,12 @@ def input_grad_kernel(
                                                                     stride_qk_c, kbar_even, kbar_odd)
         rq_even, rq_odd = rotate(q_even, q_odd, cos, sin)
         grad = load_head_tile(g_base, tokens, channels, stride_g_n, stride_g_c, head_mask)
-        unnormalized = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), BF16_DOT)
-        unnormalized = matmul(rq_odd, kv_odd, unnormalized, BF16_DOT)
+        unnormalized = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
+        unnormalized = matmul(rq_odd, kv_odd, unnormalized, DOT_MODE)
         w = -tl.sum(unnormalized * grad, axis=1) * z * z
         zero_half = tl.zeros((BLOCK_N, HALF_PAD), dtype=tl.float32)
-        drq_even = matmul(grad, tl.trans(kv_even), zero_half, BF16_DOT) * z[:, None]
-        drq_odd = matmul(grad, tl.trans(kv_odd), zero_half, BF16_DOT) * z[:, None]
+        drq_even = matmul(grad, tl.trans(kv_even), zero_half, DOT_MODE) * z[:, None]
+        drq_odd = matmul(grad, tl.trans(kv_odd), zero_half, DOT_MODE) * z[:, None]
         dq_even, dq_odd = unrotate(drq_even, drq_odd, cos, sin)
         dq_even = (dq_even + w[:, None] * kbar_even[None, :]) * feature_map_grad(q_lin_even)
         dq_odd = (dq_odd + w[:, None] * kbar_odd[None, :]) * feature_map_grad(q_lin_odd)
@@ -164,14 +164,14 @@ def input_grad_kernel(
         k_odd = tl.where(mask, feature_map(k_lin_odd), 0.0)
         rk_even, rk_odd = rotate(k_even, k_odd, cos, sin)
         values = load_head_tile(v_base, tokens, channels, stride_v_n, stride_v_c, head_mask)
-        drk_even = matmul(values, tl.trans(dkv_even), zero_half, BF16_DOT)
-        drk_odd = matmul(values, tl.trans(dkv_odd), zero_half, BF16_DOT)
+        drk_even = matmul(values, tl.trans(dkv_even), zero_half, DOT_MODE)
+        drk_odd = matmul(values, tl.trans(dkv_odd), zero_half, DOT_MODE)
         dk_even, dk_odd = unrotate(drk_even, drk_odd, cos, sin)
         dk_even = (dk_even + dkbar_even[None, :]) * feature_map_grad(k_lin_even)
         dk_odd = (dk_odd + dkbar_odd[None, :]) * feature_map_grad(k_lin_odd)
         store_pair_tiles(gk_base, tokens, pairs, stride_gqk_n, stride_gqk_c, mask, dk_even, dk_odd)
 
-        dv = matmul(rk_even, dkv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), BF16_DOT)
-        dv = matmul(rk_odd, dkv_odd, dv, BF16_DOT)
+        dv = matmul(rk_even, dkv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
+        dv = matmul(rk_odd, dkv_odd, dv, DOT_MODE)
         ptrs = gv_base + tokens.to(tl.int64)[:, None] * stride_gv_n + channels[None, :] * stride_gv_c
         tl.store(ptrs, dv.to(grad_v_ptr.dtype.element_ty), mask=head_mask)

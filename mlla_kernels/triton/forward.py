@@ -17,7 +17,7 @@ def kv_state_kernel(
     stride_qk_b, stride_qk_n, stride_qk_c, stride_v_b, stride_v_n, stride_v_c,
     stride_partial_bh, stride_partial_split,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC: tl.constexpr, BF16_DOT: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """Program (bh, split) sums phi(k), RoPE'd, against v over its run of tokens.
 
@@ -57,8 +57,8 @@ def kv_state_kernel(
         cos, sin = rope_cos_sin(tokens, pairs, head, width, HALF_DIM, quarter_c)
         rk_even, rk_odd = rotate(k_even, k_odd, cos, sin)
         values = load_head_tile(v_base, tokens, channels, stride_v_n, stride_v_c, tok_ok[:, None] & chan_ok[None, :])
-        kv_even = matmul(tl.trans(rk_even), values, kv_even, BF16_DOT)
-        kv_odd = matmul(tl.trans(rk_odd), values, kv_odd, BF16_DOT)
+        kv_even = matmul(tl.trans(rk_even), values, kv_even, DOT_MODE)
+        kv_odd = matmul(tl.trans(rk_odd), values, kv_odd, DOT_MODE)
 
     out_ptr = state_ptr + bh * stride_partial_bh + split * stride_partial_split
     store_state(out_ptr, pairs, channels, kv_even, kv_odd, ksum_even, ksum_odd, HEAD_DIM, HALF_DIM, ATOMIC)
@@ -70,7 +70,7 @@ def output_kernel(
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
     stride_qk_b, stride_qk_n, stride_qk_c, stride_out_b, stride_out_n, stride_out_c,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    BF16_DOT: tl.constexpr,
+    DOT_MODE: tl.constexpr,
 ):
     """out_n = (rope(q)_n . KV) / (q_n . kbar + eps) for program (bh, split)'s tokens."""
     HALF_DIM = HEAD_DIM // 2
@@ -108,8 +108,8 @@ def output_kernel(
 
         cos, sin = rope_cos_sin(tokens, pairs, head, width, HALF_DIM, quarter_c)
         rq_even, rq_odd = rotate(q_even, q_odd, cos, sin)
-        out = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), BF16_DOT)
-        out = matmul(rq_odd, kv_odd, out, BF16_DOT)
+        out = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
+        out = matmul(rq_odd, kv_odd, out, DOT_MODE)
         out = out * z[:, None]
 
         ptrs = o_base + tokens.to(tl.int64)[:, None] * stride_out_n + channels[None, :] * stride_out_c

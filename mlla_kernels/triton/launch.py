@@ -16,9 +16,13 @@ from .forward import kv_state_kernel, output_kernel
 SUPPORTED_DTYPES = TRITON_DTYPES
 # Programs to aim for per SM in a pass: enough to hide memory latency with several resident.
 PROGRAMS_PER_SM = 4
-# bf16 inputs: feed the matrix products to the tensor cores as bf16 instead of exact fp32 FMAs.
-# Off by default (see NOTES.md for the measurement behind that choice).
-_BF16_DOT_DEFAULT = os.environ.get("MLLA_BF16_DOT", "0") == "1"
+# How the small matrix products (d/2 x d per block) run: "ieee" (exact fp32 FMAs, the default,
+# validated on the GPU for every dtype), "tf32", "tf32x3" (tensor cores) or "bf16" (operands
+# rounded to bf16). The alternatives are measured in benchmarks/attention.py; see NOTES.md.
+DOT_MODES = ("ieee", "tf32", "tf32x3", "bf16")
+_DOT_MODE_DEFAULT = os.environ.get("MLLA_DOT_MODE", "ieee")
+if _DOT_MODE_DEFAULT not in DOT_MODES:
+    raise ValueError(f"MLLA_DOT_MODE must be one of {DOT_MODES}, got {_DOT_MODE_DEFAULT!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +38,13 @@ _overrides: dict = {}
 
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
-    """Force block_n / splits / programs_per_sm / num_warps / bf16_dot (tests use this to get many splits and partial blocks
+    """Force block_n / splits / programs_per_sm / num_warps / dot_mode (tests use this to get many splits and partial blocks
     from a few dozen tokens under the interpreter)."""
-    unknown = set(kwargs) - {"block_n", "splits", "bf16_dot", "num_warps", "programs_per_sm"}
+    unknown = set(kwargs) - {"block_n", "splits", "dot_mode", "num_warps", "programs_per_sm"}
     if unknown:
         raise TypeError(f"unknown launch overrides {sorted(unknown)}")
+    if kwargs.get("dot_mode", "ieee") not in DOT_MODES:
+        raise ValueError(f"dot_mode must be one of {DOT_MODES}, got {kwargs['dot_mode']!r}")
     saved = dict(_overrides)
     _overrides.update(kwargs)
     try:
@@ -58,7 +64,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device) -> LaunchConfig:
-    block_n = _overrides.get("block_n") or (64 if head_dim <= 32 else 32)
+    block_n = _overrides.get("block_n") or 32
     blocks = triton.cdiv(num_tokens, block_n)
     if "splits" in _overrides:
         splits = _overrides["splits"]
@@ -105,8 +111,8 @@ def _geometry(v: torch.Tensor, num_heads: int):
     return batch, num_tokens, channels, head_dim, _padded(head_dim // 2), _padded(head_dim)
 
 
-def _bf16_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _overrides.get("bf16_dot", _BF16_DOT_DEFAULT)
+def _dot_mode() -> str:
+    return _overrides.get("dot_mode", _DOT_MODE_DEFAULT)
 
 
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
@@ -149,10 +155,9 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     batch_heads = batch * num_heads
     state_size = head_dim * head_dim + head_dim
     cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
-    bf16_dot = _bf16_dot(v.dtype)
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, BF16_DOT=bf16_dot)
+    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=_dot_mode())
     with _device_guard(v.device):
         state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
                                     batch_heads, state_size, cfg, deterministic, v.device, **meta)
@@ -181,7 +186,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     grad_qk = _output_buffer(grad_qk, (batch, num_tokens, 2 * channels), qk, "grad_qk")
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, BF16_DOT=_bf16_dot(v.dtype))
+    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=_dot_mode())
     with _device_guard(v.device):
         grad_state = _reduce_over_tokens(grad_state_kernel, (qk, grad_out, state),
                                          (*scalars, *qk.stride(), *grad_out.stride()),
