@@ -104,7 +104,9 @@ def test_data_pipeline_and_evaluation(configs, key):
     cfg = configs[key]
     multi_scale = [(short, 1333) for short in range(480, 801, 32)]
     load, annotations, flip, choice, pack = cfg.train_dataloader.dataset.pipeline
-    assert load.type == 'LoadImageFromFile'
+    assert load.type == 'LoadImageFromFileOrSkip' and load.unreadable == 'skip'
+    assert cfg.val_dataloader.dataset.pipeline[0].type == 'LoadImageFromFileOrSkip'
+    assert cfg.val_dataloader.dataset.pipeline[0].unreadable == 'blank'
     assert annotations == dict(type='LoadAnnotations', with_bbox=True, with_mask=True)
     assert flip == dict(type='RandomFlip', prob=0.5)
     assert pack.type == 'PackDetInputs'

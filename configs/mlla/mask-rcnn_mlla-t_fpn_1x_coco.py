@@ -25,8 +25,10 @@ model = dict(
 # (the augmentation of DETR / Sparse R-CNN, as the paper's mmdet 2.x AutoAugment policy).
 multi_scale = [(480, 1333), (512, 1333), (544, 1333), (576, 1333), (608, 1333), (640, 1333),
                (672, 1333), (704, 1333), (736, 1333), (768, 1333), (800, 1333)]
+# Damaged image files are skipped in training and replaced by a blank image in evaluation, with a
+# logged warning naming the file, instead of ending the run (mlla_det/datasets/transforms.py).
 train_pipeline = [
-    dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
+    dict(type='LoadImageFromFileOrSkip', unreadable='skip', backend_args={{_base_.backend_args}}),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='RandomFlip', prob=0.5),
     dict(
@@ -44,6 +46,15 @@ train_pipeline = [
     dict(type='PackDetInputs'),
 ]
 train_dataloader = dict(batch_size=2, dataset=dict(pipeline=train_pipeline))
+test_pipeline = [
+    dict(type='LoadImageFromFileOrSkip', unreadable='blank', backend_args={{_base_.backend_args}}),
+    dict(type='Resize', scale=(1333, 800), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
 
 # No weight decay on any norm layer: matches the blocks' LayerNorms (norm1, norm2), the output
 # LayerNorms (norm0..norm3) and the BatchNorms of the stem and the downsampling layers (`.norm.`).
@@ -54,3 +65,6 @@ optim_wrapper = dict(
 
 # Schedule and runtime: the base's mmdet 1x (linear warmup over 500 iterations, steps at epochs 8
 # and 11); the learning rate is for a total batch of 16, see auto_scale_lr there.
+
+# Keep the RNG states in checkpoints so that `--resume` continues exactly where a run stopped.
+custom_hooks = [dict(type='RNGStateHook')]

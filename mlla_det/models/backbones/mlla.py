@@ -269,7 +269,7 @@ class MLLA(BaseModule):
 
         self.patch_embed = Stem(in_chans, embed_dim, patch_size)
         self.pos_drop = nn.Dropout(drop_rate)
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             start = sum(depths[:i])
