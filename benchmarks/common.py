@@ -9,6 +9,7 @@ Plain functions, no mmdet: any script under benchmarks/ may use them.
     write_json(path, rows)       -> writes rows as a JSON list (NaN/inf become null)
     environment()                -> {device, torch, triton, cuda, python}
 """
+import contextlib
 import json
 import math
 import os
@@ -37,9 +38,9 @@ def bench(fn: Callable[[], object], warmup_ms: float = 100.0, rep_ms: float = 50
     """Median time of one call of fn, in milliseconds.
 
     On CUDA this is triton.testing.do_bench (CUDA events around each call, L2 flushed between
-    calls, warm-up then as many repeats as fit in rep_ms). Elsewhere: wall-clock per call, at
-    least one warm-up call and one timed call. Compile or autotune outside of this (call fn once
-    first) so that its time is not mixed into the warm-up estimate.
+    calls, warm-up then as many repeats as fit in rep_ms). Elsewhere: wall-clock per call, warm-up
+    calls for warmup_ms, then timed calls for rep_ms (at least one). Call fn once before this, so
+    that compiling or autotuning is neither timed nor mixed into do_bench's estimate.
     """
     if device is None:
         device = "cuda" if cuda_available() else "cpu"
@@ -51,7 +52,6 @@ def bench(fn: Callable[[], object], warmup_ms: float = 100.0, rep_ms: float = 50
 
 def _bench_wall_clock(fn, warmup_ms: float, rep_ms: float) -> float:
     start = time.perf_counter()
-    fn()
     while (time.perf_counter() - start) * 1e3 < warmup_ms:
         fn()
     times = []
@@ -64,13 +64,12 @@ def _bench_wall_clock(fn, warmup_ms: float, rep_ms: float) -> float:
 
 
 def peak_memory_mb(fn: Callable[[], object], device) -> Optional[float]:
-    """Peak memory allocated by torch during one call of fn, MiB; None when not on CUDA.
+    """Peak memory allocated by torch during one call of fn, MiB; None (fn not called) off CUDA.
 
     Counts everything alive during the call (weights, optimizer state, inputs), as
     torch.cuda.max_memory_allocated does; the counter is reset just before the call.
     """
     if torch.device(device).type != "cuda":
-        fn()
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -212,16 +211,22 @@ def build_detector(cfg):
     from mmengine.registry import init_default_scope
     init_default_scope(cfg.get("default_scope", "mmdet"))
     model = MODELS.build(cfg.model)
-    # mmdet's own initialisation (the heads' normal/xavier inits), without its per-tensor INFO log.
+    with quiet_mmengine():  # mmdet's own initialisation, without its INFO line per tensor
+        model.init_weights()
+    return model
+
+
+@contextlib.contextmanager
+def quiet_mmengine():
+    """Silence mmengine's INFO logging (one line per tensor from init_weights and optimizers)."""
     from mmengine.logging import MMLogger
     logger = MMLogger.get_current_instance()
     level = logger.level
     logger.setLevel("WARNING")
     try:
-        model.init_weights()
+        yield
     finally:
         logger.setLevel(level)
-    return model
 
 
 def set_attn_impl(model: torch.nn.Module, impl: str) -> int:

@@ -89,7 +89,7 @@ def attention_matmul_flops(backbone_cfg, batch: int, height: int, width: int) ->
     return total
 
 
-def count(arch: str, height: int, width: int, verbose: bool = False) -> dict:
+def count(arch: str, height: int, width: int, num_proposals: int = NUM_PROPOSALS, verbose: bool = False) -> dict:
     from mmengine.analysis import FlopAnalyzer, parameter_count
 
     cfg = detector_config(arch, attn_impl="reference")
@@ -97,7 +97,7 @@ def count(arch: str, height: int, width: int, verbose: bool = False) -> dict:
     wrapper = DetectorTensorForward(detector).eval()
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(1, 3, height, width, generator=generator)
-    proposals = random_proposals(NUM_PROPOSALS, height, width, generator)
+    proposals = random_proposals(num_proposals, height, width, generator)
 
     params = parameter_count(detector)[""]
     start = time.perf_counter()
@@ -129,8 +129,10 @@ def count(arch: str, height: int, width: int, verbose: bool = False) -> dict:
         "params_M": round(params_m, 3),
         "flops_G": round(flops_g, 2),
         "input_shape": [1, 3, height, width],
+        "proposals": num_proposals,
         "backbone_G": round(by_module["detector.backbone"] / 1e9, 2),
         "attention_products_G": round(counted_attention / 1e9, 3),
+        "attention_products_flops": int(counted_attention),
         "neck_G": round(by_module["detector.neck"] / 1e9, 2),
         "rpn_head_G": round(by_module["detector.rpn_head"] / 1e9, 2),
         "roi_head_G": round(by_module["detector.roi_head"] / 1e9, 2),
@@ -146,29 +148,36 @@ def count(arch: str, height: int, width: int, verbose: bool = False) -> dict:
     }
 
 
+def mmengine_version() -> str:
+    import mmengine
+    return mmengine.__version__
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS), help="backbones to count")
     parser.add_argument("--size", nargs=2, type=int, default=(800, 1280), metavar=("H", "W"),
                         help="input height and width (default 800 1280, the paper's 1280x800)")
+    parser.add_argument("--num-proposals", type=int, default=NUM_PROPOSALS,
+                        help="RoIs for the bbox head (the mask head takes the first 100); default 1000 as at test time")
     parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
     parser.add_argument("--verbose", action="store_true", help="list the ops the counter skips")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     env = environment("cpu")
     print(f"# FLOPs and parameters: mmengine FlopAnalyzer, input {args.size[0]}x{args.size[1]} "
-          f"(H x W), 1000 proposals; torch {env['torch']}")
-    rows = [count(arch, *args.size, verbose=args.verbose) for arch in args.arch]
+          f"(H x W), {args.num_proposals} proposals; torch {env['torch']}, mmengine {mmengine_version()}", flush=True)
+    rows = [count(arch, *args.size, num_proposals=args.num_proposals, verbose=args.verbose) for arch in args.arch]
     print_table(rows, ["model", "params_M", "flops_G", "paper_params_M", "paper_flops_G", "params_vs_paper_%",
                        "flops_vs_paper_%", "params_vs_paper_code_%", "flops_vs_paper_code_%"])
     print_table(rows, ["model", "backbone_G", "attention_products_G", "neck_G", "rpn_head_G", "roi_head_G",
                        "count_seconds"])
     print("Attention products (q@k_bar, k^T v, q@KV) are traced as aten::matmul and counted; the count "
           "matched the closed form sum B*N*C*(1+2d) for every model. Elementwise ops are not counted.")
-    if tuple(args.size) != (800, 1280):
-        print("(the paper's columns are for 800x1280; the deviations above compare against them anyway)")
+    if tuple(args.size) != (800, 1280) or args.num_proposals != NUM_PROPOSALS:
+        print("(the paper's columns are for 800x1280 and 1000 proposals; the deviations above compare "
+              "against them anyway)")
     if args.json:
         write_json(args.json, rows)
         print(f"wrote {args.json}")

@@ -1,0 +1,252 @@
+"""Whole MLLA backbone: images/s and peak memory, eager vs torch.compile vs fused attention.
+
+    python benchmarks/backbone.py [--arch t] [--batch 2] [--size 800 1280] [--json PATH]
+    python benchmarks/backbone.py --profile          # where the time goes, top ops by CUDA time
+    python benchmarks/backbone.py --cpu-sanity       # tiny sizes on the CPU: proves the script runs
+
+What is compared, for each mode (inference: forward under no_grad; train: forward + backward of a
+loss on all four outputs, no optimizer) and each dtype (fp32; bf16 = fp32 weights under
+torch.autocast(bfloat16)):
+- eager:   the backbone with attn_impl='reference' (the attention as a dozen PyTorch ops);
+- compile: torch.compile of that eager backbone (default mode, static shapes); the time of the
+           first call, which compiles, is reported separately as first_call_s;
+- fused:   attn_impl='auto', i.e. the fused Triton kernels on CUDA.
+The backbone is built from the Mask R-CNN config of the arch (drop_path_rate as in the 1x config),
+with random weights and fresh torch.randn images. Timing: triton.testing.do_bench (CUDA events,
+warm-up, median of the repeats) after one untimed first call; peak memory: one call after
+torch.cuda.reset_peak_memory_stats, weights and inputs included. TF32 settings are torch's defaults.
+"""
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import (ARCHS, bench, detector_config, environment, error_text, free_memory,  # noqa: E402
+                               peak_memory_mb, print_table, set_attn_impl, synchronize, write_json)
+
+IMPLS = ("eager", "compile", "fused")
+DTYPES = ("fp32", "bf16")
+MODES = ("inference", "train")
+ATTN_IMPL = {"eager": "reference", "compile": "reference", "fused": "auto"}
+PROFILE_LABEL = "mlla_kernels.linear_attention"
+
+
+def build_backbone(arch: str, device) -> torch.nn.Module:
+    import mlla_det  # noqa: F401  registers MLLA
+    from mmdet.registry import MODELS
+    cfg = detector_config(arch, attn_impl="reference")
+    return MODELS.build(cfg.model.backbone).to(device)
+
+
+def autocast(dtype: str, device):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def make_step(model, images, mode: str, dtype: str, device):
+    """One benchmarked call: a no_grad forward, or forward + backward of a loss on every output."""
+    if mode == "inference":
+        def step():
+            with torch.no_grad(), autocast(dtype, device):
+                return model(images)
+    else:
+        def step():
+            for p in model.parameters():
+                p.grad = None
+            with autocast(dtype, device):
+                outputs = model(images)
+            loss = sum(out.float().square().mean() for out in outputs)
+            loss.backward()
+            return loss
+    return step
+
+
+def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
+    """Set the attention implementation and mode; returns (step, model to run)."""
+    set_attn_impl(backbone, ATTN_IMPL[impl])
+    backbone.train(mode == "train")
+    model = backbone
+    if impl == "compile":
+        torch._dynamo.reset()  # a fresh compile per configuration, so its time is its own
+        model = torch.compile(backbone)
+    return make_step(model, arch_images, mode, dtype, device)
+
+
+def measure(backbone, args, mode: str, impl: str, dtype: str, device) -> dict:
+    row = {"arch": args.arch.upper(), "mode": mode, "impl": impl, "dtype": dtype, "batch": args.batch,
+           "size": f"{args.size[0]}x{args.size[1]}"}
+    step = None
+    try:
+        free_memory(device)
+        images = torch.randn(args.batch, 3, *args.size, device=device)
+        step = prepare(backbone, images, mode, impl, dtype, device)
+        start = time.perf_counter()
+        step()  # compiles (torch.compile) or JIT-compiles / autotunes the kernels (fused)
+        synchronize(device)
+        row["first_call_s"] = round(time.perf_counter() - start, 2)
+        row["peak_mem_MB"] = peak_memory_mb(step, device)
+        ms = bench(step, args.warmup_ms, args.rep_ms, device)
+        row["ms"] = ms
+        row["images_per_s"] = args.batch / (ms / 1e3)
+    except Exception as exc:  # one failing configuration (OOM, kernels missing) must not stop the rest
+        row["error"] = error_text(exc)
+        print(f"  {mode} {impl} {dtype}: {row['error']}", flush=True)
+    finally:
+        del step
+        free_memory(device)
+        if impl == "compile":
+            torch._dynamo.reset()
+    return row
+
+
+def add_speedups(rows) -> None:
+    eager_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == "eager"}
+    for row in rows:
+        base = eager_ms.get((row["mode"], row["dtype"]))
+        if base and row.get("ms"):
+            row["vs_eager"] = base / row["ms"]
+
+
+# --- --profile ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def label_attention_op():
+    """Wrap the backbone's attention op in a profiler range, so its share of the time shows."""
+    from mlla_det.models.backbones import mlla as mlla_module
+    original = mlla_module.linear_attention
+
+    def labelled(*args, **kwargs):
+        with torch.profiler.record_function(PROFILE_LABEL):
+            return original(*args, **kwargs)
+
+    mlla_module.linear_attention = labelled
+    try:
+        yield
+    finally:
+        mlla_module.linear_attention = original
+
+
+def _event_time(event, name: str) -> float:
+    """Microseconds; torch >= 2.4 names device times `device_*`, older ones `cuda_*`."""
+    value = getattr(event, name, None)
+    if value is None:
+        value = getattr(event, name.replace("device", "cuda"), 0.0)
+    return float(value)
+
+
+def profile(backbone, args, mode: str, impl: str, dtype: str, device, top: int = 25) -> dict:
+    """Profile a few steps; print the top ops by self device (CUDA) time, per step."""
+    from torch.profiler import ProfilerActivity
+    on_cuda = torch.device(device).type == "cuda"
+    images = torch.randn(args.batch, 3, *args.size, device=device)
+    step = prepare(backbone, images, mode, impl, dtype, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    steps = args.profile_steps
+    with label_attention_op():
+        for _ in range(2):  # warm-up: compile, autotune, cuDNN algorithm choice
+            step()
+        synchronize(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            synchronize(device)
+    self_key, total_key = (("self_device_time_total", "device_time_total") if on_cuda
+                           else ("self_cpu_time_total", "cpu_time_total"))
+    averages = prof.key_averages()
+    events = [e for e in averages if _event_time(e, self_key) > 0]
+    step_us = sum(_event_time(e, self_key) for e in events) / steps
+    events.sort(key=lambda e: _event_time(e, self_key), reverse=True)
+    rows = [{"op": e.key[:70], "calls": e.count // steps,
+             "self_ms": _event_time(e, self_key) / steps / 1e3,
+             "total_ms": _event_time(e, total_key) / steps / 1e3,
+             "self_%": 100 * _event_time(e, self_key) / steps / step_us if step_us else None}
+            for e in events[:top]]
+    clock = "CUDA" if on_cuda else "CPU"
+    print_table(rows, ["op", "calls", "self_ms", "total_ms", "self_%"],
+                title=f"\n## {args.arch.upper()} {mode} ({'forward' if mode == 'inference' else 'forward+backward'}), "
+                      f"{impl}, {dtype}: top {top} ops by self {clock} time, per step "
+                      f"(all ops: {step_us / 1e3:.2f} ms {clock} time per step)")
+    attention = [e for e in averages if e.key == PROFILE_LABEL]
+    attention_ms = _event_time(attention[0], total_key) / steps / 1e3 if attention else None
+    if attention_ms is not None:
+        print(f"attention op forward ({PROFILE_LABEL}, steps 2-4, no LePE): {attention_ms:.2f} ms per step "
+              f"= {100 * attention_ms / (step_us / 1e3):.1f}% of the {clock} time "
+              f"(its backward appears as autograd nodes above)")
+    del step
+    free_memory(device)
+    return {"arch": args.arch.upper(), "mode": mode, "impl": impl, "dtype": dtype, "profile_steps": steps,
+            "step_ms_" + clock.lower(): step_us / 1e3, "attention_forward_ms": attention_ms, "top_ops": rows}
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--arch", choices=ARCHS, default="t")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", nargs=2, type=int, default=(800, 1280), metavar=("H", "W"))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--warmup-ms", type=float, default=200.0)
+    parser.add_argument("--rep-ms", type=float, default=1000.0)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile each configuration and print its top ops")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--cpu-sanity", action="store_true",
+                        help="run on the CPU at tiny sizes with 1-2 repeats (checks the script, not speed)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
+    args = parser.parse_args(argv)
+    if args.cpu_sanity:
+        args.batch, args.size = 1, (32, 64)
+        args.warmup_ms, args.rep_ms, args.profile_steps = 0.0, 0.0, 1
+        # torch.compile on the CPU needs a C++ toolchain and minutes: keep it out unless asked for.
+        if args.impls == list(IMPLS):
+            args.impls = ["eager", "fused"]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu_sanity else "cpu"
+    if device == "cpu" and not args.cpu_sanity:
+        print("backbone.py: no CUDA device; nothing to time. Use --cpu-sanity to check the script on the CPU.")
+        return 0
+    env = environment(device)
+    print(f"# MLLA-{args.arch.upper()} backbone, batch {args.batch} x 3 x {args.size[0]} x {args.size[1]} | "
+          f"{env['device']} | torch {env['torch']} | triton {env['triton']}", flush=True)
+    torch.manual_seed(0)
+    backbone = build_backbone(args.arch, device)
+
+    configs = [(m, i, d) for m in args.modes for d in args.dtypes for i in args.impls]
+    if args.profile:
+        rows = [profile(backbone, args, *config, device) for config in configs]
+    else:
+        rows = []
+        for config in configs:
+            rows.append(measure(backbone, args, *config, device))
+            row = rows[-1]
+            print(f"  {row['mode']:9s} {row['impl']:7s} {row['dtype']}: "
+                  + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"), flush=True)
+        add_speedups(rows)
+        columns = ["mode", "impl", "dtype", "ms", "images_per_s", "vs_eager", "peak_mem_MB", "first_call_s"]
+        print_table(rows, columns + (["error"] if any("error" in r for r in rows) else []),
+                    title=f"\n## MLLA-{args.arch.upper()} backbone, batch {args.batch}, {args.size[0]}x{args.size[1]} "
+                          f"({env['device']})")
+    for row in rows:
+        row.update(env)
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Mask R-CNN with an MLLA backbone: training iterations and inference, eager vs fused attention.
+
+    python benchmarks/detector.py [--arch t] [--json PATH]
+    python benchmarks/detector.py --cpu-sanity       # tiny sizes on the CPU: proves the script runs
+
+What is measured, for each dtype (fp32; bf16 = torch.autocast(bfloat16) over the forward and the
+losses, fp32 weights and AdamW state, as mmengine's AmpOptimWrapper(dtype='bfloat16') does minus
+its loss scaler, which bf16 does not need) and each attention (eager: attn_impl='reference';
+fused: attn_impl='auto', the Triton kernels on CUDA):
+- train: one full iteration as the runner does it: data preprocessor (normalise, pad to 32),
+  forward with losses (RPN, bbox, mask), backward, AdamW step with the config's optimizer wrapper
+  (lr 1e-4, weight decay 0.05, none on norms). Batch: 2 synthetic images of 800x1216 and 800x1184
+  (random pixels) with 8 random boxes each and an elliptic mask inside each box.
+- inference: test_step on --infer-batch images (default 1, 800x1216): preprocessing, backbone,
+  RPN + NMS, RoI heads, mask pasting at image size. The detection score threshold is set to 0 so
+  that the random weights still give the full 100 detections per image a trained model gives,
+  and the mask head and pasting do their usual amount of work.
+The detector is built from configs/mlla/mask-rcnn_mlla-{arch}_fpn_1x_coco.py with random weights.
+Timing: triton.testing.do_bench (CUDA events, warm-up, median) after one untimed first call,
+whose time (kernel JIT, cuDNN autotuning) is reported as first_call_s; peak memory: one call after
+torch.cuda.reset_peak_memory_stats, weights, optimizer state and inputs included.
+"""
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import (ARCHS, bench, build_detector, detector_config, environment,  # noqa: E402
+                               error_text, free_memory, peak_memory_mb, print_table, quiet_mmengine,
+                               set_attn_impl, synchronize, write_json)
+
+IMPLS = ("eager", "fused")
+DTYPES = ("fp32", "bf16")
+MODES = ("train", "inference")
+ATTN_IMPL = {"eager": "reference", "fused": "auto"}
+TRAIN_SIZES = ((800, 1216), (800, 1184))
+INFER_SIZE = (800, 1216)
+
+
+def elliptic_mask(height: int, width: int, box) -> np.ndarray:
+    """A filled ellipse inscribed in box (x1, y1, x2, y2), as an (H, W) uint8 mask."""
+    x1, y1, x2, y2 = box
+    rows, cols = np.ogrid[:height, :width]
+    cy, cx = (y1 + y2) / 2, (x1 + x2) / 2
+    ry, rx = max((y2 - y1) / 2, 1.0), max((x2 - x1) / 2, 1.0)
+    return (((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 <= 1.0).astype(np.uint8)
+
+
+def synthetic_sample(height: int, width: int, num_instances: int, num_classes: int, rng: np.random.Generator,
+                     device, with_targets: bool):
+    """One image (uint8, 3 x H x W, random pixels) and its DetDataSample, as a dataloader gives them."""
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.bbox import HorizontalBoxes
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+
+    image = torch.from_numpy(rng.integers(0, 256, size=(3, height, width), dtype=np.uint8)).to(device)
+    sample = DetDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width),
+                                         scale_factor=(1.0, 1.0), flip=False, img_id=0))
+    if with_targets:
+        box_size = rng.uniform(16, [width / 2, height / 2], size=(num_instances, 2))
+        corner = rng.uniform(0, 1, size=(num_instances, 2)) * ([width, height] - box_size)
+        boxes = np.concatenate([corner, corner + box_size], axis=1).astype(np.float32)
+        masks = np.stack([elliptic_mask(height, width, box) for box in boxes])
+        instances = InstanceData()
+        instances.bboxes = HorizontalBoxes(torch.from_numpy(boxes))
+        instances.labels = torch.from_numpy(rng.integers(0, num_classes, size=num_instances))
+        instances.masks = BitmapMasks(masks, height, width)
+        sample.gt_instances = instances
+    return image, sample
+
+
+def synthetic_batch(sizes, num_instances: int, num_classes: int, seed: int, device, with_targets: bool) -> dict:
+    rng = np.random.default_rng(seed)
+    images, samples = zip(*(synthetic_sample(h, w, num_instances, num_classes, rng, device, with_targets)
+                            for h, w in sizes))
+    return {"inputs": list(images), "data_samples": list(samples)}
+
+
+def autocast(dtype: str, device):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device):
+    """model.train_step with the forward and losses under autocast (AmpOptimWrapper's split)."""
+    def step():
+        with autocast(dtype, device):
+            data = model.data_preprocessor(batch, True)
+            losses = model(**data, mode="loss")
+        loss, _ = model.parse_losses(losses)
+        optim_wrapper.update_params(loss)  # backward, AdamW step, zero_grad
+        return loss
+    return step
+
+
+def make_inference_step(model, batch: dict, dtype: str, device):
+    def step():
+        with torch.no_grad(), autocast(dtype, device):
+            return model.test_step(batch)
+    return step
+
+
+def shrink_heads_workload(cfg) -> None:
+    """--cpu-sanity: fewer RoIs and detections. The RoI heads cost the same at any image size
+    (512 sampled RoIs per training image, 1000 proposals and 100 masks at test time), which on a
+    small CPU is tens of seconds per iteration; the code paths stay the same."""
+    cfg.model.train_cfg.rpn_proposal.max_per_img = 64
+    cfg.model.train_cfg.rcnn.sampler.num = 16
+    cfg.model.test_cfg.rpn.nms_pre = 64
+    cfg.model.test_cfg.rpn.max_per_img = 32
+    cfg.model.test_cfg.rcnn.max_per_img = 5
+
+
+class Bench:
+    """One detector, switched between attention implementations and modes."""
+
+    def __init__(self, args, device):
+        from mmengine.optim import build_optim_wrapper
+        self.args, self.device = args, device
+        cfg = detector_config(args.arch, attn_impl="reference")
+        # Random weights score every class near 1/81; a zero threshold keeps the 100 detections per
+        # image (and their masks) that a trained model produces.
+        cfg.model.test_cfg.rcnn.score_thr = 0.0
+        if args.cpu_sanity:
+            shrink_heads_workload(cfg)
+        torch.manual_seed(0)
+        self.model = build_detector(cfg).to(device)
+        with quiet_mmengine():
+            self.optim_wrapper = build_optim_wrapper(self.model, cfg.optim_wrapper)
+        self.num_classes = cfg.model.roi_head.bbox_head.num_classes
+
+    def step(self, mode: str, impl: str, dtype: str, seed: int):
+        set_attn_impl(self.model, ATTN_IMPL[impl])
+        if mode == "train":
+            self.model.train()
+            batch = synthetic_batch(self.args.train_sizes, self.args.instances, self.num_classes, seed,
+                                    self.device, with_targets=True)
+            return make_train_step(self.model, self.optim_wrapper, batch, dtype, self.device), len(batch["inputs"])
+        self.model.eval()
+        batch = synthetic_batch([self.args.infer_size] * self.args.infer_batch, 0, self.num_classes, seed,
+                                self.device, with_targets=False)
+        return make_inference_step(self.model, batch, dtype, self.device), len(batch["inputs"])
+
+    def measure(self, mode: str, impl: str, dtype: str, seed: int) -> dict:
+        args = self.args
+        row = {"arch": args.arch.upper(), "mode": mode, "impl": impl, "dtype": dtype}
+        step = None
+        try:
+            free_memory(self.device)
+            step, num_images = self.step(mode, impl, dtype, seed)
+            sizes = args.train_sizes if mode == "train" else [args.infer_size] * num_images
+            row["images"] = " + ".join(f"{h}x{w}" for h, w in sizes)
+            start = time.perf_counter()
+            step()
+            synchronize(self.device)
+            row["first_call_s"] = round(time.perf_counter() - start, 2)
+            row["peak_mem_MB"] = peak_memory_mb(step, self.device)
+            ms = bench(step, args.warmup_ms, args.rep_ms, self.device)
+            row["ms"] = ms
+            row["images_per_s"] = num_images / (ms / 1e3)
+        except Exception as exc:  # one failing configuration must not stop the others
+            row["error"] = error_text(exc)
+            print(f"  {mode} {impl} {dtype}: {row['error']}", flush=True)
+        finally:
+            del step
+            free_memory(self.device)
+        return row
+
+
+def add_speedups(rows) -> None:
+    eager_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == "eager"}
+    for row in rows:
+        base = eager_ms.get((row["mode"], row["dtype"]))
+        if base and row.get("ms"):
+            row["vs_eager"] = base / row["ms"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--arch", choices=ARCHS, default="t")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--instances", type=int, default=8, help="objects per training image")
+    parser.add_argument("--infer-batch", type=int, default=1, help="images per inference call")
+    parser.add_argument("--warmup-ms", type=float, default=300.0)
+    parser.add_argument("--rep-ms", type=float, default=1500.0)
+    parser.add_argument("--cpu-sanity", action="store_true",
+                        help="run on the CPU at tiny sizes with 1-2 repeats (checks the script, not speed)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
+    args = parser.parse_args(argv)
+    args.train_sizes, args.infer_size = list(TRAIN_SIZES), INFER_SIZE
+    if args.cpu_sanity:
+        args.train_sizes, args.infer_size = [(64, 96), (64, 80)], (64, 96)
+        args.instances, args.warmup_ms, args.rep_ms = 3, 0.0, 0.0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu_sanity else "cpu"
+    if device == "cpu" and not args.cpu_sanity:
+        print("detector.py: no CUDA device; nothing to time. Use --cpu-sanity to check the script on the CPU.")
+        return 0
+    env = environment(device)
+    print(f"# Mask R-CNN MLLA-{args.arch.upper()} | {env['device']} | torch {env['torch']} | "
+          f"triton {env['triton']}", flush=True)
+    bench_ = Bench(args, device)
+    rows = []
+    for seed, (mode, dtype, impl) in enumerate((m, d, i) for m in args.modes for d in args.dtypes
+                                               for i in args.impls):
+        rows.append(bench_.measure(mode, impl, dtype, seed))
+        row = rows[-1]
+        print(f"  {mode:9s} {impl:5s} {dtype}: " + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"),
+              flush=True)
+    add_speedups(rows)
+    columns = ["mode", "impl", "dtype", "images", "ms", "images_per_s", "vs_eager", "peak_mem_MB", "first_call_s"]
+    print_table(rows, columns + (["error"] if any("error" in r for r in rows) else []),
+                title=f"\n## Mask R-CNN MLLA-{args.arch.upper()} ({env['device']}); train = one iteration "
+                      f"incl. AdamW step")
+    for row in rows:
+        row.update(env)
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
