@@ -11,6 +11,7 @@ the config's data_root (data/shapes/) and reused while its settings stay the sam
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -177,8 +178,15 @@ def latest_checkpoint(work_dir):
 
 
 def summarize(metrics):
-    """The headline numbers, stripped of mmdet's 'coco/' prefix."""
-    return {key.split('/', 1)[-1]: value for key, value in metrics.items()}
+    """The numbers, stripped of mmdet's 'coco/' prefix.
+
+    Per-class results ('<class>_precision') are left out: mmdet 3.3 writes the bbox and the segm
+    ones under the same key, so the one left is ambiguous (the log prints both tables).
+    """
+    def clean(value):  # NaN (nothing to measure) is not JSON
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    return {key.split('/', 1)[-1]: clean(value) for key, value in metrics.items()
+            if not key.endswith('_precision')}
 
 
 def main(argv=None):
