@@ -272,6 +272,28 @@ def test_quickstart_adapts_the_config():
     assert longer.train_cfg.val_interval == 2 * gpu.train_cfg.val_interval
 
 
+def load_demo():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo', os.path.join(ROOT, 'tools', 'demo.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_says_which_file_is_missing(dataset, tmp_path, capsys):
+    demo = load_demo()
+    out, _ = dataset
+    image = os.path.join(out, 'val', '000000.png')
+    missing = str(tmp_path / 'nothing.pth')
+    cases = [([str(tmp_path / 'no.png'), TINY_CONFIG, missing], 'image not found'),
+             ([image, str(tmp_path / 'no.py'), missing], 'config not found'),
+             ([image, TINY_CONFIG, missing], 'checkpoint not found')]
+    for args, message in cases:
+        assert demo.main(args + ['--out', str(tmp_path / 'out.png')]) == 2
+        assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'out.png')
+
+
 # ---------------------------------------------------------------------------------- end to end
 
 def logged_losses(scalars_file):
