@@ -156,6 +156,33 @@ def test_mostly_hidden_instances_are_dropped():
     assert sum(map(len, strict_images)) < sum(map(len, lenient_images))
 
 
+def test_dropped_instances_leave_no_pixels():
+    """What is left visible of a dropped shape is painted over with the background."""
+    lenient = ShapesSettings(image_size=96, min_visible_fraction=0.0, min_visible_pixels=1)
+    strict = ShapesSettings(image_size=96, min_visible_fraction=0.9)
+    remnants_seen = 0
+    for i in range(40):
+        lenient_image, lenient_kept = render_image(np.random.default_rng([99, i]), lenient)
+        strict_image, strict_kept = render_image(np.random.default_rng([99, i]), strict)
+        lenient_image, strict_image = lenient_image.astype(float), strict_image.astype(float)
+        annotated = np.zeros((96, 96), dtype=bool)
+        for instance in strict_kept:
+            annotated |= instance.visible_mask
+        # Background and noise come from the same stream: away from shapes, the images agree.
+        shapes_anywhere = np.zeros((96, 96), dtype=bool)
+        for instance in lenient_kept:
+            shapes_anywhere |= instance.visible_mask
+        np.testing.assert_array_equal(strict_image[~shapes_anywhere], lenient_image[~shapes_anywhere])
+        for instance in lenient_kept:
+            remnant = instance.visible_mask & ~annotated
+            if remnant.sum() < 5:
+                continue
+            remnants_seen += 1
+            # The lenient image shows the shape's flat colour there; the strict one must not.
+            assert np.abs(strict_image[remnant] - lenient_image[remnant]).mean() > 15
+    assert remnants_seen > 0
+
+
 # ---------------------------------------------------------------------------------- reuse, CLI
 
 def test_ensure_dataset_reuses_and_regenerates(tmp_path):
