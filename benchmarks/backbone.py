@@ -140,8 +140,23 @@ def _event_time(event, name: str) -> float:
     return float(value)
 
 
+def profile_or_error(backbone, args, mode: str, impl: str, dtype: str, device) -> dict:
+    try:
+        return profile(backbone, args, mode, impl, dtype, device)
+    except Exception as exc:  # e.g. kernels missing: profile the other configurations anyway
+        print(f"  profile {mode} {impl} {dtype}: {error_text(exc)}", flush=True)
+        free_memory(device)
+        return {"arch": args.arch.upper(), "mode": mode, "impl": impl, "dtype": dtype, "error": error_text(exc)}
+
+
+def _is_kernel(event) -> bool:
+    """A device-side event (a kernel or memcpy), as opposed to the CPU op that launched it."""
+    return getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+
+
 def profile(backbone, args, mode: str, impl: str, dtype: str, device, top: int = 25) -> dict:
-    """Profile a few steps; print the top ops by self device (CUDA) time, per step."""
+    """Profile a few steps; print the top ops (by self CUDA time: the kernels each op launched
+    itself) and the top kernels, per step, as shares of all the kernel time."""
     from torch.profiler import ProfilerActivity
     on_cuda = torch.device(device).type == "cuda"
     images = torch.randn(args.batch, 3, *args.size, device=device)
@@ -156,32 +171,44 @@ def profile(backbone, args, mode: str, impl: str, dtype: str, device, top: int =
             for _ in range(steps):
                 step()
             synchronize(device)
-    self_key, total_key = (("self_device_time_total", "device_time_total") if on_cuda
-                           else ("self_cpu_time_total", "cpu_time_total"))
     averages = prof.key_averages()
-    events = [e for e in averages if _event_time(e, self_key) > 0]
-    step_us = sum(_event_time(e, self_key) for e in events) / steps
-    events.sort(key=lambda e: _event_time(e, self_key), reverse=True)
-    rows = [{"op": e.key[:70], "calls": e.count // steps,
-             "self_ms": _event_time(e, self_key) / steps / 1e3,
-             "total_ms": _event_time(e, total_key) / steps / 1e3,
-             "self_%": 100 * _event_time(e, self_key) / steps / step_us if step_us else None}
-            for e in events[:top]]
-    clock = "CUDA" if on_cuda else "CPU"
-    print_table(rows, ["op", "calls", "self_ms", "total_ms", "self_%"],
-                title=f"\n## {args.arch.upper()} {mode} ({'forward' if mode == 'inference' else 'forward+backward'}), "
-                      f"{impl}, {dtype}: top {top} ops by self {clock} time, per step "
-                      f"(all ops: {step_us / 1e3:.2f} ms {clock} time per step)")
+    if on_cuda:
+        self_key, total_key, clock = "self_device_time_total", "device_time_total", "CUDA"
+        kernels = sorted((e for e in averages if _is_kernel(e)), key=lambda e: -_event_time(e, self_key))
+        ops = [e for e in averages if not _is_kernel(e)]
+        step_us = sum(_event_time(e, self_key) for e in kernels) / steps
+    else:
+        self_key, total_key, clock = "self_cpu_time_total", "cpu_time_total", "CPU"
+        kernels, ops = [], list(averages)
+        step_us = sum(_event_time(e, self_key) for e in ops) / steps
+    ops = sorted((e for e in ops if _event_time(e, self_key) > 0), key=lambda e: -_event_time(e, self_key))
+
+    def rows_of(events, count):
+        return [{"op": e.key[:80], "calls": e.count // steps,
+                 "self_ms": _event_time(e, self_key) / steps / 1e3,
+                 "total_ms": _event_time(e, total_key) / steps / 1e3,
+                 "self_%": 100 * _event_time(e, self_key) / steps / step_us if step_us else None}
+                for e in events[:count]]
+
+    what = "forward" if mode == "inference" else "forward+backward"
+    op_rows, kernel_rows = rows_of(ops, top), rows_of(kernels, top // 2)
+    print_table(op_rows, ["op", "calls", "self_ms", "total_ms", "self_%"],
+                title=f"\n## {args.arch.upper()} {mode} ({what}), {impl}, {dtype}, batch {args.batch}, "
+                      f"{args.size[0]}x{args.size[1]}: top {top} ops by self {clock} time, per step "
+                      f"(all {clock} time: {step_us / 1e3:.2f} ms per step)")
+    if kernel_rows:
+        print_table(kernel_rows, ["op", "calls", "self_ms", "self_%"], title=f"top {top // 2} kernels")
     attention = [e for e in averages if e.key == PROFILE_LABEL]
     attention_ms = _event_time(attention[0], total_key) / steps / 1e3 if attention else None
     if attention_ms is not None:
-        print(f"attention op forward ({PROFILE_LABEL}, steps 2-4, no LePE): {attention_ms:.2f} ms per step "
+        print(f"attention op forward ({PROFILE_LABEL}: steps 2-4, no LePE): {attention_ms:.2f} ms per step "
               f"= {100 * attention_ms / (step_us / 1e3):.1f}% of the {clock} time "
-              f"(its backward appears as autograd nodes above)")
+              f"(its backward appears as autograd nodes and kernels above)")
     del step
     free_memory(device)
     return {"arch": args.arch.upper(), "mode": mode, "impl": impl, "dtype": dtype, "profile_steps": steps,
-            "step_ms_" + clock.lower(): step_us / 1e3, "attention_forward_ms": attention_ms, "top_ops": rows}
+            "step_ms_" + clock.lower(): step_us / 1e3, "attention_forward_ms": attention_ms,
+            "top_ops": op_rows, "top_kernels": kernel_rows}
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -226,22 +253,22 @@ def main(argv=None) -> int:
     backbone = build_backbone(args.arch, device)
 
     configs = [(m, i, d) for m in args.modes for d in args.dtypes for i in args.impls]
-    if args.profile:
-        rows = [profile(backbone, args, *config, device) for config in configs]
-    else:
-        rows = []
-        for config in configs:
-            rows.append(measure(backbone, args, *config, device))
+    run = profile_or_error if args.profile else measure
+    rows = []
+    for config in configs:
+        rows.append(dict(run(backbone, args, *config, device), **env))
+        if args.json:  # after every row, so a run cut short still leaves its numbers
+            write_json(args.json, rows)
+        if not args.profile:
             row = rows[-1]
             print(f"  {row['mode']:9s} {row['impl']:7s} {row['dtype']}: "
                   + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"), flush=True)
+    if not args.profile:
         add_speedups(rows)
         columns = ["mode", "impl", "dtype", "ms", "images_per_s", "vs_eager", "peak_mem_MB", "first_call_s"]
         print_table(rows, columns + (["error"] if any("error" in r for r in rows) else []),
                     title=f"\n## MLLA-{args.arch.upper()} backbone, batch {args.batch}, {args.size[0]}x{args.size[1]} "
                           f"({env['device']})")
-    for row in rows:
-        row.update(env)
     if args.json:
         write_json(args.json, rows)
         print(f"wrote {args.json}")

@@ -218,7 +218,9 @@ def main(argv=None) -> int:
     rows = []
     for seed, (mode, dtype, impl) in enumerate((m, d, i) for m in args.modes for d in args.dtypes
                                                for i in args.impls):
-        rows.append(bench_.measure(mode, impl, dtype, seed))
+        rows.append(dict(bench_.measure(mode, impl, dtype, seed), **env))
+        if args.json:  # after every row, so a run cut short still leaves its numbers
+            write_json(args.json, rows)
         row = rows[-1]
         print(f"  {mode:9s} {impl:5s} {dtype}: " + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"),
               flush=True)
@@ -227,8 +229,6 @@ def main(argv=None) -> int:
     print_table(rows, columns + (["error"] if any("error" in r for r in rows) else []),
                 title=f"\n## Mask R-CNN MLLA-{args.arch.upper()} ({env['device']}); train = one iteration "
                       f"incl. AdamW step")
-    for row in rows:
-        row.update(env)
     if args.json:
         write_json(args.json, rows)
         print(f"wrote {args.json}")
