@@ -101,7 +101,8 @@ def test_write_json_is_strict_and_table_marks_missing(tmp_path, capsys):
     assert lines[2].split("|")[2].strip() == "-"
 
 
-def test_bench_on_cpu_returns_a_median():
+def test_bench_and_bandwidth_on_cpu():
     calls = []
     ms = common.bench(lambda: calls.append(sum(range(1000))), warmup_ms=0, rep_ms=5, device="cpu")
     assert ms > 0 and len(calls) >= 1
+    assert common.copy_bandwidth_gbs("cpu", size_mb=8) > 0
