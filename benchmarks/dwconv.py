@@ -40,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--convs", nargs="+", default=list(CONVS), choices=list(CONVS))
     parser.add_argument("--compile", default="dynamic", choices=["dynamic", "static", "off"])
+    parser.add_argument("--compile-modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"],
+                        help="which modes get a torch.compile column (each is its own graph to compile)")
     parser.add_argument("--compile-budget-s", type=float, default=90.0,
                         help="stop compiling new graphs once this much wall time went into compiling")
     parser.add_argument("--sweep-budget-s", type=float, default=0.0,
@@ -140,7 +142,8 @@ def bench_case(stage, hw_c, dtype_name, conv_name, args, ctx):
         row[f"{mode}_fused_ms"] = bench(runner_of(fused, inputs, (height, width)))
         row[f"{mode}_compile_ms"] = None
         key = (conv_name, dtype_name, mode) if args.compile == "dynamic" else (conv_name, dtype_name, mode, stage)
-        if args.compile != "off" and (key in ctx["compiled"] or ctx["compile_spent"] < args.compile_budget_s):
+        if args.compile != "off" and mode in args.compile_modes and (
+                key in ctx["compiled"] or ctx["compile_spent"] < args.compile_budget_s):
             try:
                 if key not in ctx["compiled"]:
                     ctx["compiled"][key] = torch.compile(eager, dynamic=args.compile == "dynamic", fullgraph=True)
@@ -174,21 +177,16 @@ def graph_times(rows, args):
             return
 
 
-SWEEP_FWD = [dict(block_n=32, tile_w=8, num_warps=4), dict(block_n=32, tile_w=32, num_warps=4),
-             dict(block_n=16, tile_w=8, num_warps=4), dict(block_n=64, tile_w=8, num_warps=8),
-             dict(block_n=64, tile_w=16, num_warps=4), dict(block_n=128, tile_w=16, num_warps=8)]
-SWEEP_BWD = [dict(block_n=32, tile_w=8, num_warps=4, programs_per_sm=4),
-             dict(block_n=32, tile_w=32, num_warps=4, programs_per_sm=4),
-             dict(block_n=16, tile_w=8, num_warps=4, programs_per_sm=4),
-             dict(block_n=32, tile_w=8, num_warps=4, programs_per_sm=2),
-             dict(block_n=32, tile_w=8, num_warps=4, programs_per_sm=8),
-             dict(block_n=64, tile_w=8, num_warps=8, programs_per_sm=4),
-             dict(block_n=16, tile_w=8, num_warps=2, programs_per_sm=8)]
+SWEEP_FWD = [dict(block_n=32, tile_w=8, num_warps=4), dict(block_n=64, tile_w=8, num_warps=8),
+             dict(block_n=64, tile_w=16, num_warps=4), dict(block_n=16, tile_w=8, num_warps=2)]
+SWEEP_BWD = [dict(), dict(wgrad_programs_per_sm=1), dict(wgrad_programs_per_sm=4), dict(wgrad_block_n=32),
+             dict(bwd_num_warps=4), dict(block_n=64), dict(wgrad_block_n=8, wgrad_programs_per_sm=4)]
 
 
 def sweep(args):
-    """Kernels alone (no autograd) under other launch configurations, residual epilogue; the
-    backward (the larger share) first, stage 1 before stage 3, until the budget is spent."""
+    """Kernels alone (no autograd) under other launch configurations (overrides of
+    kernels.GPU_DEFAULTS; {} = the defaults), residual epilogue; the backward (the larger share)
+    first, stage 1 before stage 3, until the budget is spent."""
     import triton.testing
     from mlla_kernels.dwconv import kernels
     plan = [(stage, kind, dtype_name, config) for stage in (1, 3) for kind, configs in (("bwd", SWEEP_BWD),
@@ -214,6 +212,32 @@ def sweep(args):
         results.append(dict(dtype=dtype_name, stage=stage, kind=kind, **config, ms=ms))
         print(f"sweep {dtype_name} stage {stage} {kind} {config}: {ms:.4f} ms", flush=True)
     return results
+
+
+def host_overhead(args):
+    """Host time per fused fwd+bwd (stage 4, bf16, cpe): back-to-back calls, one sync at the end;
+    the GPU work is ~0.03 ms, so this is the launch path's cost. With and without the cached
+    relaunch of compiled kernels (kernels._Launcher), and the eager form for scale."""
+    from mlla_kernels.dwconv import kernels
+    height, width, channels = STAGES[3]
+    inputs = make_inputs(height, width, channels, torch.bfloat16, "cpe")
+    result = {}
+    for name, fn, fast in (("fused", fused_form("cpe"), True), ("fused_no_cached_launch", fused_form("cpe"), False),
+                           ("eager", EAGER["cpe"], True)):
+        kernels._Launcher.enabled = fast
+        run = forward_backward_runner(fn, inputs, (height, width))
+        for _ in range(20):
+            run()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(200):
+            run()
+        torch.cuda.synchronize()
+        result[name] = (time.perf_counter() - start) / 200 * 1e3
+    kernels._Launcher.enabled = True
+    print("host ms per fwd+bwd (stage 4 bf16 cpe, back to back): " +
+          ", ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
+    return result
 
 
 def fmt(x, spec=".3f"):
@@ -293,6 +317,7 @@ def main(argv=None):
     ctx = dict(device=torch.cuda.get_device_name(), triton=triton.__version__, compile=args.compile,
                compiled={}, compile_spent=0.0, copy_gbps=copy_bandwidth())
     print(f"{ctx['device']}: copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
+    host = host_overhead(args)
     sweep_results = sweep(args) if args.sweep_budget_s > 0 else []
     rows = []
     for dtype_name in args.dtypes:
@@ -306,9 +331,10 @@ def main(argv=None):
     graph_times(rows, args)
     if args.json:
         env = dict(device=ctx["device"], torch=torch.__version__, triton=ctx["triton"], copy_gbps=ctx["copy_gbps"],
-                   compile=args.compile)
+                   compile=args.compile, host_ms_per_fwd_bwd=host)
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, sweep=sweep_results, rows=rows), f, indent=1)
+    print(f"host ms per fwd+bwd (stage 4 bf16 cpe, back to back): {host}")
     print_table(rows, ctx)
     return 0
 

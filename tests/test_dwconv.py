@@ -185,11 +185,12 @@ def test_reference_impl_matches_conv2d(epilogue):
                                                        ("add", 4, 1)])
 def test_small_tiles_cover_edges_and_channel_blocks(epilogue, block_n, tile_w):
     """Patches that end inside the 4 x 7 map (right edge of 7 columns, bottom edge), 16-channel
-    blocks splitting C = 24 (the last one half masked), and several tiles per persistent
-    backward program."""
+    blocks splitting C = 24 (the last one half masked), and several patches per persistent
+    weight-grad program."""
     batch, height, width, channels = 2, 4, 7, 24
     x, weight, bias, addend = make_inputs(batch, height, width, channels, torch.float32, epilogue, seed=17)
-    tiles = dict(block_n=block_n, tile_w=tile_w, block_c=16)
+    tiles = dict(block_n=block_n, tile_w=tile_w, block_c=16, wgrad_block_n=block_n, wgrad_tile_w=tile_w,
+                 wgrad_programs_per_sm=3)
     out = kernels.dwconv3x3_forward(x.detach(), weight.detach(), bias.detach(),
                                     None if addend is None else addend.detach(), height, width, epilogue, **tiles)
     grad_out = torch.randn_like(out)
@@ -249,6 +250,46 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mlla_kernels.dwconv3x3_tokens_backward.default,
                           (grad, x.detach(), weight.detach(), bias.detach(), 4, 3, "silu"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypatch):
+    """kernels._Launcher relaunches a compiled kernel only when everything Triton specialises on
+    (dtypes, 16-byte alignment, ints equal to 1 or divisible by 16, constexprs, warps) matches."""
+    calls = []
+
+    class FakeCompiled:
+        packed_metadata = None
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("cached", grid, args))
+
+    class FakeParam:
+        def __init__(self, name, is_constexpr):
+            self.name, self.is_constexpr = name, is_constexpr
+
+    class FakeJit:
+        arg_names = ["t", "n", "K"]
+        params = [FakeParam("t", False), FakeParam("n", False), FakeParam("K", True)]
+
+        def __getitem__(self, grid):
+            def run(*args, num_warps, **constexprs):
+                calls.append(("jit", grid, args))
+                return FakeCompiled()
+            return run
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    launch = kernels._Launcher(FakeJit())
+    t = torch.zeros(64)
+    launch((1,), (t, 32), 4, K=8)
+    launch((2,), (t, 48), 4, K=8)             # same specialisation: cached, constexpr appended
+    launch((2,), (t, 1), 4, K=8)              # an int equal to 1
+    launch((2,), (t, 40), 4, K=8)             # an int not divisible by 16
+    launch((2,), (t[1:], 32), 4, K=8)         # a pointer off 16-byte alignment
+    launch((2,), (t.double(), 32), 4, K=8)    # another dtype
+    launch((2,), (t, 32), 4, K=16)            # another constexpr
+    launch((2,), (t, 32), 8, K=8)             # other warps
+    assert [c[0] for c in calls] == ["jit", "cached"] + ["jit"] * 6
+    assert calls[1][1] == (2,) and calls[1][2][1:] == (48, 8)
 
 
 # --------------------------------------------------------------------------------------------

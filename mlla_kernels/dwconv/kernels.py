@@ -107,14 +107,6 @@ def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 
 
-@triton.jit
-def _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc,
-                     DR: tl.constexpr, DS: tl.constexpr, ACC: tl.constexpr):
-    """sum over the tile's tokens of g * x[shifted]: this tile's share of one weight-grad tap."""
-    xv = _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, DR, DS).to(ACC)
-    return tl.sum(g * xv, axis=0)
-
-
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -168,73 +160,78 @@ def _silu_grad_kernel(
     tl.store(gp_ptr + b * N * C + n[:, None] * C + c[None, :], gp.to(gp_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS)
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["wg_tiles_w", "wg_tiles_per_batch", "wg_num_tiles", "wg_programs"])
 def _dwconv3x3_bwd_kernel(
         gp_ptr, x_ptr, w_ptr, gx_ptr, part_ptr,
-        N, C, H, W, tiles_w, tiles_per_batch, num_tiles,
+        N, C, H, W, tiles_w, tiles_per_batch, wg_tiles_w, wg_tiles_per_batch, wg_num_tiles, wg_programs,
         sgb, sgn, sgc, sxb, sxn, sxc, swc, swh, sww,
         RESIDUAL: tl.constexpr, IDX64: tl.constexpr,
-        BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """Persistent over token tiles: program p takes tiles p, p + P, p + 2P, ... of one channel block.
+        BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, WG_BLOCK_N: tl.constexpr, WG_TILE_W: tl.constexpr,
+        BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """Two kinds of programs in one launch (one launch less of host time), by program id:
 
     gp is the grad of the pre-activation conv(x) + bias (the output grad itself unless SiLU).
-        grad_x[m]      = sum_taps w[tap] * gp[m - shift(tap)]   (+ grad_out[m] for the residual)
-        grad_w[tap]    = sum_{b, n} gp[n] * x[n + shift(tap)]
-        grad_bias      = sum_{b, n} gp[n]
-    The two sums are written per program to part_ptr[p, 0..9, c] (fp32, fp64 for fp64 inputs).
+    - ids < wg_programs: weight/bias grad. Persistent over WG_BLOCK_N-token patches (program p
+      takes patches p, p + wg_programs, ...): grad_w[tap] = sum_{b,n} gp[n] * x[n + shift(tap)]
+      and grad_bias = sum gp, accumulated elementwise in registers (no reduction per patch) and
+      summed over tokens once at the end into part_ptr[p, 0..9, c]. These ids come first so
+      the long-lived programs start first and the short ones below fill in around them.
+    - the other ids: one BLOCK_N-token patch each of grad_x[m] = sum_taps w[tap] * gp[m -
+      shift(tap)] (the taps flipped), plus grad_out[m] (= gp) for the residual.
     """
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    dw00 = tl.zeros((BLOCK_C,), dtype=ACC)
-    dw01 = tl.zeros((BLOCK_C,), dtype=ACC)
-    dw02 = tl.zeros((BLOCK_C,), dtype=ACC)
-    dw10 = tl.zeros((BLOCK_C,), dtype=ACC)
-    dw11 = tl.zeros((BLOCK_C,), dtype=ACC)
-    dw12 = tl.zeros((BLOCK_C,), dtype=ACC)
-    dw20 = tl.zeros((BLOCK_C,), dtype=ACC)
-    dw21 = tl.zeros((BLOCK_C,), dtype=ACC)
-    dw22 = tl.zeros((BLOCK_C,), dtype=ACC)
-    db = tl.zeros((BLOCK_C,), dtype=ACC)
-    for t in range(pid, num_tiles, num_programs):
-        b, n, r, s, n_ok = _tile_coords(t, tiles_w, tiles_per_batch, H, W, BLOCK_N, TILE_W, IDX64)
+    if pid < wg_programs:
+        dw00 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        dw01 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        dw02 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        dw10 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        dw11 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        dw12 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        dw20 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        dw21 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        dw22 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        db = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
+        for t in range(pid, wg_num_tiles, wg_programs):
+            b, n, r, s, n_ok = _tile_coords(t, wg_tiles_w, wg_tiles_per_batch, H, W, WG_BLOCK_N, WG_TILE_W, IDX64)
+            g_base = gp_ptr + b * sgb
+            x_base = x_ptr + b * sxb
+            g = _load_tap(g_base, n, r, s, n_ok, c, c_ok, H, W, sgn, sgc, 0, 0).to(ACC)
+            db += g
+            dw00 += g * _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, -1, -1).to(ACC)
+            dw01 += g * _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, -1, 0).to(ACC)
+            dw02 += g * _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, -1, 1).to(ACC)
+            dw10 += g * _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 0, -1).to(ACC)
+            dw11 += g * _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 0, 0).to(ACC)
+            dw12 += g * _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 0, 1).to(ACC)
+            dw20 += g * _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 1, -1).to(ACC)
+            dw21 += g * _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 1, 0).to(ACC)
+            dw22 += g * _load_tap(x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 1, 1).to(ACC)
+        row = part_ptr + pid.to(tl.int64) * (10 * C) + c
+        out_ty = part_ptr.dtype.element_ty
+        tl.store(row + 0 * C, tl.sum(dw00, axis=0).to(out_ty), mask=c_ok)
+        tl.store(row + 1 * C, tl.sum(dw01, axis=0).to(out_ty), mask=c_ok)
+        tl.store(row + 2 * C, tl.sum(dw02, axis=0).to(out_ty), mask=c_ok)
+        tl.store(row + 3 * C, tl.sum(dw10, axis=0).to(out_ty), mask=c_ok)
+        tl.store(row + 4 * C, tl.sum(dw11, axis=0).to(out_ty), mask=c_ok)
+        tl.store(row + 5 * C, tl.sum(dw12, axis=0).to(out_ty), mask=c_ok)
+        tl.store(row + 6 * C, tl.sum(dw20, axis=0).to(out_ty), mask=c_ok)
+        tl.store(row + 7 * C, tl.sum(dw21, axis=0).to(out_ty), mask=c_ok)
+        tl.store(row + 8 * C, tl.sum(dw22, axis=0).to(out_ty), mask=c_ok)
+        tl.store(row + 9 * C, tl.sum(db, axis=0).to(out_ty), mask=c_ok)
+    else:
+        b, n, r, s, n_ok = _tile_coords(pid - wg_programs, tiles_w, tiles_per_batch, H, W, BLOCK_N, TILE_W, IDX64)
         g_base = gp_ptr + b * sgb
-        x_base = x_ptr + b * sxb
-        g = _load_tap(g_base, n, r, s, n_ok, c, c_ok, H, W, sgn, sgc, 0, 0).to(ACC)
-        db += tl.sum(g, axis=0)
-        dw00 += _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, -1, -1, ACC)
-        dw01 += _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, -1, 0, ACC)
-        dw02 += _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, -1, 1, ACC)
-        dw10 += _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 0, -1, ACC)
-        dw11 += _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 0, 0, ACC)
-        dw12 += _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 0, 1, ACC)
-        dw20 += _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 1, -1, ACC)
-        dw21 += _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 1, 0, ACC)
-        dw22 += _tap_product_sum(g, x_base, n, r, s, n_ok, c, c_ok, H, W, sxn, sxc, 1, 1, ACC)
-
-        # Input grad: the transposed conv, i.e. taps flipped (tap (i, j) reads gp at -shift).
         gx = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
         for i in tl.static_range(3):
             for j in tl.static_range(3):
                 gv = _load_tap(g_base, n, r, s, n_ok, c, c_ok, H, W, sgn, sgc, 1 - i, 1 - j).to(ACC)
                 gx += gv * _load_weight_tap(w_ptr, c, c_ok, swc, swh, sww, i, j, ACC)[None, :]
         if RESIDUAL:
-            gx += g
+            gx += _load_tap(g_base, n, r, s, n_ok, c, c_ok, H, W, sgn, sgc, 0, 0).to(ACC)
         tl.store(gx_ptr + b * N * C + n[:, None] * C + c[None, :], gx.to(gx_ptr.dtype.element_ty),
                  mask=n_ok[:, None] & c_ok[None, :])
-
-    row = part_ptr + pid.to(tl.int64) * (10 * C) + c
-    tl.store(row + 0 * C, dw00.to(part_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(row + 1 * C, dw01.to(part_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(row + 2 * C, dw02.to(part_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(row + 3 * C, dw10.to(part_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(row + 4 * C, dw11.to(part_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(row + 5 * C, dw12.to(part_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(row + 6 * C, dw20.to(part_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(row + 7 * C, dw21.to(part_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(row + 8 * C, dw22.to(part_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(row + 9 * C, db.to(part_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit(do_not_specialize=["P"])
@@ -256,8 +253,17 @@ def _reduce_partials_kernel(part_ptr, dw_ptr, db_ptr, P, C,
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch configuration. Plain integer math (triton.cdiv / next_power_of_2 go through Triton's
+# jit-function call path: several microseconds each), cached per shape.
 # --------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 _SM_COUNTS = {}
 
 
@@ -276,40 +282,50 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _tile_config(height: int, width: int, channels: int, device: torch.device, block_n=None, tile_w=None,
-                 block_c=None, num_warps=None):
-    """(BLOCK_N, TILE_W, BLOCK_C, num_warps), each overridable; patches are (BLOCK_N / TILE_W) x TILE_W.
-
-    On the GPU: 4x8-pixel patches x 64 channels, 4 warps (16 elements a thread per tap). The
-    compiler hoists the 9 (backward: 19) tap loads, so 64-token patches push the forward past
-    190 registers and the backward spills (ptxas for sm_90, triton 3.6 and 3.8). The interpreter
-    pays per program, so it gets big tiles.
-    """
-    if _interpreting(device):
-        defaults = (128, 128, 128, 4)
-    else:
-        defaults = (32, 8, 64, 4)
-    block_n = block_n or defaults[0]
-    tile_w = min(tile_w or defaults[1], triton.next_power_of_2(width), block_n)
-    # No rows of the patch beyond the map's height (1 x W maps would waste most lanes).
-    block_n = tile_w * min(block_n // tile_w, triton.next_power_of_2(height))
-    block_c = min(block_c or defaults[2], triton.next_power_of_2(channels))
-    return block_n, tile_w, block_c, num_warps or defaults[3]
+def _patch(height: int, width: int, block_n: int, tile_w: int):
+    """(BLOCK_N, TILE_W, tiles along W, tiles per image) of (BLOCK_N / TILE_W) x TILE_W patches,
+    shrunk to the map: no patch rows beyond its height (1 x W maps would waste most lanes)."""
+    tile_w = min(tile_w, _pow2_at_least(width), block_n)
+    block_n = tile_w * min(block_n // tile_w, _pow2_at_least(height))
+    tiles_w = _cdiv(width, tile_w)
+    return block_n, tile_w, tiles_w, tiles_w * _cdiv(height, block_n // tile_w)
 
 
-def _tile_counts(height: int, width: int, block_n: int, tile_w: int):
-    """(tiles along W, tiles per image)."""
-    tiles_w = triton.cdiv(width, tile_w)
-    return tiles_w, tiles_w * triton.cdiv(height, block_n // tile_w)
+# GPU defaults. Forward and grad-input patches: 4 x 8 pixels x 64 channels, 4 warps (16 elements a
+# thread per tap; the compiler hoists the 9 tap loads, so 64-token patches push the forward past
+# 160 registers). Weight-grad patches: 2 x 8 pixels, whose 10 register accumulators (9 taps + bias)
+# then cost 40 registers a thread at 8 warps. See NOTES.md for the measurements behind them.
+GPU_DEFAULTS = dict(block_n=32, tile_w=8, block_c=64, num_warps=4, bwd_num_warps=8, wgrad_block_n=16,
+                    wgrad_tile_w=8, wgrad_programs_per_sm=2)
+# The interpreter pays per program and per loop trip, so it gets the biggest patches.
+_INTERPRETER_DEFAULTS = dict(block_n=128, tile_w=128, block_c=128, num_warps=4, bwd_num_warps=4,
+                             wgrad_block_n=128, wgrad_tile_w=128, wgrad_programs_per_sm=2)
 
 
-def _bwd_program_count(num_tiles: int, channel_blocks: int, device: torch.device,
-                       programs_per_sm: int = 4) -> int:
-    """Programs along tokens for the persistent backward: enough to fill the GPU, few partials."""
-    if _interpreting(device):
-        return min(num_tiles, 2)
-    target = max(1, programs_per_sm * _sm_count(device) // channel_blocks)
-    return max(1, min(num_tiles, target))
+def _config(height: int, width: int, channels: int, batch: int, device: torch.device, overrides) -> dict:
+    key = (height, width, channels, batch, device.type, device.index, tuple(sorted(overrides.items())))
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        cfg = dict(_INTERPRETER_DEFAULTS if _interpreting(device) else GPU_DEFAULTS)
+        cfg.update({k: v for k, v in overrides.items() if v is not None})
+        cfg["block_c"] = min(cfg["block_c"], _pow2_at_least(channels))
+        cfg["channel_blocks"] = _cdiv(channels, cfg["block_c"])
+        cfg["block_n"], cfg["tile_w"], cfg["tiles_w"], cfg["tiles_per_batch"] = _patch(
+            height, width, cfg["block_n"], cfg["tile_w"])
+        cfg["wgrad_block_n"], cfg["wgrad_tile_w"], cfg["wg_tiles_w"], cfg["wg_tiles_per_batch"] = _patch(
+            height, width, cfg["wgrad_block_n"], cfg["wgrad_tile_w"])
+        wg_num_tiles = batch * cfg["wg_tiles_per_batch"]
+        if _interpreting(device):
+            wg_programs = min(wg_num_tiles, cfg["wgrad_programs_per_sm"])
+        else:
+            wg_programs = min(wg_num_tiles, max(1, cfg["wgrad_programs_per_sm"] * _sm_count(device)
+                                                // cfg["channel_blocks"]))
+        cfg["wg_num_tiles"], cfg["wg_programs"] = wg_num_tiles, wg_programs
+        _CONFIGS[key] = cfg
+    return cfg
+
+
+_CONFIGS = {}
 
 
 def _needs_int64(n_tokens: int, width: int, *tensors) -> bool:
@@ -320,79 +336,136 @@ def _needs_int64(n_tokens: int, width: int, *tensors) -> bool:
     return reach >= 2 ** 31 - 1
 
 
+class _Launcher:
+    """kernel[grid](*args, **constexprs), minus JITFunction.run's per-call work after the first.
+
+    Triton's launch path re-derives the specialisation (argument types, 16-byte alignment of
+    pointers and integers, integers equal to 1) and the cache key on every call: tens of
+    microseconds of host time per launch, more than the whole GPU work at the small stages.
+    Here the first launch of a specialisation goes through Triton and returns its compiled
+    kernel; later launches with the same specialisation (key computed below, at least as fine as
+    Triton's) call that kernel's own launcher. In the interpreter, or if the compiled kernel
+    does not look as expected, every launch takes the ordinary path.
+    """
+
+    enabled = True
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = {}
+        names = list(getattr(fn, "arg_names", []))
+        self.constexpr_names = [p.name for p in getattr(fn, "params", []) if p.is_constexpr]
+        self.n_runtime = len(names) - len(self.constexpr_names)
+
+    @staticmethod
+    def _spec(arg):
+        if isinstance(arg, torch.Tensor):
+            return (arg.dtype, arg.data_ptr() % 16 == 0)
+        if isinstance(arg, bool):
+            return ("b", arg)
+        if isinstance(arg, int):
+            return (arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31)
+        return (type(arg), arg)
+
+    def __call__(self, grid, args, num_warps, **constexprs):
+        if not self.enabled or len(args) != self.n_runtime:
+            return self.fn[grid](*args, num_warps=num_warps, **constexprs)
+        const_values = tuple(constexprs[name] for name in self.constexpr_names)
+        key = (tuple(self._spec(a) for a in args), const_values, num_warps, torch.cuda.current_device())
+        kernel = self.compiled.get(key)
+        if kernel is not None:
+            kernel[grid](*args, *const_values)
+            return
+        kernel = self.fn[grid](*args, num_warps=num_warps, **constexprs)
+        if hasattr(kernel, "packed_metadata") and hasattr(kernel, "__getitem__"):
+            self.compiled[key] = kernel
+
+
+_LAUNCHERS = {}
+
+
+def _launch(fn, grid, args, num_warps, **constexprs):
+    if _interpreting(args[0].device):
+        fn[grid](*args, num_warps=num_warps, **constexprs)
+        return
+    launcher = _LAUNCHERS.get(fn)
+    if launcher is None:
+        launcher = _LAUNCHERS[fn] = _Launcher(fn)
+    launcher(grid, args, num_warps, **constexprs)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers (no input checks here: op.py checks before calling)
 # --------------------------------------------------------------------------------------------
-def dwconv3x3_forward(x, weight, bias, addend, height: int, width: int, epilogue: str,
-                      block_n=None, tile_w=None, block_c=None, num_warps=None) -> torch.Tensor:
-    """(B, N, C) tokens -> epilogue(conv3x3_depthwise(x) + bias), (B, N, C) contiguous in x.dtype."""
+def dwconv3x3_forward(x, weight, bias, addend, height: int, width: int, epilogue: str, **overrides) -> torch.Tensor:
+    """(B, N, C) tokens -> epilogue(conv3x3_depthwise(x) + bias), (B, N, C) contiguous in x.dtype.
+
+    overrides (tests, benchmarks): block_n, tile_w, block_c, num_warps.
+    """
     batch, n_tokens, channels = x.shape
+    cfg = _config(height, width, channels, batch, x.device, overrides)
     out = _new_buffer((batch, n_tokens, channels), x.dtype, x.device)
-    block_n, tile_w, block_c, num_warps = _tile_config(height, width, channels, x.device, block_n, tile_w,
-                                                       block_c, num_warps)
-    tiles_w, tiles_per_batch = _tile_counts(height, width, block_n, tile_w)
     add = addend if addend is not None else x
-    grid = (batch * tiles_per_batch, triton.cdiv(channels, block_c))
-    _dwconv3x3_fwd_kernel[grid](
+    _launch(_dwconv3x3_fwd_kernel, (batch * cfg["tiles_per_batch"], cfg["channel_blocks"]), (
         x, weight, bias if bias is not None else weight, add, out,
-        n_tokens, channels, height, width, tiles_w, tiles_per_batch,
+        n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
         x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(2), weight.stride(3),
-        add.stride(0), add.stride(1), add.stride(2),
-        EPILOGUE=EPILOGUE_CODES[epilogue], HAS_BIAS=bias is not None,
+        add.stride(0), add.stride(1), add.stride(2)),
+        cfg["num_warps"], EPILOGUE=EPILOGUE_CODES[epilogue], HAS_BIAS=bias is not None,
         IDX64=_needs_int64(n_tokens, width, x, add, out),
-        BLOCK_N=block_n, TILE_W=tile_w, BLOCK_C=block_c, ACC=_acc_dtype(x.dtype), num_warps=num_warps)
+        BLOCK_N=cfg["block_n"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], ACC=_acc_dtype(x.dtype))
     return out
 
 
-def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilogue: str,
-                       block_n=None, tile_w=None, block_c=None, num_warps=None, programs_per_sm: int = 4):
+def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilogue: str, **overrides):
     """Grads of dwconv3x3_forward w.r.t. x, weight and bias (bias grad returned even without a bias).
 
     The addend's grad (epilogue "add") is grad_out itself and is not computed here.
     Returns (grad_x (B, N, C) contiguous in x.dtype, grad_weight like weight (contiguous),
     grad_bias (C,) in bias.dtype, or weight.dtype without a bias).
+    overrides (tests, benchmarks): block_n, tile_w, block_c, num_warps (SiLU kernel),
+    bwd_num_warps, wgrad_block_n, wgrad_tile_w, wgrad_programs_per_sm.
     """
     batch, n_tokens, channels = x.shape
     device = x.device
+    cfg = _config(height, width, channels, batch, device, overrides)
     acc = _acc_dtype(x.dtype)
-    block_n, tile_w, block_c, num_warps = _tile_config(height, width, channels, device, block_n, tile_w,
-                                                       block_c, num_warps)
-    tiles_w, tiles_per_batch = _tile_counts(height, width, block_n, tile_w)
-    num_tiles = batch * tiles_per_batch
-    channel_blocks = triton.cdiv(channels, block_c)
     idx64 = _needs_int64(n_tokens, width, x, grad_out)
-    tiling = dict(BLOCK_N=block_n, TILE_W=tile_w, BLOCK_C=block_c, ACC=acc, num_warps=num_warps)
+    num_tiles = batch * cfg["tiles_per_batch"]
 
     if epilogue == "silu":
         gp = _new_buffer((batch, n_tokens, channels), x.dtype, device)
-        _silu_grad_kernel[(num_tiles, channel_blocks)](
+        _launch(_silu_grad_kernel, (num_tiles, cfg["channel_blocks"]), (
             grad_out, x, weight, bias if bias is not None else weight, gp,
-            n_tokens, channels, height, width, tiles_w, tiles_per_batch,
+            n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
-            weight.stride(0), weight.stride(2), weight.stride(3),
-            HAS_BIAS=bias is not None, IDX64=idx64, **tiling)
+            weight.stride(0), weight.stride(2), weight.stride(3)),
+            cfg["num_warps"], HAS_BIAS=bias is not None, IDX64=idx64, BLOCK_N=cfg["block_n"],
+            TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], ACC=acc)
     else:
         gp = grad_out
 
-    programs = _bwd_program_count(num_tiles, channel_blocks, device, programs_per_sm)
+    wg_programs = cfg["wg_programs"]
     grad_x = _new_buffer((batch, n_tokens, channels), x.dtype, device)
     partial_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partials = _new_buffer((programs, _PARTIAL_ROWS, channels), partial_dtype, device)
-    _dwconv3x3_bwd_kernel[(programs, channel_blocks)](
+    partials = _new_buffer((wg_programs, _PARTIAL_ROWS, channels), partial_dtype, device)
+    _launch(_dwconv3x3_bwd_kernel, (wg_programs + num_tiles, cfg["channel_blocks"]), (
         gp, x, weight, grad_x, partials,
-        n_tokens, channels, height, width, tiles_w, tiles_per_batch, num_tiles,
+        n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
+        cfg["wg_tiles_w"], cfg["wg_tiles_per_batch"], cfg["wg_num_tiles"], wg_programs,
         gp.stride(0), gp.stride(1), gp.stride(2),
         x.stride(0), x.stride(1), x.stride(2),
-        weight.stride(0), weight.stride(2), weight.stride(3),
-        RESIDUAL=epilogue == "residual", IDX64=idx64, **tiling)
+        weight.stride(0), weight.stride(2), weight.stride(3)),
+        cfg["bwd_num_warps"], RESIDUAL=epilogue == "residual", IDX64=idx64,
+        BLOCK_N=cfg["block_n"], TILE_W=cfg["tile_w"], WG_BLOCK_N=cfg["wgrad_block_n"],
+        WG_TILE_W=cfg["wgrad_tile_w"], BLOCK_C=cfg["block_c"], ACC=acc)
 
     grad_weight = _new_buffer(tuple(weight.shape), weight.dtype, device)
     grad_bias = _new_buffer((channels,), bias.dtype if bias is not None else weight.dtype, device)
-    reduce_c = min(triton.next_power_of_2(channels), 64)
-    reduce_p = min(triton.next_power_of_2(programs), 64)
-    _reduce_partials_kernel[(triton.cdiv(channels, reduce_c), _PARTIAL_ROWS)](
-        partials, grad_weight, grad_bias, programs, channels,
-        BLOCK_P=reduce_p, BLOCK_C=reduce_c, ACC=acc, num_warps=4)
+    reduce_c = min(_pow2_at_least(channels), 64)
+    _launch(_reduce_partials_kernel, (_cdiv(channels, reduce_c), _PARTIAL_ROWS), (
+        partials, grad_weight, grad_bias, wg_programs, channels),
+        4, BLOCK_P=min(_pow2_at_least(wg_programs), 64), BLOCK_C=reduce_c, ACC=acc)
     return grad_x, grad_weight, grad_bias
