@@ -150,8 +150,10 @@ def profile_or_error(backbone, args, mode: str, impl: str, dtype: str, device) -
 
 
 def _is_kernel(event) -> bool:
-    """A device-side event (a kernel or memcpy), as opposed to the CPU op that launched it."""
-    return getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+    """A device-side event (a kernel or memcpy), as opposed to the CPU op that launched it.
+    A profiler range also gets a GPU-side copy (a user annotation spanning its kernels): not one."""
+    return (getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and not getattr(event, "is_user_annotation", False))
 
 
 def profile(backbone, args, mode: str, impl: str, dtype: str, device, top: int = 25) -> dict:
@@ -175,7 +177,7 @@ def profile(backbone, args, mode: str, impl: str, dtype: str, device, top: int =
     if on_cuda:
         self_key, total_key, clock = "self_device_time_total", "device_time_total", "CUDA"
         kernels = sorted((e for e in averages if _is_kernel(e)), key=lambda e: -_event_time(e, self_key))
-        ops = [e for e in averages if not _is_kernel(e)]
+        ops = [e for e in averages if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA]
         step_us = sum(_event_time(e, self_key) for e in kernels) / steps
     else:
         self_key, total_key, clock = "self_cpu_time_total", "cpu_time_total", "CPU"
@@ -198,7 +200,9 @@ def profile(backbone, args, mode: str, impl: str, dtype: str, device, top: int =
                       f"(all {clock} time: {step_us / 1e3:.2f} ms per step)")
     if kernel_rows:
         print_table(kernel_rows, ["op", "calls", "self_ms", "self_%"], title=f"top {top // 2} kernels")
-    attention = [e for e in averages if e.key == PROFILE_LABEL]
+    # The CPU-side range: its device time is the sum of the kernels launched inside it.
+    attention = [e for e in averages if e.key == PROFILE_LABEL
+                 and getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA]
     attention_ms = _event_time(attention[0], total_key) / steps / 1e3 if attention else None
     if attention_ms is not None:
         print(f"attention op forward ({PROFILE_LABEL}: steps 2-4, no LePE): {attention_ms:.2f} ms per step "
