@@ -128,6 +128,20 @@ def test_atomic_mode_matches_reference(gen):
         assert_matches_reference(qk, v, (6, 9), 2, gen, deterministic=False)
 
 
+@pytest.mark.parametrize("dot_mode, tol", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 3e-3)])
+def test_matrix_product_modes_compute_the_same_function(gen, dot_mode, tol):
+    """The opt-in tensor-core modes (the interpreter runs every mode in fp32; on a GPU the
+    tolerance is the mode's own rounding)."""
+    qk, v = make_inputs(gen, 1, 5, 6, 32, torch.float32)
+    with launch_overrides(dot_mode=dot_mode, block_n=16, splits=2):
+        out, grad_qk, grad_v = fused_with_grads(qk, v, (5, 6), 2, torch.ones_like(v))
+    ref_out, ref_gqk, ref_gv = reference_with_grads(qk, v, (5, 6), 2, torch.ones_like(v))
+    assert rel_err(out, ref_out) < tol and rel_err(grad_qk, ref_gqk) < tol and rel_err(grad_v, ref_gv) < tol
+    with pytest.raises(ValueError, match="dot_mode must be one of"):
+        with launch_overrides(dot_mode="fp8"):
+            pass
+
+
 def test_split_and_block_choices_agree(gen):
     """One split, many splits, one token block per split: the same function."""
     qk, v = make_inputs(gen, 1, 5, 10, 32, torch.float32)
