@@ -204,9 +204,6 @@ def detector_config(arch: str, attn_impl: str = "auto"):
 
 def build_detector(cfg):
     import mlla_det  # noqa: F401  registers MLLA and provides mmcv's ops without compiling mmcv
-    # mlla_det's mmcv._ext stand-in calls torch.ops.torchvision.roi_align, which exists only once
-    # torchvision is imported; mmdet imports it lazily (in NMS), too late for a bare RoI head call.
-    import torchvision  # noqa: F401
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
     init_default_scope(cfg.get("default_scope", "mmdet"))
