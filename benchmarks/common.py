@@ -204,6 +204,10 @@ def detector_config(arch: str, attn_impl: str = "auto"):
 
 def build_detector(cfg):
     import mlla_det  # noqa: F401  registers MLLA and provides mmcv's ops without compiling mmcv
+    # mlla_det's mmcv._ext stand-in imports torchvision at the first nms/roi_align. Inside a
+    # torch.jit trace (flops.py) that first import fails: it calls torchvision::_cuda_version,
+    # whose int output the tracer rejects. Importing it here keeps the import out of any trace.
+    import torchvision  # noqa: F401
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
     init_default_scope(cfg.get("default_scope", "mmdet"))
