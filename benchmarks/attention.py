@@ -46,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-budget-s", type=float, default=0.0,
                         help="first try launch configurations of the fused op at MLLA-T stage 1 for this long")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
+    parser.add_argument("--compile-report", action="store_true",
+                        help="no GPU needed: compile the four kernels for sm_90 at the default launch shapes and "
+                             "print registers and spills (ptxas -v)")
     parser.add_argument("--cpu-sanity", action="store_true", help="tiny shape in the Triton interpreter")
     return parser.parse_args(argv)
 
@@ -148,9 +151,9 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 
 SWEEP_CONFIGS = {
-    "fp32": [dict(), dict(block_n=64), dict(dot_mode="tf32x3"), dict(dot_mode="tf32x3", block_n=64),
+    "fp32": [dict(), dict(num_warps=4), dict(block_n=64, num_warps=4), dict(dot_mode="tf32x3"),
              dict(programs_per_sm=8)],
-    "bf16": [dict(), dict(dot_mode="tf32"), dict(dot_mode="tf32", block_n=64)],
+    "bf16": [dict(), dict(num_warps=4), dict(dot_mode="tf32")],
 }
 
 
@@ -260,6 +263,50 @@ def print_table(rows, copy_gbps, device_name):
         f"{r['model']}{r['stage']}-{r['dtype']} {r['peak_mb_eager']:.0f}/{r['peak_mb_fused']:.0f}" for r in rows))
 
 
+def compile_report():
+    """Registers and spill bytes per kernel at the default tile shapes, from triton.compile for
+    sm_90 and the ptxas Triton ships: the cheapest check that a tile shape fits the register file."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mlla_kernels.triton.backward import grad_state_kernel, input_grad_kernel
+    from mlla_kernels.triton.forward import kv_state_kernel, output_kernel
+    from mlla_kernels.triton.launch import _padded, launch_config
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    print(f"triton {triton.__version__}, sm_90")
+    for head_dim in (16, 32, 64):
+        cfg = launch_config(64000, 4, head_dim, torch.device("cpu"))
+        for dtype in ("fp32", "bf16"):
+            for kernel, warps in ((kv_state_kernel, cfg.num_warps_forward), (output_kernel, cfg.num_warps_forward),
+                                  (grad_state_kernel, cfg.num_warps_backward),
+                                  (input_grad_kernel, cfg.num_warps_backward)):
+                consts = dict(HEAD_DIM=head_dim, HALF_PAD=_padded(head_dim // 2), DIM_PAD=_padded(head_dim),
+                              BLOCK_N=cfg.block_n, DOT_MODE="ieee")
+                if "ATOMIC" in kernel.arg_names:
+                    consts["ATOMIC"] = False
+                signature = {name: "constexpr" if name in consts else
+                             ("*fp32" if name in ("state_ptr", "grad_state_ptr") else f"*{dtype}")
+                             if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
+                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
+                                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                    ptx.write(compiled.asm["ptx"])
+                    ptx.flush()
+                    log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull],
+                                         capture_output=True, text=True).stderr
+                regs = re.search(r"Used (\d+) registers", log)
+                spills = re.search(r"(\d+) bytes spill stores", log)
+                print(f"d={head_dim:<3} {dtype} {kernel.__name__:18} {cfg.block_n:>3} tokens x {warps} warps: "
+                      f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} B spilled")
+    return 0
+
+
 def cpu_sanity():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from mlla_kernels import linear_attention_reference
@@ -280,6 +327,8 @@ def cpu_sanity():
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compile_report:
+        return compile_report()
     if not torch.cuda.is_available():
         if args.cpu_sanity:
             return cpu_sanity()

@@ -152,6 +152,16 @@ def test_split_and_block_choices_agree(gen):
         assert rel_err(out, ref) < 1e-5, overrides
 
 
+@pytest.mark.parametrize("num_tokens, batch_heads, head_dim", [(1, 1, 32), (40, 4, 16), (64000, 4, 32),
+                                                                 (1000, 48, 64), (17, 3, 96)])
+def test_launch_geometry_covers_every_token_once(num_tokens, batch_heads, head_dim):
+    from mlla_kernels.triton.launch import launch_config
+    for device in (torch.device("cpu"), DEVICE):
+        cfg = launch_config(num_tokens, batch_heads, head_dim, device)
+        assert cfg.block_n >= 16 and cfg.tokens_per_split % cfg.block_n == 0
+        assert (cfg.splits - 1) * cfg.tokens_per_split < num_tokens <= cfg.splits * cfg.tokens_per_split
+
+
 def test_golden_data(reference_dir):
     """The paper's float64 outputs and gradients, from fp32 inputs."""
     cases = torch.load(os.path.join(reference_dir, "linear_attention_core.pt"), weights_only=False)

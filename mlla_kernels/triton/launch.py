@@ -30,7 +30,8 @@ class LaunchConfig:
     block_n: int          # tokens per block; >= 16 for tl.dot
     splits: int           # programs per (batch, head) along the tokens
     tokens_per_split: int  # a multiple of block_n
-    num_warps: int
+    num_warps_forward: int
+    num_warps_backward: int
 
 
 _overrides: dict = {}
@@ -38,8 +39,9 @@ _overrides: dict = {}
 
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
-    """Force block_n / splits / programs_per_sm / num_warps / dot_mode (tests use this to get many splits and partial blocks
-    from a few dozen tokens under the interpreter)."""
+    """Force block_n / splits / programs_per_sm / num_warps / dot_mode: tests use it to get many
+    splits and partial blocks from a few dozen tokens under the interpreter, the benchmark to
+    sweep launch shapes."""
     unknown = set(kwargs) - {"block_n", "splits", "dot_mode", "num_warps", "programs_per_sm"}
     if unknown:
         raise TypeError(f"unknown launch overrides {sorted(unknown)}")
@@ -64,7 +66,13 @@ def _sm_count(device_index: int) -> int:
 
 
 def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device) -> LaunchConfig:
-    block_n = _overrides.get("block_n") or 32
+    # Tile shapes with no register spills in any of the four kernels on triton 3.6 and 3.8 (sm_90
+    # compiler reports, NOTES.md v3): 64-token tiles spilled up to 0.7 KB, d = 64 at 32 tokens up
+    # to 7 KB. The backward kernels hold ~2x the live tiles of the forward ones: more warps.
+    wide_head = triton.next_power_of_2(head_dim) > 32
+    block_n = _overrides.get("block_n") or (16 if wide_head else 32)
+    num_warps_forward = _overrides.get("num_warps") or (8 if wide_head else 4)
+    num_warps_backward = _overrides.get("num_warps") or 8
     blocks = triton.cdiv(num_tokens, block_n)
     if "splits" in _overrides:
         splits = _overrides["splits"]
@@ -77,8 +85,7 @@ def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torc
     splits = max(1, min(splits, blocks))
     blocks_per_split = triton.cdiv(blocks, splits)
     splits = triton.cdiv(blocks, blocks_per_split)
-    num_warps = _overrides.get("num_warps") or 4
-    return LaunchConfig(block_n, splits, blocks_per_split * block_n, num_warps)
+    return LaunchConfig(block_n, splits, blocks_per_split * block_n, num_warps_forward, num_warps_backward)
 
 
 def _padded(n: int) -> int:
@@ -116,14 +123,15 @@ def _dot_mode() -> str:
 
 
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
-                        cfg: LaunchConfig, deterministic: bool, device: torch.device, **meta) -> torch.Tensor:
+                        cfg: LaunchConfig, num_warps: int, deterministic: bool, device: torch.device,
+                        **meta) -> torch.Tensor:
     """Run a (batch_heads, splits) reduction kernel; return the (batch_heads, state_size) sums.
 
     Deterministic: each split writes its own partial and torch.sum adds them in a fixed order.
     Otherwise the splits add into one zeroed buffer with fp32 atomics (order varies run to run).
     """
     grid = (batch_heads, cfg.splits)
-    common = dict(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
+    common = dict(BLOCK_N=cfg.block_n, num_warps=num_warps, **meta)
     if cfg.splits == 1 or not deterministic:
         alloc = torch.empty if cfg.splits == 1 else torch.zeros
         state = alloc((batch_heads, state_size), dtype=torch.float32, device=device)
@@ -160,10 +168,11 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=_dot_mode())
     with _device_guard(v.device):
         state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
-                                    batch_heads, state_size, cfg, deterministic, v.device, **meta)
+                                    batch_heads, state_size, cfg, cfg.num_warps_forward, deterministic, v.device,
+                                    **meta)
         output_kernel[(batch_heads, cfg.splits)](
             qk, state, out, *scalars, *qk.stride(), *out.stride(),
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps_forward, **meta)
     return out, state.view(batch, num_heads, state_size)
 
 
@@ -190,9 +199,10 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     with _device_guard(v.device):
         grad_state = _reduce_over_tokens(grad_state_kernel, (qk, grad_out, state),
                                          (*scalars, *qk.stride(), *grad_out.stride()),
-                                         batch_heads, state_size, cfg, deterministic, v.device, **meta)
+                                         batch_heads, state_size, cfg, cfg.num_warps_backward, deterministic,
+                                         v.device, **meta)
         input_grad_kernel[(batch_heads, cfg.splits)](
             qk, v, grad_out, state, grad_state, grad_qk, grad_v, *scalars,
             *qk.stride(), *v.stride(), *grad_out.stride(), *grad_qk.stride(), *grad_v.stride(),
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps_backward, **meta)
     return grad_qk, grad_v
