@@ -125,8 +125,8 @@ def check_against_conv2d(batch, height, width, channels, dtype, epilogue, impl="
     ref_out, ref_grads = reference_outputs_and_grads(x, weight, bias, addend, (height, width), epilogue, grad_out)
     tol = TOLERANCE[dtype]
     errors = {"out": rel_err(out, ref_out)}
-    for name, got, want, leaf in zip(["x", "weight", "bias", "addend"] if bias is not None else ["x", "weight", "addend"],
-                                     grads, ref_grads, wrt):
+    names = ["x", "weight"] + (["bias"] if bias is not None else []) + ["addend"]
+    for name, got, want, leaf in zip(names, grads, ref_grads, wrt):
         assert got.dtype == leaf.dtype and got.shape == leaf.shape, name
         errors[name] = rel_err(got, want)
     bad = {k: v for k, v in errors.items() if not v < tol}
@@ -278,6 +278,7 @@ def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypa
             return run
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(kernels._Launcher, "enabled", True)
     launch = kernels._Launcher(FakeJit())
     t = torch.zeros(64)
     launch((1,), (t, 32), 4, K=8)
@@ -289,7 +290,57 @@ def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypa
     launch((2,), (t, 32), 4, K=16)            # another constexpr
     launch((2,), (t, 32), 8, K=8)             # other warps
     assert [c[0] for c in calls] == ["jit", "cached"] + ["jit"] * 6
-    assert calls[1][1] == (2,) and calls[1][2][1:] == (48, 8)
+    # Triton's own launcher indexes grid[0..2] and takes every parameter, constexprs included.
+    assert calls[1][1] == (2, 1, 1) and calls[1][2][1:] == (48, 8)
+
+
+def test_cached_launch_failure_falls_back_to_triton(monkeypatch):
+    calls = []
+
+    class BrokenCompiled:
+        packed_metadata = None
+
+        def __getitem__(self, grid):
+            def runner(*args):
+                raise IndexError("launcher signature changed")
+            return runner
+
+    class FakeParam:
+        def __init__(self, name, is_constexpr):
+            self.name, self.is_constexpr = name, is_constexpr
+
+    class FakeJit:
+        arg_names = ["t"]
+        params = [FakeParam("t", False)]
+
+        def __getitem__(self, grid):
+            def run(*args, num_warps, **constexprs):
+                calls.append("jit")
+                return BrokenCompiled()
+            return run
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(kernels._Launcher, "enabled", True)
+    launch = kernels._Launcher(FakeJit())
+    t = torch.zeros(4)
+    launch((1,), (t,), 4)
+    with pytest.warns(UserWarning, match="cached Triton relaunch failed"):
+        launch((1,), (t,), 4)
+    launch((1,), (t,), 4)
+    assert calls == ["jit"] * 3 and not kernels._Launcher.enabled
+
+
+@pytest.mark.gpu
+def test_gpu_cached_launch_is_used():
+    """After the parity tests above ran through it, the cached relaunch must still be on and
+    have been taken (a failure would have switched it off with a warning)."""
+    x, weight, bias, _ = make_inputs(2, 9, 11, 64, torch.float32, "residual", seed=59)
+    hits = kernels._Launcher.hits
+    for _ in range(2):
+        out = dwconv3x3_tokens(x, weight, bias, (9, 11), "residual")
+        torch.autograd.grad(out, [x, weight, bias], torch.ones_like(out))
+    assert kernels._Launcher.enabled, "the cached relaunch failed and was switched off (see the warning)"
+    assert kernels._Launcher.hits > hits
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ The weight/bias reduction is deterministic (no atomics): each program walks a fi
 tiles in a fixed order, and the partials are summed in a fixed order, so a rerun on the same
 device and shapes reproduces the gradients bit for bit.
 """
+import os
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -344,11 +347,15 @@ class _Launcher:
     microseconds of host time per launch, more than the whole GPU work at the small stages.
     Here the first launch of a specialisation goes through Triton and returns its compiled
     kernel; later launches with the same specialisation (key computed below, at least as fine as
-    Triton's) call that kernel's own launcher. In the interpreter, or if the compiled kernel
-    does not look as expected, every launch takes the ordinary path.
+    Triton's) call that kernel's own launcher with the same argument list JITFunction.run passes
+    (all parameters, constexprs included, grid padded to 3 dimensions). In the interpreter, or
+    if the compiled kernel does not look as expected, every launch takes the ordinary path; if a
+    cached launch raises, the cache is switched off for the process (with a warning) and the
+    launch is redone the ordinary way. MLLA_DWCONV_CACHED_LAUNCH=0 switches it off up front.
     """
 
-    enabled = True
+    enabled = os.environ.get("MLLA_DWCONV_CACHED_LAUNCH", "1") != "0"
+    hits = 0
 
     def __init__(self, fn):
         self.fn = fn
@@ -368,16 +375,23 @@ class _Launcher:
         return (type(arg), arg)
 
     def __call__(self, grid, args, num_warps, **constexprs):
-        if not self.enabled or len(args) != self.n_runtime:
+        if not _Launcher.enabled or len(args) != self.n_runtime:
             return self.fn[grid](*args, num_warps=num_warps, **constexprs)
         const_values = tuple(constexprs[name] for name in self.constexpr_names)
         key = (tuple(self._spec(a) for a in args), const_values, num_warps, torch.cuda.current_device())
         kernel = self.compiled.get(key)
         if kernel is not None:
-            kernel[grid](*args, *const_values)
-            return
+            grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+            try:
+                kernel[grid3](*args, *const_values)
+                _Launcher.hits += 1
+                return
+            except Exception as exc:  # keep working, say so: the ordinary path below redoes it
+                _Launcher.enabled = False
+                warnings.warn(f"mlla_kernels.dwconv: cached Triton relaunch failed ({type(exc).__name__}: {exc}); "
+                              f"using Triton's ordinary launch path from now on")
         kernel = self.fn[grid](*args, num_warps=num_warps, **constexprs)
-        if hasattr(kernel, "packed_metadata") and hasattr(kernel, "__getitem__"):
+        if _Launcher.enabled and hasattr(kernel, "packed_metadata") and hasattr(kernel, "__getitem__"):
             self.compiled[key] = kernel
 
 
