@@ -293,9 +293,10 @@ def test_quickstart_adapts_the_config():
     assert cpu.test_evaluator.ann_file == '/x/shapes/annotations/instances_val.json'
 
     # An explicit length is honoured, on any device, and stretches the schedule with it.
+    doubled = 2 * gpu.train_cfg.max_iters
     longer = quickstart.load_config(
-        quickstart.parse_args(['--cfg-options', 'train_cfg.max_iters=6000']), 'cpu')
-    assert longer.train_cfg.max_iters == 6000 and longer.param_scheduler[1]['end'] == 6000
+        quickstart.parse_args(['--cfg-options', f'train_cfg.max_iters={doubled}']), 'cpu')
+    assert longer.train_cfg.max_iters == doubled and longer.param_scheduler[1]['end'] == doubled
     assert longer.train_cfg.val_interval == 2 * gpu.train_cfg.val_interval
 
 
