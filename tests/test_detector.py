@@ -191,3 +191,41 @@ def test_backbone_and_neck_forward(name, embed_dim):
         (1, 256, 16, 24), (1, 256, 8, 12), (1, 256, 4, 6), (1, 256, 2, 3), (1, 256, 1, 2)]
     for x in stages + levels:
         assert torch.isfinite(x).all()
+
+
+def published_layout(reference_dir: str, arch: str = 'MLLA-T') -> dict:
+    """{key: shape} of the detection backbone as listed in state_dict_keys.md."""
+    text = open(osp.join(reference_dir, 'state_dict_keys.md')).read()
+    section = text.split(f'Full detection-backbone layout of {arch}')[1].split('```')[1]
+    layout = {}
+    for line in section.strip().splitlines():
+        key, shape = line.split(' ', 1)
+        layout[key] = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+    return layout
+
+
+def test_published_mask_rcnn_checkpoint_loads_with_nothing_missing_or_unexpected(reference_dir, tmp_path):
+    """A checkpoint in the layout of the paper's Mask R-CNN release (rope tables included) loads
+    into the T config's detector strictly, and every tensor lands where it belongs."""
+    from mmengine.runner import load_checkpoint
+
+    layout = published_layout(reference_dir)
+    assert len(layout) == 521
+    source = build_detector('t_fpn_1x')
+    own_backbone = {k: tuple(v.shape) for k, v in source.backbone.state_dict().items()}
+    assert own_backbone == {k: s for k, s in layout.items() if not k.endswith('attn.rope.rotations')}
+
+    state = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+             for k, v in source.state_dict().items()}
+    for key, shape in layout.items():
+        if key.endswith('attn.rope.rotations'):
+            state['backbone.' + key] = torch.randn(shape)
+    path = tmp_path / 'mask_rcnn_mlla_t_1x.pth'
+    torch.save({'meta': {}, 'state_dict': state}, path)
+
+    target = build_detector('t_fpn_1x')
+    load_checkpoint(target, str(path), map_location='cpu', strict=True)
+    loaded = target.state_dict()
+    assert set(loaded) == {k for k in state if not k.endswith('attn.rope.rotations')}
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
