@@ -19,8 +19,8 @@ weights after every step: mmengine itself logs rank 0 only.
   number, so the sampler pads rank 1 with a repeat that the gathering must drop) is predicted
   exactly once, the same predictions, the same COCO metrics.
 
-Two things stand in for changes the tools need before they run distributed without CUDA (see
-SITECUSTOMIZE and CPU_DDP_OPTIONS); both are inert once the tools handle it.
+Without CUDA the tools create the gloo process group themselves and wrap the model in DDP without
+device ids (tools/train.py: init_distributed_without_cuda); the runs only choose gloo.
 """
 import glob
 import json
@@ -59,24 +59,9 @@ TRAIN_PIPELINE = [
 TRAIN_OPTIONS = ['model.train_cfg.rpn.sampler.num=4096', 'model.train_cfg.rcnn.sampler.num=512',
                  'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None']
 
-# For every 2-process run. mmengine wraps the model in DDP with device_ids=[LOCAL_RANK], which DDP
-# refuses for a module on the CPU; a CPU module needs device_ids=None. broadcast_buffers=False
-# as in mmengine's default wrapper.
-CPU_DDP_OPTIONS = ['env_cfg.dist_cfg.backend=gloo',
-                   'model_wrapper_cfg.type=MMDistributedDataParallel',
-                   'model_wrapper_cfg.device_ids=None',
-                   'model_wrapper_cfg.broadcast_buffers=False']
-
-# mmengine's init_dist(launcher='pytorch') calls torch.cuda.set_device(LOCAL_RANK) before it
-# creates the process group, whatever the backend: "Found no NVIDIA driver" on a machine without
-# CUDA. Until tools/train.py creates the gloo process group itself there (mmengine's Runner skips
-# init_dist when one exists), this sitecustomize on the subprocesses' PYTHONPATH makes that one
-# call a no-op where CUDA is unavailable.
-SITECUSTOMIZE = '''\
-import torch
-if not torch.cuda.is_available():
-    torch.cuda.set_device = lambda device: None
-'''
+# For every 2-process run: gloo, since there is no GPU; tools/train.py and tools/test.py create
+# the process group themselves and wrap the CPU model in DDP without device ids.
+CPU_DDP_OPTIONS = ['env_cfg.dist_cfg.backend=gloo']
 
 # Records every training step of every rank.
 RECORDER = '''\
@@ -117,7 +102,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def subprocess_env(shim_dir):
+def subprocess_env(shim_dir):  # the step recorder module lives there
     # One thread: the tiny model gains nothing from more, and two processes share 2 cores.
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
                MASTER_ADDR='127.0.0.1', PORT=str(free_port()))
@@ -228,8 +213,6 @@ class Workspace:
         write_split(data_root, 'val', clean_cases('val', VAL_IMAGES, seed=12), seed=12)
         self.shim_dir = str(root / 'shim')
         os.makedirs(self.shim_dir)
-        with open(osp.join(self.shim_dir, 'sitecustomize.py'), 'w') as f:
-            f.write(SITECUSTOMIZE)
         with open(osp.join(self.shim_dir, 'step_recorder.py'), 'w') as f:
             f.write(RECORDER)
         self.config = write_config(

@@ -9,8 +9,9 @@ import argparse
 import os
 
 # tools/ is on sys.path when this file runs as a script: share train.py's checks.
-from train import (PreflightError, add_common_args, fail, import_mlla_det, load_config,  # noqa: E402
-                   require_checkpoint, require_config_file, require_dataset)
+from train import (PreflightError, add_common_args, fail, import_mlla_det,  # noqa: E402
+                   init_distributed_without_cuda, load_config, require_checkpoint,
+                   require_config_file, require_dataset)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +57,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         cfg = prepare(args)
+        init_distributed_without_cuda(cfg)
     except PreflightError as error:
         fail(str(error))
 

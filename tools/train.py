@@ -212,6 +212,37 @@ def require_checkpoint(path: str, what: str) -> None:
         raise PreflightError(f"{what} not found: {path} (absolute: {osp.abspath(path)})")
 
 
+def init_distributed_without_cuda(cfg: Config) -> None:
+    """Make `--launcher pytorch` work on a machine without CUDA (gloo backend).
+
+    mmengine's init_dist(launcher='pytorch') calls torch.cuda.set_device(LOCAL_RANK) before it
+    creates the process group, whatever the backend, and its Runner wraps the model in DDP with
+    device_ids=[LOCAL_RANK], which DDP refuses for a module on the CPU. So create the process
+    group here (the Runner skips init_dist when one exists) and wrap without device ids."""
+    import datetime
+
+    import torch
+    import torch.distributed as torch_dist
+
+    if cfg.launcher == 'none' or torch.cuda.is_available() or torch_dist.is_initialized():
+        return
+    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    backend = dist_cfg.get('backend', 'nccl')
+    if backend != 'gloo':
+        raise PreflightError(f"launcher {cfg.launcher!r} without CUDA: the {backend!r} backend "
+                             f"needs GPUs; on the CPU use gloo: --cfg-options "
+                             f"env_cfg.dist_cfg.backend=gloo")
+    timeout = dist_cfg.get('timeout')
+    kwargs = {} if timeout is None else dict(timeout=datetime.timedelta(seconds=timeout))
+    torch_dist.init_process_group(backend='gloo', **kwargs)
+    wrapper = cfg.get('model_wrapper_cfg') or dict(
+        type='MMDistributedDataParallel', broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
+    if wrapper.get('type', 'MMDistributedDataParallel') == 'MMDistributedDataParallel':
+        wrapper.setdefault('device_ids', None)
+    cfg.model_wrapper_cfg = wrapper
+
+
 # ------------------------------------------------------------------------------ main
 
 def prepare(args: argparse.Namespace) -> Config:
@@ -248,6 +279,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         cfg = prepare(args)
+        init_distributed_without_cuda(cfg)
     except PreflightError as error:
         fail(str(error))
 
