@@ -5,7 +5,7 @@ Importing this module registers the torch.library ops mlla::linear_attention_fwd
 import torch
 
 from .launch import SUPPORTED_DTYPES, check_triton_inputs, launch_overrides
-from .op import linear_attention_bwd, linear_attention_fwd
+from .op import LinearAttentionFunction, linear_attention_bwd, linear_attention_fwd
 
 
 def linear_attention_triton(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int,
@@ -21,11 +21,18 @@ def linear_attention_triton(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_hea
     instead (summation order varies between runs). Measured on an H200 (NOTES.md, v1): atomics
     save one launch of host time (0-35% at the host-bound shapes) but were slower where the GPU
     dominates (MLLA-T stage 1 fp32 fwd+bwd 2.20 vs 1.50 ms), so the default stays deterministic.
+
+    Under torch.compile the call goes through the torch.library ops (one opaque node, SymInt
+    H and W); in eager mode through an autograd.Function on the same kernels, which skips the
+    ops' per-call dispatch cost.
     """
     check_triton_inputs(qk, v, hw_shape, num_heads)
-    out, _ = linear_attention_fwd(qk, v, hw_shape[0], hw_shape[1], num_heads, deterministic)
-    return out
+    height, width = hw_shape
+    if torch.compiler.is_compiling():
+        out, _ = linear_attention_fwd(qk, v, height, width, num_heads, deterministic)
+        return out
+    return LinearAttentionFunction.apply(qk, v, height, width, num_heads, deterministic)
 
 
-__all__ = ["SUPPORTED_DTYPES", "check_triton_inputs", "launch_overrides", "linear_attention_bwd",
-           "linear_attention_fwd", "linear_attention_triton"]
+__all__ = ["LinearAttentionFunction", "SUPPORTED_DTYPES", "check_triton_inputs", "launch_overrides",
+           "linear_attention_bwd", "linear_attention_fwd", "linear_attention_triton"]

@@ -56,3 +56,25 @@ def _backward(ctx, grad_out, _grad_state):
 
 
 linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LinearAttentionFunction(torch.autograd.Function):
+    """The same kernels for eager calls, without the custom ops' dispatcher round trips.
+
+    A torch.library custom op costs host time on every call (about 0.4 ms per call in a cProfile
+    of the H200 machine, NOTES.md v2), which at stages 2-4 is more than the kernels' own GPU
+    time. Eager calls take this path; torch.compile, which needs the opaque ops, takes those.
+    """
+
+    @staticmethod
+    def forward(ctx, qk, v, height, width, num_heads, deterministic):
+        out, state = attention_forward(qk, v, height, width, num_heads, deterministic)
+        ctx.save_for_backward(qk, v, state)
+        ctx.geometry = (height, width, num_heads, deterministic)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qk, v, state = ctx.saved_tensors
+        grad_qk, grad_v = attention_backward(grad_out, qk, v, state, *ctx.geometry)
+        return grad_qk, grad_v, None, None, None, None
