@@ -153,3 +153,20 @@ def test_dataset_paths_look_inside_dataset_wrappers(train_tool):
     }
     # Files on a storage backend can't be checked locally and are left to the runner.
     assert train_tool.dataset_paths(dict(inner, backend_args=dict(backend='petrel')), 'x') == []
+
+
+def test_polygons_the_evaluation_cannot_rasterise_are_named_up_front(tmp_path):
+    import json
+
+    make_fake_coco(tmp_path)
+    val = tmp_path / 'data' / 'coco' / 'annotations' / 'instances_val2017.json'
+    segmentations = [[[1, 1, 9, 1, 9, 9]], [[2, 2, 8, 8]], {'counts': 'x', 'size': [4, 4]}, [[1, 1, 5, 1, 5]]]
+    val.write_text(json.dumps({'images': [{'id': 7}], 'annotations': [
+        {'id': 100 + i, 'image_id': 7, 'segmentation': seg} for i, seg in enumerate(segmentations)]}))
+    checkpoint = tmp_path / 'model.pth'
+    checkpoint.write_bytes(b'')
+    for result in (run(TEST, CONFIG_T, checkpoint, cwd=tmp_path),
+                   run(TRAIN, CONFIG_T, '--cfg-options', 'model.backbone.init_cfg=None', cwd=tmp_path)):
+        assert_fails_with(result, 'fewer than 3 points', 'annotation 101 (image 7): 4 numbers',
+                          'annotation 103 (image 7): 5 numbers')
+        assert 'annotation 100 ' not in result[2] and 'annotation 102 ' not in result[2]

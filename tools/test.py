@@ -11,7 +11,7 @@ import os
 # tools/ is on sys.path when this file runs as a script: share train.py's checks.
 from train import (PreflightError, add_common_args, fail, import_mlla_det,  # noqa: E402
                    init_distributed_without_cuda, load_config, require_checkpoint,
-                   require_config_file, require_dataset)
+                   require_config_file, require_dataset, require_evaluable_annotations)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +41,7 @@ def prepare(args: argparse.Namespace):
     if args.show_dir:
         enable_painting(cfg, args.show_dir)
     require_dataset(cfg, ['test'])
+    require_evaluable_annotations(cfg, ['test'])
     return cfg
 
 

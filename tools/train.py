@@ -180,6 +180,47 @@ def require_dataset(cfg: Config, splits) -> None:
     raise PreflightError(f"dataset not found; missing:\n{listing}\n{COCO_HELP}{toy_help}")
 
 
+def malformed_polygons(ann_file: str, limit: int = 5):
+    """(annotation id, image id, number count) of polygons pycocotools cannot rasterise.
+
+    A polygon needs at least 3 points (6 numbers) in x, y pairs; pycocotools fails on fewer with
+    an unhelpful TypeError in the middle of the first evaluation, after a whole epoch of training.
+    """
+    import json
+
+    with open(ann_file) as f:
+        annotations = json.load(f).get('annotations', [])
+    bad = []
+    for ann in annotations:
+        polygons = ann.get('segmentation')
+        if not isinstance(polygons, list):  # RLE, or no mask
+            continue
+        for polygon in polygons:
+            if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+                bad.append((ann.get('id'), ann.get('image_id'), len(polygon) if isinstance(polygon, list) else None))
+                break
+        if len(bad) == limit:
+            break
+    return bad
+
+
+def require_evaluable_annotations(cfg: Config, splits) -> None:
+    """The COCO files the evaluators read must hold only masks pycocotools can rasterise."""
+    for split in splits:
+        if split == 'train' or cfg.get(f'{split}_evaluator') is None:
+            continue
+        for where, path in evaluator_paths(cfg.get(f'{split}_evaluator'), f'{split}_evaluator'):
+            if _is_remote(path) or not path.endswith('.json') or not osp.isfile(path):
+                continue
+            bad = malformed_polygons(path)
+            if bad:
+                listing = '\n'.join(f'  annotation {ann_id} (image {image_id}): {count} numbers'
+                                     for ann_id, image_id, count in bad)
+                raise PreflightError(
+                    f"{path} (from {where}) holds polygons with fewer than 3 points, which the COCO "
+                    f"evaluation cannot rasterise; fix or remove them (first {len(bad)} shown):\n{listing}")
+
+
 def pretrained_checkpoints(node, where: str = 'model'):
     """(description, path) of every `Pretrained` init_cfg under a model config."""
     found = []
@@ -271,6 +312,7 @@ def prepare(args: argparse.Namespace) -> Config:
 
     splits = ['train'] + (['val'] if cfg.get('val_cfg') and cfg.get('val_dataloader') else [])
     require_dataset(cfg, splits)
+    require_evaluable_annotations(cfg, splits)
     require_pretrained(cfg)
     return cfg
 
