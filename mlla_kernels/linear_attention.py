@@ -78,6 +78,15 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = None, hea
     return impl
 
 
+def _autocast_inputs(qk, v):
+    if (isinstance(qk, torch.Tensor) and isinstance(v, torch.Tensor) and qk.dtype != v.dtype
+            and qk.is_floating_point() and v.is_floating_point()
+            and torch.is_autocast_enabled(v.device.type)):
+        dtype = torch.get_autocast_dtype(v.device.type)
+        return qk.to(dtype), v.to(dtype)
+    return qk, v
+
+
 def linear_attention(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int, impl: str = "auto") -> torch.Tensor:
     """MLLA linear attention without LePE (DESIGN.md steps 2-4).
 
@@ -90,7 +99,12 @@ def linear_attention(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int
             or "auto" (the kernels on CUDA where they support the inputs, the reference elsewhere).
     Returns:
         (B, N, C) tensor in v's dtype.
+
+    Under torch.autocast, qk and v of different floating dtypes (an autocast Linear's bf16 qk
+    beside an fp32 v, say) are both taken in the autocast dtype, as autocast's own matmuls would;
+    outside it they must share a dtype.
     """
+    qk, v = _autocast_inputs(qk, v)
     check_inputs(qk, v, hw_shape, num_heads)
     impl = resolve_impl(impl, v.device, v.dtype, v.shape[-1] // num_heads)
     hw_shape = normalize_hw_shape(hw_shape)

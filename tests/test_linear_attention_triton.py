@@ -384,3 +384,11 @@ def test_eager_function_and_custom_ops_run_the_same_kernels(gen):
         assert torch.equal(a, b)
     ref = linear_attention_reference(qk.double(), v.double(), (5, 7), 2)
     assert rel_err(results[0][0], ref) < 1e-5
+
+
+def test_autocast_mixed_inputs_reach_the_kernels_in_the_autocast_dtype(gen):
+    qk, v = make_inputs(gen, 1, 4, 6, 16, torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = linear_attention(qk.bfloat16(), v, (4, 6), 2, impl="triton")
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, linear_attention_reference(qk.double(), v.double(), (4, 6), 2)) < 2e-2

@@ -116,3 +116,14 @@ def test_nan_propagates_like_the_definition():
     out = linear_attention(qk, v, (3, 4), 2, impl="reference")
     # a NaN in value channel 0 poisons column 0 of its head's KV: that output channel, everywhere
     assert out[..., 0].isnan().all() and not out[..., 1:].isnan().any()
+
+
+def test_autocast_takes_mixed_inputs_in_its_dtype():
+    qk, v = torch.randn(2, 12, 16), torch.randn(2, 12, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_attention(qk.bfloat16(), v, (3, 4), 2, impl="reference")
+    assert out.dtype == torch.bfloat16
+    ref = linear_attention_reference(qk.double(), v.double(), (3, 4), 2)
+    assert rel_err(out, ref) < 2e-2
+    with pytest.raises(TypeError, match="share a dtype"):  # outside autocast: no silent cast
+        linear_attention(qk.bfloat16(), v, (3, 4), 2, impl="reference")
