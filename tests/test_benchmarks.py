@@ -106,3 +106,32 @@ def test_bench_and_bandwidth_on_cpu():
     ms = common.bench(lambda: calls.append(sum(range(1000))), warmup_ms=0, rep_ms=5, device="cpu")
     assert ms > 0 and len(calls) >= 1
     assert common.copy_bandwidth_gbs("cpu", size_mb=8) > 0
+
+
+def test_attention_chart_from_json(tmp_path):
+    """plot_attention.py draws a PNG from attention.py's JSON, gaps where a number is missing."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for stage, (hw, channels) in enumerate((((20, 32), 64), ((10, 16), 128)), start=1):
+        for dtype in ("fp32", "bf16"):
+            row = dict(model="T", stage=stage, hw=list(hw), channels=channels, dtype=dtype, batch=2)
+            for mode in ("fwd", "fwd_bwd"):
+                row.update({f"{mode}_eager_ms": 3.0 / stage, f"{mode}_fused_ms": 0.3 / stage,
+                            f"{mode}_fused_graph_ms": 0.2 / stage})
+            if stage == 1:
+                row["fwd_compile_ms"] = 2.0
+            rows.append(row)
+    source = tmp_path / "attention.json"
+    source.write_text(json.dumps(dict(device="test card", torch="x", triton="y", rows=rows)))
+    chart = tmp_path / "chart.png"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "plot_attention.py")
+    done = subprocess.run([sys.executable, script, str(source), "--out", str(chart)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run([sys.executable, script, str(source), "--out", str(chart), "--model", "B"],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "no rows for model 'B'" in missing.stderr
