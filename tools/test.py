@@ -9,9 +9,9 @@ import argparse
 import os
 
 # tools/ is on sys.path when this file runs as a script: share train.py's checks.
-from train import (PreflightError, add_common_args, fail, import_mlla_det,  # noqa: E402
-                   init_distributed_without_cuda, load_config, require_checkpoint,
-                   require_config_file, require_dataset, require_evaluable_annotations)
+from train import (PreflightError, add_common_args, build_runner, checked_config,  # noqa: E402
+                   import_mlla_det, load_config, require_checkpoint, require_config_file,
+                   require_dataset)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +41,6 @@ def prepare(args: argparse.Namespace):
     if args.show_dir:
         enable_painting(cfg, args.show_dir)
     require_dataset(cfg, ['test'])
-    require_evaluable_annotations(cfg, ['test'])
     return cfg
 
 
@@ -56,20 +55,9 @@ def enable_painting(cfg, show_dir: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        cfg = prepare(args)
-        init_distributed_without_cuda(cfg)
-    except PreflightError as error:
-        fail(str(error))
-
-    from mmdet.evaluation import DumpDetResults
-    from mmdet.utils import setup_cache_size_limit_of_dynamo
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-
-    setup_cache_size_limit_of_dynamo()
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = build_runner(checked_config(prepare, args))
     if args.out is not None:
+        from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     runner.test()
 

@@ -156,7 +156,8 @@ def evaluator_paths(evaluator_cfg, where: str):
 
 
 def require_dataset(cfg: Config, splits) -> None:
-    """Every path the given splits ('train', 'val', 'test') read must exist."""
+    """Every path the given splits ('train', 'val', 'test') read must exist, and the
+    evaluators' COCO files must be ones the evaluation can read."""
     paths = []
     for split in splits:
         loader = cfg.get(f'{split}_dataloader')
@@ -170,6 +171,7 @@ def require_dataset(cfg: Config, splits) -> None:
         if not _is_remote(path) and not osp.exists(path) and path not in (p for _, p in missing):
             missing.append((where, path))
     if not missing:
+        require_evaluable_annotations(cfg, splits)
         return
     listing = '\n'.join(f'  {path}  (from {where}; absolute: {osp.abspath(path)})'
                         for where, path in missing)
@@ -312,26 +314,33 @@ def prepare(args: argparse.Namespace) -> Config:
 
     splits = ['train'] + (['val'] if cfg.get('val_cfg') and cfg.get('val_dataloader') else [])
     require_dataset(cfg, splits)
-    require_evaluable_annotations(cfg, splits)
     require_pretrained(cfg)
     return cfg
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def checked_config(prepare_fn, args: argparse.Namespace) -> Config:
+    """The tool's config after its checks (and, without CUDA, the gloo process group); exits
+    with the check's message when one fails."""
     try:
-        cfg = prepare(args)
+        cfg = prepare_fn(args)
         init_distributed_without_cuda(cfg)
     except PreflightError as error:
         fail(str(error))
+    return cfg
 
+
+def build_runner(cfg: Config):
     from mmdet.utils import setup_cache_size_limit_of_dynamo
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
     setup_cache_size_limit_of_dynamo()
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    build_runner(checked_config(prepare, args)).train()
 
 
 if __name__ == '__main__':
