@@ -1,4 +1,4 @@
-"""Whole MLLA backbone: images/s and peak memory, eager vs torch.compile vs fused attention.
+"""Whole MLLA backbone: images/s and peak memory, eager vs torch.compile vs fused kernels.
 
     python benchmarks/backbone.py [--arch t] [--batch 2] [--size 800 1280] [--json PATH]
     python benchmarks/backbone.py --profile          # where the time goes, top ops by CUDA time
@@ -7,10 +7,11 @@
 What is compared, for each mode (inference: forward under no_grad; train: forward + backward of a
 loss on all four outputs, no optimizer) and each dtype (fp32; bf16 = fp32 weights under
 torch.autocast(bfloat16)):
-- eager:   the backbone with attn_impl='reference' (the attention as a dozen PyTorch ops);
-- compile: torch.compile of that eager backbone (default mode, static shapes); the time of the
-           first call, which compiles, is reported separately as first_call_s;
-- fused:   attn_impl='auto', i.e. the fused Triton kernels on CUDA.
+- eager:      the paper's block as PyTorch ops (attn_impl and conv_impl 'reference');
+- compile:    torch.compile of that eager backbone (default mode, static shapes); the time of the
+              first call, which compiles, is reported separately as first_call_s;
+- fused-attn: only the attention fused (attn_impl='auto', conv_impl='reference');
+- fused:      the backbone's default on CUDA: fused attention and fused depthwise convolutions.
 The backbone is built from the Mask R-CNN config of the arch (drop_path_rate as in the 1x config),
 with random weights and fresh torch.randn images. Timing: triton.testing.do_bench (CUDA events,
 warm-up, median of the repeats) after one untimed first call; peak memory: one call after
@@ -27,19 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import (ARCHS, bench, detector_config, environment, error_text, free_memory,  # noqa: E402
-                               peak_memory_mb, print_table, set_attn_impl, synchronize, write_json)
+                               KERNEL_IMPLS, peak_memory_mb, print_table, set_kernel_impls, synchronize,
+                               write_json)
 
-IMPLS = ("eager", "compile", "fused")
+IMPLS = tuple(KERNEL_IMPLS)
 DTYPES = ("fp32", "bf16")
 MODES = ("inference", "train")
-ATTN_IMPL = {"eager": "reference", "compile": "reference", "fused": "auto"}
 PROFILE_LABEL = "mlla_kernels.linear_attention"
 
 
 def build_backbone(arch: str, device) -> torch.nn.Module:
     import mlla_det  # noqa: F401  registers MLLA
     from mmdet.registry import MODELS
-    cfg = detector_config(arch, attn_impl="reference")
+    cfg = detector_config(arch)
     return MODELS.build(cfg.model.backbone).to(device)
 
 
@@ -68,8 +69,8 @@ def make_step(model, images, mode: str, dtype: str, device):
 
 
 def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
-    """Set the attention implementation and mode; returns (step, model to run)."""
-    set_attn_impl(backbone, ATTN_IMPL[impl])
+    """Set the kernel implementations and mode; returns the step to time."""
+    set_kernel_impls(backbone, impl)
     backbone.train(mode == "train")
     model = backbone
     if impl == "compile":
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
             write_json(args.json, rows)
         if not args.profile:
             row = rows[-1]
-            print(f"  {row['mode']:9s} {row['impl']:7s} {row['dtype']}: "
+            print(f"  {row['mode']:9s} {row['impl']:10s} {row['dtype']}: "
                   + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"), flush=True)
     if not args.profile:
         add_speedups(rows)

@@ -188,7 +188,7 @@ def config_path(arch: str, schedule: str = "1x") -> Path:
     return REPO_ROOT / "configs" / "mlla" / f"mask-rcnn_mlla-{arch}_fpn_{schedule}_coco.py"
 
 
-def detector_config(arch: str, attn_impl: str = "auto"):
+def detector_config(arch: str, attn_impl: str = "auto", conv_impl: str = "auto"):
     """The Mask R-CNN config of the paper's row for `arch`, without pretrained weights."""
     add_repo_to_path()
     from mmengine.config import Config
@@ -199,6 +199,7 @@ def detector_config(arch: str, attn_impl: str = "auto"):
     # Random weights: the numbers measured here do not depend on them, and no checkpoint is needed.
     cfg.model.backbone.init_cfg = None
     cfg.model.backbone.attn_impl = attn_impl
+    cfg.model.backbone.conv_impl = conv_impl
     return cfg
 
 
@@ -230,13 +231,29 @@ def quiet_mmengine():
         logger.setLevel(level)
 
 
-def set_attn_impl(model: torch.nn.Module, impl: str) -> int:
-    """Switch every MLLA attention module of model to impl; returns how many were switched."""
+# What each benchmarked implementation sets on the backbone: (attn_impl, conv_impl).
+# eager/compile: the paper's block as PyTorch ops; fused-attn: only the attention fused;
+# fused: everything the package fuses (the backbone's default on CUDA).
+KERNEL_IMPLS = {
+    "eager": ("reference", "reference"),
+    "compile": ("reference", "reference"),
+    "fused-attn": ("auto", "reference"),
+    "fused": ("auto", "auto"),
+}
+
+
+def set_kernel_impls(model: torch.nn.Module, impl: str) -> int:
+    """Switch every MLLA attention and block of model to the implementation `impl` (a key of
+    KERNEL_IMPLS); returns how many modules were switched."""
+    attn_impl, conv_impl = KERNEL_IMPLS[impl]
     switched = 0
     for module in model.modules():
         if hasattr(module, "attn_impl"):
-            module.attn_impl = impl
+            module.attn_impl = attn_impl
+            switched += 1
+        if hasattr(module, "conv_impl"):
+            module.conv_impl = conv_impl
             switched += 1
     if switched == 0:
-        raise ValueError("model has no module with an `attn_impl` attribute (is it an MLLA model?)")
+        raise ValueError("model has no module with an `attn_impl` or `conv_impl` attribute (is it an MLLA model?)")
     return switched

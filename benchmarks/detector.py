@@ -1,12 +1,13 @@
-"""Mask R-CNN with an MLLA backbone: training iterations and inference, eager vs fused attention.
+"""Mask R-CNN with an MLLA backbone: training iterations and inference, eager vs fused kernels.
 
     python benchmarks/detector.py [--arch t] [--json PATH]
     python benchmarks/detector.py --cpu-sanity       # tiny sizes on the CPU: proves the script runs
 
 What is measured, for each dtype (fp32; bf16 = torch.autocast(bfloat16) over the forward and the
 losses, fp32 weights and AdamW state, as mmengine's AmpOptimWrapper(dtype='bfloat16') does minus
-its loss scaler, which bf16 does not need) and each attention (eager: attn_impl='reference';
-fused: attn_impl='auto', the Triton kernels on CUDA):
+its loss scaler, which bf16 does not need) and each backbone implementation (eager: the paper's
+block as PyTorch ops; fused-attn: only the attention fused; fused: the default on CUDA, fused
+attention and depthwise convolutions):
 - train: one full iteration as the runner does it: data preprocessor (normalise, pad to 32),
   forward with losses (RPN, bbox, mask), backward, AdamW step with the config's optimizer wrapper
   (lr 1e-4, weight decay 0.05, none on norms). Batch: 2 synthetic images of 800x1216 and 800x1184
@@ -33,12 +34,11 @@ import torch  # noqa: E402
 
 from benchmarks.common import (ARCHS, bench, build_detector, detector_config, environment,  # noqa: E402
                                error_text, free_memory, peak_memory_mb, print_table, quiet_mmengine,
-                               set_attn_impl, synchronize, write_json)
+                               KERNEL_IMPLS, set_kernel_impls, synchronize, write_json)
 
-IMPLS = ("eager", "fused")
+IMPLS = tuple(impl for impl in KERNEL_IMPLS if impl != "compile")
 DTYPES = ("fp32", "bf16")
 MODES = ("train", "inference")
-ATTN_IMPL = {"eager": "reference", "fused": "auto"}
 TRAIN_SIZES = ((800, 1216), (800, 1184))
 INFER_SIZE = (800, 1216)
 
@@ -125,7 +125,7 @@ class Bench:
     def __init__(self, args, device):
         from mmengine.optim import build_optim_wrapper
         self.args, self.device = args, device
-        cfg = detector_config(args.arch, attn_impl="reference")
+        cfg = detector_config(args.arch)
         # Random weights score every class near 1/81; a zero threshold keeps the 100 detections per
         # image (and their masks) that a trained model produces.
         cfg.model.test_cfg.rcnn.score_thr = 0.0
@@ -138,7 +138,7 @@ class Bench:
         self.num_classes = cfg.model.roi_head.bbox_head.num_classes
 
     def step(self, mode: str, impl: str, dtype: str, seed: int):
-        set_attn_impl(self.model, ATTN_IMPL[impl])
+        set_kernel_impls(self.model, impl)
         if mode == "train":
             self.model.train()
             batch = synthetic_batch(self.args.train_sizes, self.args.instances, self.num_classes, seed,

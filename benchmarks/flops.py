@@ -4,7 +4,7 @@
 
 How it counts (on the CPU, a few minutes for all three):
 - The detector is built from configs/mlla/mask-rcnn_mlla-{t,s,b}_fpn_1x_coco.py with the backbone's
-  init_cfg removed (random weights) and attn_impl='reference', the eager PyTorch attention.
+  init_cfg removed (random weights) and attn_impl/conv_impl='reference', the eager PyTorch ops.
 - Parameters: every parameter of the detector (mmengine.analysis.parameter_count).
 - FLOPs: mmengine.analysis.FlopAnalyzer (a torch.jit trace; one multiply-add counts as one FLOP)
   of the detector's tensor forward on one (1, 3, H, W) image: backbone + FPN neck + RPN head convs,
@@ -92,7 +92,7 @@ def attention_matmul_flops(backbone_cfg, batch: int, height: int, width: int) ->
 def count(arch: str, height: int, width: int, num_proposals: int = NUM_PROPOSALS, verbose: bool = False) -> dict:
     from mmengine.analysis import FlopAnalyzer, parameter_count
 
-    cfg = detector_config(arch, attn_impl="reference")
+    cfg = detector_config(arch, attn_impl="reference", conv_impl="reference")
     detector = build_detector(cfg).eval()
     wrapper = DetectorTensorForward(detector).eval()
     generator = torch.Generator().manual_seed(0)

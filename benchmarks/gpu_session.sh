@@ -1,49 +1,80 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks and measures, in stages that each fit one device call
-# (< 10 minutes on an H100/H200). On the GPU machine, from the project's root, with .whl carried:
-#   source .whl/prelude.sh && bash benchmarks/gpu_session.sh tests     # all GPU tests
-#   source .whl/prelude.sh && bash benchmarks/gpu_session.sh kernels   # attention + dwconv benchmarks
-#   source .whl/prelude.sh && bash benchmarks/gpu_session.sh models    # backbone (+profile) + detector
-#   source .whl/prelude.sh && bash benchmarks/gpu_session.sh shapes    # the quick start: train, eval, picture
-# Full logs and JSON go to $OUT (the device tool brings them back); a short summary prints last.
+# Everything a GPU session checks and measures, as stages run in the order given; pick the stages
+# so that one device call stays under 10 minutes. On the GPU machine, from the project's root,
+# with .whl carried:
+#   source .whl/prelude.sh && bash benchmarks/gpu_session.sh tests dwconv backbone
+# Stages (rough H100/H200 wall time):
+#   tests            all GPU tests, three pytest processes side by side (~3 min, compiles included)
+#   attention        benchmarks/attention.py, MLLA-T and -B (~4 min)
+#   dwconv           benchmarks/dwconv.py, fwd+bwd compiled once per conv (~2 min)
+#   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
+#   backbone-compile torch.compile of the eager backbone, train, bf16 and fp32 (~2 min)
+#   profile          backbone.py --profile T, train, bf16: eager and fused (~1 min)
+#   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
+#   shapes           the quick start: train, evaluate, render a prediction (~9 min)
+#   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
+#                    prediction (needs a 2-GPU machine; ~5 min)
+# Full logs and JSON go to $OUT (the device tool brings them back); short summaries print.
 # The golden-data tests need ../shared/reference on the GPU machine too, where only the repository
 # travels: once here, `mkdir -p shared && cp -r ../shared/reference shared/ && echo /shared/ >>
 # .git/info/exclude`, then carry "shared" (30 MB) with ".whl".
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|models|shapes}
+[ $# -ge 1 ] || { echo "usage: gpu_session.sh STAGE... (see the header)" >&2; exit 2; }
 out=${OUT:-/tmp/gpu_session}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 reference_dir=${MLLA_REFERENCE_DIR:-shared/reference}
 [ -d "$reference_dir" ] || reference_dir=../shared/reference
+export MLLA_REFERENCE_DIR=$reference_dir
 
-case "$stage" in
-  tests)
-    MLLA_REFERENCE_DIR=$reference_dir timeout 540 python3 -m pytest -m gpu -q -rf tests \
-      > "$out/gpu_tests.log" 2>&1
-    tail -n 15 "$out/gpu_tests.log" ;;
-  kernels)
-    timeout 300 python3 benchmarks/attention.py --json "$out/attention.json" --compile-budget-s 60 \
-      > "$out/attention.log" 2>&1
-    timeout 240 python3 benchmarks/dwconv.py --json "$out/dwconv.json" --compile-budget-s 60 \
-      > "$out/dwconv.log" 2>&1
-    tail -n 30 "$out/attention.log"; tail -n 20 "$out/dwconv.log" ;;
-  models)
-    timeout 150 python3 benchmarks/backbone.py --arch t --impls eager fused --json "$out/backbone_t.json" \
-      > "$out/backbone_t.log" 2>&1
-    timeout 90 python3 benchmarks/backbone.py --arch t --profile --modes train --impls eager fused \
-      --profile-steps 2 --json "$out/backbone_t_profile.json" > "$out/backbone_t_profile.log" 2>&1
-    timeout 150 python3 benchmarks/detector.py --arch t --json "$out/detector_t.json" \
-      > "$out/detector_t.log" 2>&1
-    timeout 150 python3 benchmarks/backbone.py --arch t --impls compile --modes train --dtypes bf16 \
-      --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
-    tail -n 14 "$out/backbone_t.log" "$out/detector_t.log" "$out/backbone_t_compile.log" ;;
-  shapes)
-    timeout 560 python3 tools/shapes_quickstart.py --work-dir /tmp/shapes_work --data-root /tmp/shapes_data \
-      > "$out/shapes_quickstart.log" 2>&1
-    echo "quickstart exit: $?"
-    cp /tmp/shapes_work/metrics.json /tmp/shapes_work/prediction.png "$out/" 2>/dev/null
-    grep -E "mAP_copypaste" "$out/shapes_quickstart.log"; tail -n 8 "$out/shapes_quickstart.log" ;;
-  *)
-    echo "unknown stage $stage: use tests, kernels, models or shapes" >&2; exit 2 ;;
-esac
+stamp() { echo "== $1 ($(date +%T))"; }
+
+for stage in "$@"; do
+  stamp "$stage"
+  case "$stage" in
+    tests)
+      timeout 400 python3 -m pytest -m gpu -q -rf tests/test_dwconv.py > "$out/gpu_tests_dwconv.log" 2>&1 &
+      timeout 400 python3 -m pytest -m gpu -q -rf tests/test_linear_attention_triton.py \
+        > "$out/gpu_tests_attention.log" 2>&1 &
+      timeout 400 python3 -m pytest -m gpu -q -rf tests --ignore tests/test_dwconv.py \
+        --ignore tests/test_linear_attention_triton.py > "$out/gpu_tests_other.log" 2>&1 &
+      wait
+      tail -n 6 "$out"/gpu_tests_*.log ;;
+    attention)
+      timeout 300 python3 benchmarks/attention.py --json "$out/attention.json" --compile-budget-s 60 \
+        --sweep-budget-s 0 > "$out/attention.log" 2>&1
+      tail -n 40 "$out/attention.log" ;;
+    dwconv)
+      timeout 200 python3 benchmarks/dwconv.py --json "$out/dwconv.json" --compile dynamic \
+        --compile-modes fwd_bwd --compile-budget-s 45 --sweep-budget-s 0 > "$out/dwconv.log" 2>&1
+      tail -n 30 "$out/dwconv.log" ;;
+    backbone)
+      timeout 200 python3 benchmarks/backbone.py --arch t --impls eager fused-attn fused \
+        --json "$out/backbone_t.json" > "$out/backbone_t.log" 2>&1
+      tail -n 16 "$out/backbone_t.log" ;;
+    backbone-compile)
+      timeout 200 python3 benchmarks/backbone.py --arch t --impls compile --modes train \
+        --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
+      tail -n 6 "$out/backbone_t_compile.log" ;;
+    profile)
+      timeout 120 python3 benchmarks/backbone.py --arch t --profile --modes train --dtypes bf16 \
+        --impls eager fused --profile-steps 3 --json "$out/backbone_t_profile.json" \
+        > "$out/backbone_t_profile.log" 2>&1
+      grep -E "^## |attention op" "$out/backbone_t_profile.log" ;;
+    detector)
+      timeout 200 python3 benchmarks/detector.py --arch t --json "$out/detector_t.json" \
+        > "$out/detector_t.log" 2>&1
+      tail -n 12 "$out/detector_t.log" ;;
+    shapes)
+      timeout 560 python3 tools/shapes_quickstart.py --work-dir /tmp/shapes_work --data-root /tmp/shapes_data \
+        > "$out/shapes_quickstart.log" 2>&1
+      echo "quickstart exit: $?"
+      cp /tmp/shapes_work/metrics.json /tmp/shapes_work/prediction.png "$out/" 2>/dev/null
+      grep -E "mAP_copypaste" "$out/shapes_quickstart.log"; tail -n 8 "$out/shapes_quickstart.log" ;;
+    dist)
+      timeout 540 bash benchmarks/scaling_2gpu.sh "$out" > "$out/dist.log" 2>&1
+      echo "dist exit: $?"; tail -n 25 "$out/dist.log" ;;
+    *)
+      echo "unknown stage $stage (see the header of $0)" >&2; exit 2 ;;
+  esac
+done

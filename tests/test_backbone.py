@@ -141,3 +141,31 @@ def test_bad_arguments_raise_clear_errors():
     model = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
     with pytest.raises(ValueError, match="B, C, H, W"):
         model(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize("attn_impl, conv_impl", [("reference", "triton"), ("triton", "triton")])
+def test_fused_block_matches_reference_in_the_interpreter(golden, attn_impl, conv_impl):
+    """The block wired to the kernels (Triton interpreter on the CPU, a small odd-sized image):
+    outputs and every parameter gradient against the float64 reference path, as close as the fp32
+    reference path is (gradients of a conv bias feeding a train-mode BatchNorm are ~0 exactly, so
+    their relative error is rounding noise in any fp32 run)."""
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 36, 52, dtype=torch.float64)
+    exact = build_golden_model(golden, attn_impl="reference", conv_impl="reference").train()
+    eager = build_golden_model(golden, attn_impl="reference", conv_impl="reference").float().train()
+    fused = build_golden_model(golden, attn_impl=attn_impl, conv_impl=conv_impl).float().train()
+    weights = [torch.randn_like(o) for o in exact(image)]
+    outputs = {}
+    for name, model, dtype in (("exact", exact, torch.float64), ("eager", eager, torch.float32),
+                               ("fused", fused, torch.float32)):
+        outs = model(image.to(dtype))
+        sum((o * w.to(dtype)).sum() for o, w in zip(outs, weights)).backward()
+        outputs[name] = [o.detach().double() for o in outs]
+    for out, eager_out, ref in zip(outputs["fused"], outputs["eager"], outputs["exact"]):
+        assert rel_err(out, ref) < max(4 * rel_err(eager_out, ref), 1e-5)
+    exact_params, eager_params = dict(exact.named_parameters()), dict(eager.named_parameters())
+    for name, param in fused.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        ref = exact_params[name].grad
+        eager_error = rel_err(eager_params[name].grad.double(), ref)
+        assert rel_err(param.grad.double(), ref) < max(4 * eager_error, 1e-4), name

@@ -113,7 +113,8 @@ def check_against_conv2d(batch, height, width, channels, dtype, epilogue, impl="
     if not with_bias:
         bias = None
     out = dwconv3x3_tokens(x, weight, bias, (height, width), epilogue, addend, impl=impl)
-    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    assert out.dtype == dtype and out.shape == x.shape
+    assert impl == "reference" or out.is_contiguous()
 
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     grad_out = torch.randn(x.shape, generator=gen).to(device=x.device, dtype=dtype)

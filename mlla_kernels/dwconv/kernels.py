@@ -399,13 +399,20 @@ _LAUNCHERS = {}
 
 
 def _launch(fn, grid, args, num_warps, **constexprs):
-    if _interpreting(args[0].device):
+    device = args[0].device
+    if _interpreting(device):
         fn[grid](*args, num_warps=num_warps, **constexprs)
         return
     launcher = _LAUNCHERS.get(fn)
     if launcher is None:
         launcher = _LAUNCHERS[fn] = _Launcher(fn)
-    launcher(grid, args, num_warps, **constexprs)
+    # Triton launches on the current device and its stream: switch to the tensors' device when it
+    # is another one (e.g. tensors on cuda:1 while cuda:0 is current).
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            launcher(grid, args, num_warps, **constexprs)
+    else:
+        launcher(grid, args, num_warps, **constexprs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -181,7 +181,8 @@ def dwconv3x3_tokens(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         impl: "triton" (fused kernels; on the CPU only under TRITON_INTERPRET=1), "reference"
             (eager F.conv2d with the reshapes) or "auto" (triton on CUDA, reference elsewhere).
     Returns:
-        (B, N, C), contiguous, in x's dtype. The kernels accumulate in fp32 (fp64 for fp64 x)
+        (B, N, C) in x's dtype, contiguous from the kernels (the reference leaves the layout its
+        eager ops give). The kernels accumulate in fp32 (fp64 for fp64 x)
         whatever the weight's dtype, so under torch.autocast an fp32 weight with bf16 x gives a
         bf16 output and an fp32 weight grad; nothing is downcast.
 

@@ -29,7 +29,10 @@ def map_to_tokens(y: torch.Tensor) -> torch.Tensor:
 
 def dwconv3x3_tokens_reference(x: torch.Tensor, weight: torch.Tensor, bias, hw_shape,
                                epilogue: str = "none", addend=None) -> torch.Tensor:
-    """(B, N, C) tokens -> (B, N, C) contiguous, in x's dtype (weight and bias are cast to it)."""
+    """(B, N, C) tokens -> (B, N, C) in x's dtype (weight and bias are cast to it).
+
+    No copy beyond what the eager ops make: with "none" and "silu" the result is a (B, C, H, W)
+    map seen as tokens (channel stride 1 is not guaranteed), as in the paper's block."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     channels = x.shape[2]
@@ -42,4 +45,4 @@ def dwconv3x3_tokens_reference(x: torch.Tensor, weight: torch.Tensor, bias, hw_s
         y = F.silu(y)
     elif epilogue == "add":
         y = addend + y
-    return y.contiguous()
+    return y

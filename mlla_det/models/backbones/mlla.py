@@ -3,7 +3,9 @@
 Detection form of the model: four stages of MLLA blocks on a convolutional stem, with a LayerNorm
 on each returned stage output. Module and parameter names follow the paper's checkpoints, so its
 ImageNet and Mask R-CNN weights load as they are. The attention math runs through
-`mlla_kernels.linear_attention`, which dispatches to fused Triton kernels on CUDA.
+`mlla_kernels.linear_attention` and the four depthwise 3x3 convolutions of each block through
+`mlla_kernels.dwconv.dwconv3x3_tokens` (token layout, epilogue fused); both dispatch to fused Triton
+kernels on CUDA. The convolutions stay nn.Conv2d modules, so the state dict is the paper's.
 """
 import os
 from typing import Optional, Sequence, Tuple
@@ -20,6 +22,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 
 from mmdet.registry import MODELS
 from mlla_kernels import linear_attention
+from mlla_kernels.dwconv import dwconv3x3_tokens
 
 HwShape = Tuple[int, int]
 
@@ -37,6 +40,13 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 def depthwise_conv3x3(dim: int) -> nn.Conv2d:
     return nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+
+def depthwise_tokens(conv: nn.Conv2d, x: torch.Tensor, hw_shape: HwShape, epilogue: str, impl: str,
+                     addend: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`conv` applied to tokens (B, N, C) with its epilogue: the block's CPE ("residual"), DWC
+    ("silu") and LePE ("add" into the attention output)."""
+    return dwconv3x3_tokens(x, conv.weight, conv.bias, hw_shape, epilogue=epilogue, addend=addend, impl=impl)
 
 
 class ConvNormAct(nn.Module):
@@ -74,13 +84,15 @@ class Mlp(nn.Module):
 class LinearAttention(nn.Module):
     """Linear attention with 2-D RoPE and LePE; q and k from one projection, v is the input."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto",
+                 conv_impl: str = "auto"):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim = dim
         self.num_heads = num_heads
         self.attn_impl = attn_impl
+        self.conv_impl = conv_impl
         self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.lepe = depthwise_conv3x3(dim)
         # The paper's checkpoints carry a fixed 56x56 RoPE table (`rope.rotations`) that detection
@@ -89,10 +101,11 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw_shape: HwShape) -> torch.Tensor:
         out = linear_attention(self.qk(x), x, hw_shape, self.num_heads, impl=self.attn_impl)
-        return out + map_to_tokens(self.lepe(tokens_to_map(x, hw_shape)))
+        return depthwise_tokens(self.lepe, x, hw_shape, "add", self.conv_impl, addend=out)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, attn_impl={self.attn_impl!r}"
+        return (f"dim={self.dim}, num_heads={self.num_heads}, attn_impl={self.attn_impl!r}, "
+                f"conv_impl={self.conv_impl!r}")
 
 
 def _drop_rope_table(state_dict, prefix, *args, **kwargs):
@@ -101,15 +114,17 @@ def _drop_rope_table(state_dict, prefix, *args, **kwargs):
 
 class MLLABlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "auto"):
+                 drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "auto", conv_impl: str = "auto"):
         super().__init__()
+        self.conv_impl = conv_impl
         self.cpe1 = depthwise_conv3x3(dim)
         self.norm1 = nn.LayerNorm(dim)
         self.in_proj = nn.Linear(dim, dim)
         self.act_proj = nn.Linear(dim, dim)
         self.dwc = depthwise_conv3x3(dim)
         self.act = nn.SiLU()
-        self.attn = LinearAttention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl)
+        self.attn = LinearAttention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl,
+                                    conv_impl=conv_impl)
         self.out_proj = nn.Linear(dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.cpe2 = depthwise_conv3x3(dim)
@@ -117,15 +132,14 @@ class MLLABlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, hw_shape: HwShape) -> torch.Tensor:
-        x = x + map_to_tokens(self.cpe1(tokens_to_map(x, hw_shape)))
+        x = depthwise_tokens(self.cpe1, x, hw_shape, "residual", self.conv_impl)
         shortcut = x
         x = self.norm1(x)
         gate = self.act(self.act_proj(x))
-        x = tokens_to_map(self.in_proj(x), hw_shape)
-        x = map_to_tokens(self.act(self.dwc(x)))
+        x = depthwise_tokens(self.dwc, self.in_proj(x), hw_shape, "silu", self.conv_impl)
         x = self.attn(x, hw_shape)
         x = shortcut + self.drop_path(self.out_proj(x * gate))
-        x = x + map_to_tokens(self.cpe2(tokens_to_map(x, hw_shape)))
+        x = depthwise_tokens(self.cpe2, x, hw_shape, "residual", self.conv_impl)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -154,12 +168,12 @@ class PatchMerging(nn.Module):
 class MLLAStage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, drop_path: Sequence[float], mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, downsample: bool = True, use_checkpoint: bool = False,
-                 attn_impl: str = "auto"):
+                 attn_impl: str = "auto", conv_impl: str = "auto"):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList([
             MLLABlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
-                      drop_path=drop_path[i], attn_impl=attn_impl)
+                      drop_path=drop_path[i], attn_impl=attn_impl, conv_impl=conv_impl)
             for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
 
@@ -244,6 +258,7 @@ class MLLA(BaseModule):
         out_indices: stages whose (layer-normalised) outputs are returned.
         use_checkpoint: activation checkpointing per block (saves memory in training).
         attn_impl: "auto" (fused Triton kernels on CUDA, eager elsewhere), "triton" or "reference".
+        conv_impl: the same choice for the blocks' depthwise 3x3 convolutions (CPE, DWC, LePE).
         init_cfg: mmengine init config; `dict(type='Pretrained', checkpoint=PATH)` loads an MLLA
             ImageNet checkpoint (weights under `model`) or a detection checkpoint.
         img_size, patch_size, in_chans, num_classes, qk_scale: the paper's configs pass these;
@@ -253,7 +268,7 @@ class MLLA(BaseModule):
     def __init__(self, embed_dim: int = 64, depths: Sequence[int] = (2, 4, 8, 4),
                  num_heads: Sequence[int] = (2, 4, 8, 16), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3),
-                 use_checkpoint: bool = False, attn_impl: str = "auto", init_cfg: Optional[dict] = None,
+                 use_checkpoint: bool = False, attn_impl: str = "auto", conv_impl: str = "auto", init_cfg: Optional[dict] = None,
                  img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000, qk_scale=None,
                  **kwargs):
         super().__init__(init_cfg=init_cfg)
@@ -276,7 +291,7 @@ class MLLA(BaseModule):
             self.layers.append(MLLAStage(
                 self.num_features[i], depth, heads, drop_path[start:start + depth], mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias, drop=drop_rate, downsample=i < num_stages - 1,
-                use_checkpoint=use_checkpoint, attn_impl=attn_impl))
+                use_checkpoint=use_checkpoint, attn_impl=attn_impl, conv_impl=conv_impl))
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
 
