@@ -10,8 +10,9 @@ torch.autocast(bfloat16)):
 - eager:      the paper's block as PyTorch ops (attn_impl and conv_impl 'reference');
 - compile:    torch.compile of that eager backbone (default mode, static shapes); the time of the
               first call, which compiles, is reported separately as first_call_s;
-- fused-attn: only the attention fused (attn_impl='auto', conv_impl='reference');
-- fused:      the backbone's default on CUDA: fused attention and fused depthwise convolutions.
+- fused-attn: only the attention fused (attn_impl='auto', conv_impl='reference'): the
+              backbone's default on CUDA;
+- fused:      fused attention and fused depthwise convolutions (conv_impl='auto').
 The backbone is built from the Mask R-CNN config of the arch (drop_path_rate as in the 1x config),
 with random weights and fresh torch.randn images. Timing: triton.testing.do_bench (CUDA events,
 warm-up, median of the repeats) after one untimed first call; peak memory: one call after

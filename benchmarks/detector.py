@@ -6,7 +6,7 @@
 What is measured, for each dtype (fp32; bf16 = torch.autocast(bfloat16) over the forward and the
 losses, fp32 weights and AdamW state, as mmengine's AmpOptimWrapper(dtype='bfloat16') does minus
 its loss scaler, which bf16 does not need) and each backbone implementation (eager: the paper's
-block as PyTorch ops; fused-attn: only the attention fused; fused: the default on CUDA, fused
+block as PyTorch ops; fused-attn: only the attention fused, the default on CUDA; fused: fused
 attention and depthwise convolutions):
 - train: one full iteration as the runner does it: data preprocessor (normalise, pad to 32),
   forward with losses (RPN, bbox, mask), backward, AdamW step with the config's optimizer wrapper

@@ -9,8 +9,10 @@
 #   dwconv           benchmarks/dwconv.py, fwd+bwd compiled once per conv (~2 min)
 #   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
 #   backbone-compile torch.compile of the eager backbone, train, bf16 and fp32 (~2 min)
-#   profile          backbone.py --profile T, train, bf16: eager and fused (~1 min)
+#   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)
 #   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
+#   bundle           pack everything in $OUT into $OUT/session.tgz (the device tool brings back
+#                    at most 8 files); run it last
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
 #   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
 #                    prediction (needs a 2-GPU machine; ~5 min)
@@ -57,8 +59,8 @@ for stage in "$@"; do
         --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
       tail -n 6 "$out/backbone_t_compile.log" ;;
     profile)
-      timeout 120 python3 benchmarks/backbone.py --arch t --profile --modes train --dtypes bf16 \
-        --impls eager fused --profile-steps 3 --json "$out/backbone_t_profile.json" \
+      timeout 180 python3 benchmarks/backbone.py --arch t --profile --modes train \
+        --impls eager fused-attn fused --profile-steps 3 --json "$out/backbone_t_profile.json" \
         > "$out/backbone_t_profile.log" 2>&1
       grep -E "^## |attention op" "$out/backbone_t_profile.log" ;;
     detector)
@@ -74,6 +76,8 @@ for stage in "$@"; do
     dist)
       timeout 540 bash benchmarks/scaling_2gpu.sh "$out" > "$out/dist.log" 2>&1
       echo "dist exit: $?"; tail -n 25 "$out/dist.log" ;;
+    bundle)
+      tar czf /tmp/session.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/session.tgz "$out/" ;;
     *)
       echo "unknown stage $stage (see the header of $0)" >&2; exit 2 ;;
   esac

@@ -72,15 +72,23 @@ def test_mlla_t_fused_matches_reference_outputs_and_gradients_fp32(base_and_exac
 
 @pytest.mark.gpu
 def test_mlla_t_fused_under_bf16_autocast_is_as_close_as_eager(base_and_exact):
+    """bf16 rounding makes single gradients noisy in any implementation (0.05-0.25 relative error
+    for the eager model itself, and a fused op that rounds at other points draws other noise), so
+    each parameter gets 3x the eager error as room, and the whole gradient vector 1.5x."""
     base, image, weights, (exact_outs, exact_grads) = base_and_exact
     eager_outs, eager_grads = run(copy.deepcopy(base), image, weights, autocast=True)
     fused_outs, fused_grads = run(set_path(copy.deepcopy(base), "fused"), image, weights, autocast=True)
     for fused, eager, exact in zip(fused_outs, eager_outs, exact_outs):
-        assert rel_err(fused, exact) < max(2 * rel_err(eager, exact), 2e-2)
+        assert rel_err(fused, exact) < max(1.5 * rel_err(eager, exact), 2e-2)
     for param, exact in exact_grads.items():
         fused, eager = fused_grads[param], eager_grads[param]
         assert fused is not None and torch.isfinite(fused).all(), param
-        assert rel_err(fused, exact) < max(2 * rel_err(eager, exact), 5e-2), param
+        assert rel_err(fused, exact) < max(3 * rel_err(eager, exact), 5e-2), param
+
+    def flat(grads):
+        return torch.cat([grads[name].double().flatten() for name in exact_grads])
+    exact_all = flat(exact_grads)
+    assert rel_err(flat(fused_grads), exact_all) < max(1.5 * rel_err(flat(eager_grads), exact_all), 2e-2)
 
 
 @pytest.mark.gpu
@@ -88,7 +96,9 @@ def test_fused_kernels_are_the_default_on_cuda():
     from mlla_kernels.dwconv.op import resolve_impl as resolve_conv_impl
     from mlla_kernels.linear_attention import resolve_impl
     block = MLLA().layers[0].blocks[0]
-    assert block.attn.attn_impl == "auto" and block.conv_impl == "auto" and block.attn.conv_impl == "auto"
+    assert block.attn.attn_impl == "auto"
+    # The fused convs are opt-in until they make the backbone faster (see MLLA's docstring).
+    assert block.conv_impl == "reference" and block.attn.conv_impl == "reference"
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert resolve_impl("auto", torch.device("cuda"), dtype, 32) == "triton"
     assert resolve_impl("auto", torch.device("cpu"), torch.float32, 32) == "reference"
