@@ -59,7 +59,7 @@ for stage in "$@"; do
         --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
       tail -n 6 "$out/backbone_t_compile.log" ;;
     profile)
-      timeout 180 python3 benchmarks/backbone.py --arch t --profile --modes train \
+      timeout 140 python3 benchmarks/backbone.py --arch t --profile --modes train \
         --impls eager fused-attn fused --profile-steps 3 --json "$out/backbone_t_profile.json" \
         > "$out/backbone_t_profile.log" 2>&1
       grep -E "^## |attention op" "$out/backbone_t_profile.log" ;;
@@ -74,7 +74,7 @@ for stage in "$@"; do
       cp /tmp/shapes_work/metrics.json /tmp/shapes_work/prediction.png "$out/" 2>/dev/null
       grep -E "mAP_copypaste" "$out/shapes_quickstart.log"; tail -n 8 "$out/shapes_quickstart.log" ;;
     dist)
-      timeout 540 bash benchmarks/scaling_2gpu.sh "$out" > "$out/dist.log" 2>&1
+      timeout 450 bash benchmarks/scaling_2gpu.sh "$out" > "$out/dist.log" 2>&1
       echo "dist exit: $?"; tail -n 25 "$out/dist.log" ;;
     bundle)
       tar czf /tmp/session.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/session.tgz "$out/" ;;

@@ -6,7 +6,7 @@
 #       --cfg-options train_dataloader.batch_size=4
 _base_ = './mask-rcnn_mlla-t_fpn_shapes.py'
 
-max_iters = 600
+max_iters = 500
 warmup_iters = 100
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 param_scheduler = [
