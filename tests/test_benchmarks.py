@@ -135,3 +135,39 @@ def test_attention_chart_from_json(tmp_path):
     missing = subprocess.run([sys.executable, script, str(source), "--out", str(chart), "--model", "B"],
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "no rows for model 'B'" in missing.stderr
+
+
+def _mmengine_train_log(path, losses, seconds, total=None):
+    total = total or 20 * len(losses)
+    lines = [f"11/27 14:19:11 - mmengine - INFO - Iter(train) [{20 * (i + 1):>3}/{total}]  base_lr: 1.0e-04 "
+             f"lr: 1.0e-04  eta: 0:04:24  time: {t:.4f}  data_time: 0.0160  memory: 1368  grad_norm: 3.1  "
+             f"loss: {loss:.4f}  loss_rpn_cls: 0.6751  loss_mask: 0.2416"
+             for i, (loss, t) in enumerate(zip(losses, seconds))]
+    path.write_text("\n".join(["some other line"] + lines) + "\n")
+
+
+def test_scaling_summary_from_two_logs(tmp_path):
+    """plot_scaling.py pairs the logged iterations of two runs, measures the loss gap and the
+    speed (median seconds per iteration after the first window), and draws the curves."""
+    from benchmarks import plot_scaling
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    _mmengine_train_log(a, [4.0, 2.0, 1.0, 0.5], [0.9, 0.30, 0.32, 0.34])
+    _mmengine_train_log(b, [4.4, 1.8, 1.0], [0.8, 0.20, 0.22], total=80)
+    chart, summary_path = tmp_path / "loss.png", tmp_path / "summary.json"
+    assert plot_scaling.main([str(a), str(b), "--labels", "two", "one", "--batch", "4",
+                              "--png", str(chart), "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert [row["iter"] for row in summary["rows"]] == [20, 40, 60]
+    assert summary["rows"][0] == {"iter": 20, "two": 4.0, "one": 4.4}
+    assert math.isclose(summary["max_relative_gap"], 0.2 / 1.9)  # iteration 40
+    assert math.isclose(summary["speed"]["two"]["s_per_iter"], 0.32)
+    assert math.isclose(summary["speed"]["one"]["images_per_s"], 4 / 0.21)
+    assert summary["speed"]["two"]["last_iter"] == 80
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    empty = tmp_path / "empty.log"
+    empty.write_text("no iterations here\n")
+    with pytest.raises(SystemExit, match="no 'Iter\\(train\\)"):
+        plot_scaling.main([str(a), str(empty)])
+    with pytest.raises(SystemExit, match="no log at"):
+        plot_scaling.main([str(a), str(tmp_path / "missing.log")])
