@@ -8,9 +8,11 @@
 #   attention        benchmarks/attention.py, MLLA-T and -B (~4 min)
 #   dwconv           benchmarks/dwconv.py, fwd+bwd compiled once per conv (~2 min)
 #   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
-#   backbone-compile torch.compile of the eager backbone, train, bf16 and fp32 (~2 min)
+#   backbone-compile torch.compile of the eager backbone, train, fp32 and bf16 (~5 min: the
+#                    fp32 one compiled in 121 s on an H200)
 #   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)
 #   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
+#   detector-compile detector.py T with the backbone under torch.compile, train (~4 min)
 #   bundle           pack everything in $OUT into $OUT/session.tgz (the device tool brings back
 #                    at most 8 files); run it last
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
@@ -55,7 +57,7 @@ for stage in "$@"; do
         --json "$out/backbone_t.json" > "$out/backbone_t.log" 2>&1
       tail -n 16 "$out/backbone_t.log" ;;
     backbone-compile)
-      timeout 200 python3 benchmarks/backbone.py --arch t --impls compile --modes train \
+      timeout 400 python3 benchmarks/backbone.py --arch t --impls compile --modes train \
         --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
       tail -n 6 "$out/backbone_t_compile.log" ;;
     profile)
@@ -64,9 +66,13 @@ for stage in "$@"; do
         > "$out/backbone_t_profile.log" 2>&1
       grep -E "^## |attention op" "$out/backbone_t_profile.log" ;;
     detector)
-      timeout 200 python3 benchmarks/detector.py --arch t --json "$out/detector_t.json" \
-        > "$out/detector_t.log" 2>&1
+      timeout 200 python3 benchmarks/detector.py --arch t --impls eager fused-attn fused \
+        --json "$out/detector_t.json" > "$out/detector_t.log" 2>&1
       tail -n 12 "$out/detector_t.log" ;;
+    detector-compile)
+      timeout 300 python3 benchmarks/detector.py --arch t --impls compile --modes train \
+        --json "$out/detector_t_compile.json" > "$out/detector_t_compile.log" 2>&1
+      tail -n 5 "$out/detector_t_compile.log" ;;
     shapes)
       timeout 560 python3 tools/shapes_quickstart.py --work-dir /tmp/shapes_work --data-root /tmp/shapes_data \
         > "$out/shapes_quickstart.log" 2>&1

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -80,6 +81,22 @@ def test_detector_cpu_sanity_writes_rows(tmp_path):
         assert "error" not in row, row
         assert row["ms"] > 0 and row["images_per_s"] > 0
     assert rows[0]["images"].count("x") == 2  # two training images
+
+
+def test_detector_compile_wraps_only_the_backbone_and_switches_back():
+    """impl 'compile' puts a torch.compile of the eager backbone in the detector (lazily: nothing
+    compiles until called), with the eager attention and convs; other impls get the module back."""
+    args = detector.parse_args(["--cpu-sanity"])
+    assert "compile" not in args.impls  # not compiled on the CPU unless asked for
+    bench_ = detector.Bench(args, "cpu")
+    eager = bench_.model.backbone
+    bench_.use_backbone("compile")
+    assert isinstance(bench_.model.backbone, torch._dynamo.eval_frame.OptimizedModule)
+    assert bench_.model.backbone._orig_mod is eager
+    assert eager.layers[0].blocks[0].attn.attn_impl == "reference"
+    bench_.use_backbone("fused")
+    assert bench_.model.backbone is eager
+    assert eager.layers[0].blocks[0].attn.attn_impl == "auto" and eager.layers[0].blocks[0].conv_impl == "auto"
 
 
 @pytest.mark.parametrize("script", ["backbone.py", "detector.py"])
