@@ -12,7 +12,9 @@ torch.autocast(bfloat16)):
               first call, which compiles, is reported separately as first_call_s;
 - fused-attn: only the attention fused (attn_impl='auto', conv_impl='reference'): the
               backbone's default on CUDA;
-- fused:      fused attention and fused depthwise convolutions (conv_impl='auto').
+- fused:      fused attention and fused depthwise convolutions (conv_impl='auto');
+- compile-fused: torch.compile of the fused backbone (the kernels are opaque custom ops there;
+              inductor fuses the LayerNorms, activations, casts and adds around them).
 The backbone is built from the Mask R-CNN config of the arch (drop_path_rate as in the 1x config),
 with random weights and fresh torch.randn images. Timing: triton.testing.do_bench (CUDA events,
 warm-up, median of the repeats) after one untimed first call; peak memory: one call after
@@ -28,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, bench, detector_config, environment, error_text, free_memory,  # noqa: E402
-                               KERNEL_IMPLS, peak_memory_mb, print_table, set_kernel_impls, synchronize,
+from benchmarks.common import (ARCHS, COMPILED_IMPLS, bench, detector_config, environment,  # noqa: E402
+                               error_text, free_memory, KERNEL_IMPLS, peak_memory_mb, print_table, set_kernel_impls, synchronize,
                                write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
@@ -74,7 +76,7 @@ def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
     set_kernel_impls(backbone, impl)
     backbone.train(mode == "train")
     model = backbone
-    if impl == "compile":
+    if impl in COMPILED_IMPLS:
         torch._dynamo.reset()  # a fresh compile per configuration, so its time is its own
         model = torch.compile(backbone)
     return make_step(model, arch_images, mode, dtype, device)
@@ -102,17 +104,19 @@ def measure(backbone, args, mode: str, impl: str, dtype: str, device) -> dict:
     finally:
         del step
         free_memory(device)
-        if impl == "compile":
+        if impl in COMPILED_IMPLS:
             torch._dynamo.reset()
     return row
 
 
 def add_speedups(rows) -> None:
-    eager_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == "eager"}
-    for row in rows:
-        base = eager_ms.get((row["mode"], row["dtype"]))
-        if base and row.get("ms"):
-            row["vs_eager"] = base / row["ms"]
+    """vs_eager / vs_compile: the eager / compile row's time over this row's (same mode, dtype)."""
+    for base_impl in ("eager", "compile"):
+        base_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == base_impl}
+        for row in rows:
+            base = base_ms.get((row["mode"], row["dtype"]))
+            if base and row.get("ms"):
+                row[f"vs_{base_impl}"] = base / row["ms"]
 
 
 # --- --profile ---------------------------------------------------------------------------------
@@ -242,7 +246,7 @@ def parse_args(argv=None):
         args.warmup_ms, args.rep_ms, args.profile_steps = 0.0, 0.0, 1
         # torch.compile on the CPU needs a C++ toolchain and minutes: keep it out unless asked for.
         if args.impls == list(IMPLS):
-            args.impls = ["eager", "fused"]
+            args.impls = [impl for impl in IMPLS if impl not in COMPILED_IMPLS]
     return args
 
 
@@ -271,7 +275,8 @@ def main(argv=None) -> int:
                   + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"), flush=True)
     if not args.profile:
         add_speedups(rows)
-        columns = ["mode", "impl", "dtype", "ms", "images_per_s", "vs_eager", "peak_mem_MB", "first_call_s"]
+        columns = ["mode", "impl", "dtype", "ms", "images_per_s", "vs_eager", "vs_compile", "peak_mem_MB",
+               "first_call_s"]
         print_table(rows, columns + (["error"] if any("error" in r for r in rows) else []),
                     title=f"\n## MLLA-{args.arch.upper()} backbone, batch {args.batch}, {args.size[0]}x{args.size[1]} "
                           f"({env['device']})")

@@ -233,13 +233,18 @@ def quiet_mmengine():
 
 # What each benchmarked implementation sets on the backbone: (attn_impl, conv_impl).
 # eager/compile: the paper's block as PyTorch ops; fused-attn: only the attention fused;
-# fused: everything the package fuses (the attention is fused by default on CUDA, the convs on request).
+# fused: everything the package fuses (the attention is fused by default on CUDA, the convs on
+# request); compile-fused: torch.compile of the fused backbone (the kernels stay opaque custom ops,
+# inductor fuses what lies between them).
 KERNEL_IMPLS = {
     "eager": ("reference", "reference"),
     "compile": ("reference", "reference"),
     "fused-attn": ("auto", "reference"),
     "fused": ("auto", "auto"),
+    "compile-fused": ("auto", "auto"),
 }
+# The implementations that run the backbone under torch.compile.
+COMPILED_IMPLS = ("compile", "compile-fused")
 
 
 def set_kernel_impls(model: torch.nn.Module, impl: str) -> int:

@@ -8,7 +8,8 @@ losses, fp32 weights and AdamW state, as mmengine's AmpOptimWrapper(dtype='bfloa
 its loss scaler, which bf16 does not need) and each backbone implementation (eager: the paper's
 block as PyTorch ops; compile: that eager backbone under torch.compile (default mode; the heads
 stay eager; compile time goes into first_call_s); fused-attn: only the attention fused, the
-default on CUDA; fused: fused attention and depthwise convolutions):
+default on CUDA; fused: fused attention and depthwise convolutions; compile-fused: the fused
+backbone under torch.compile):
 - train: one full iteration as the runner does it: data preprocessor (normalise, pad to 32),
   forward with losses (RPN, bbox, mask), backward, AdamW step with the config's optimizer wrapper
   (lr 1e-4, weight decay 0.05, none on norms). Batch: 2 synthetic images of 800x1216 and 800x1184
@@ -35,7 +36,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (ARCHS, bench, build_detector, detector_config, environment,  # noqa: E402
                                error_text, free_memory, peak_memory_mb, print_table, quiet_mmengine,
-                               KERNEL_IMPLS, set_kernel_impls, synchronize, write_json)
+                               COMPILED_IMPLS, KERNEL_IMPLS, set_kernel_impls, synchronize, write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
 DTYPES = ("fp32", "bf16")
@@ -140,11 +141,11 @@ class Bench:
         self.eager_backbone = self.model.backbone
 
     def use_backbone(self, impl: str) -> None:
-        """The eager backbone, or (impl 'compile') a fresh torch.compile of it, so that each
+        """The eager backbone, or (compiled impls) a fresh torch.compile of it, so that each
         configuration's compile time is its own."""
         self.model.backbone = self.eager_backbone
         set_kernel_impls(self.model, impl)
-        if impl == "compile":
+        if impl in COMPILED_IMPLS:
             torch._dynamo.reset()
             self.model.backbone = torch.compile(self.eager_backbone)
 
@@ -182,7 +183,7 @@ class Bench:
             print(f"  {mode} {impl} {dtype}: {row['error']}", flush=True)
         finally:
             del step
-            if impl == "compile":
+            if impl in COMPILED_IMPLS:
                 self.use_backbone("eager")
                 torch._dynamo.reset()
             free_memory(self.device)
@@ -190,11 +191,13 @@ class Bench:
 
 
 def add_speedups(rows) -> None:
-    eager_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == "eager"}
-    for row in rows:
-        base = eager_ms.get((row["mode"], row["dtype"]))
-        if base and row.get("ms"):
-            row["vs_eager"] = base / row["ms"]
+    """vs_eager / vs_compile: the eager / compile row's time over this row's (same mode, dtype)."""
+    for base_impl in ("eager", "compile"):
+        base_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == base_impl}
+        for row in rows:
+            base = base_ms.get((row["mode"], row["dtype"]))
+            if base and row.get("ms"):
+                row[f"vs_{base_impl}"] = base / row["ms"]
 
 
 def parse_args(argv=None):
@@ -218,7 +221,7 @@ def parse_args(argv=None):
         args.instances, args.warmup_ms, args.rep_ms = 3, 0.0, 0.0
         # torch.compile on the CPU needs a C++ toolchain and minutes: keep it out unless asked for.
         if args.impls == list(IMPLS):
-            args.impls = [impl for impl in IMPLS if impl != "compile"]
+            args.impls = [impl for impl in IMPLS if impl not in COMPILED_IMPLS]
     return args
 
 
@@ -242,7 +245,8 @@ def main(argv=None) -> int:
         print(f"  {mode:9s} {impl:10s} {dtype}: " + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"),
               flush=True)
     add_speedups(rows)
-    columns = ["mode", "impl", "dtype", "images", "ms", "images_per_s", "vs_eager", "peak_mem_MB", "first_call_s"]
+    columns = ["mode", "impl", "dtype", "images", "ms", "images_per_s", "vs_eager", "vs_compile", "peak_mem_MB",
+               "first_call_s"]
     print_table(rows, columns + (["error"] if any("error" in r for r in rows) else []),
                 title=f"\n## Mask R-CNN MLLA-{args.arch.upper()} ({env['device']}); train = one iteration "
                       f"incl. AdamW step")

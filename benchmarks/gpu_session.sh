@@ -8,8 +8,8 @@
 #   attention        benchmarks/attention.py, MLLA-T and -B (~4 min)
 #   dwconv           benchmarks/dwconv.py, fwd+bwd compiled once per conv (~2 min)
 #   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
-#   backbone-compile torch.compile of the eager backbone, train, fp32 and bf16 (~5 min: the
-#                    fp32 one compiled in 121 s on an H200)
+#   backbone-compile torch.compile of the eager and of the fused backbone, train, bf16 (~5 min:
+#                    the eager fp32 one compiled in 121 s on an H200)
 #   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)
 #   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
 #   detector-compile detector.py T with the backbone under torch.compile, train (~4 min)
@@ -57,8 +57,8 @@ for stage in "$@"; do
         --json "$out/backbone_t.json" > "$out/backbone_t.log" 2>&1
       tail -n 16 "$out/backbone_t.log" ;;
     backbone-compile)
-      timeout 400 python3 benchmarks/backbone.py --arch t --impls compile --modes train \
-        --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
+      timeout 400 python3 benchmarks/backbone.py --arch t --impls compile compile-fused --modes train \
+        --dtypes bf16 --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
       tail -n 6 "$out/backbone_t_compile.log" ;;
     profile)
       timeout 140 python3 benchmarks/backbone.py --arch t --profile --modes train \
