@@ -54,12 +54,46 @@ def rope_cos_sin(tokens, pairs, head, width, HALF_DIM: tl.constexpr, QUARTER_C):
 
 
 @triton.jit
+def program_head(num_heads):
+    """(bh, split, batch, head) of this program: grid axis 0 runs over the (batch, head) pairs,
+    axis 1 over the runs of tokens that split one head's N tokens."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = bh // num_heads
+    head = bh - batch * num_heads
+    return bh, split, batch, head
+
+
+@triton.jit
+def token_run(split, tokens_per_split, num_tokens):
+    """[start, end) of the tokens of split `split`."""
+    start = split * tokens_per_split
+    return start, tl.minimum(start + tokens_per_split, num_tokens)
+
+
+@triton.jit
 def load_pair_tiles(base_ptr, tokens, pairs, stride_n, stride_c, mask):
     """Even and odd channels (2i, 2i+1) of a head as two fp32 tiles (BLOCK_N, HALF_PAD)."""
     ptrs = base_ptr + tokens.to(tl.int64)[:, None] * stride_n + (2 * pairs)[None, :] * stride_c
     even = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     odd = tl.load(ptrs + stride_c, mask=mask, other=0.0).to(tl.float32)
     return even, odd
+
+
+@triton.jit
+def load_phi_pair_tiles(base_ptr, tokens, pairs, stride_n, stride_c, mask):
+    """The raw even/odd tiles (phi' needs them) and phi of them, zero where masked."""
+    lin_even, lin_odd = load_pair_tiles(base_ptr, tokens, pairs, stride_n, stride_c, mask)
+    return lin_even, lin_odd, tl.where(mask, feature_map(lin_even), 0.0), tl.where(mask, feature_map(lin_odd), 0.0)
+
+
+@triton.jit
+def load_query_block(q_base, tokens, pairs, mask, stride_n, stride_c, kbar_even, kbar_odd):
+    """Raw q (for phi'), phi(q) and its normalizer z = 1 / (phi(q) . kbar + eps) for a block."""
+    q_lin_even, q_lin_odd, q_even, q_odd = load_phi_pair_tiles(q_base, tokens, pairs, stride_n, stride_c, mask)
+    z = 1.0 / (tl.sum(q_even * kbar_even[None, :], axis=1) + tl.sum(q_odd * kbar_odd[None, :], axis=1)
+               + NORMALIZER_EPS)
+    return q_lin_even, q_lin_odd, q_even, q_odd, z
 
 
 @triton.jit
@@ -104,6 +138,14 @@ def load_state(state_ptr, pairs, channels, HEAD_DIM: tl.constexpr, HALF_DIM: tl.
 
 
 @triton.jit
+def load_mean_state(state_ptr, bh, pairs, channels, inv_n, HEAD_DIM: tl.constexpr, HALF_DIM: tl.constexpr):
+    """Head bh's state (flat, one (d*d + d) block per head) scaled by 1/N: KV and kbar."""
+    kv_even, kv_odd, ksum_even, ksum_odd = load_state(state_ptr + bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM),
+                                                      pairs, channels, HEAD_DIM, HALF_DIM)
+    return kv_even * inv_n, kv_odd * inv_n, ksum_even * inv_n, ksum_odd * inv_n
+
+
+@triton.jit
 def store_state(state_ptr, pairs, channels, kv_even, kv_odd, k_even, k_odd,
                 HEAD_DIM: tl.constexpr, HALF_DIM: tl.constexpr, ATOMIC: tl.constexpr):
     """Write (or atomically add) a head's partial state, laid out as load_state reads it."""
@@ -132,3 +174,11 @@ def matmul(a, b, acc, DOT_MODE: tl.constexpr):
     experiments, not yet run on a GPU; the interpreter ignores the mode).
     """
     return tl.dot(a, b, acc, input_precision=DOT_MODE)
+
+
+@triton.jit
+def apply_state(r_even, r_odd, kv_even, kv_odd, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr,
+                DOT_MODE: tl.constexpr):
+    """rope(x) @ KV for a block of tokens, (BLOCK_N, DIM_PAD), from its even and odd halves."""
+    out = matmul(r_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
+    return matmul(r_odd, kv_odd, out, DOT_MODE)

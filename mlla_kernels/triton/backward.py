@@ -12,19 +12,9 @@ With g = dout, per head (KV, kbar already scaled by 1/N):
 import triton
 import triton.language as tl
 
-from ._common import (NORMALIZER_EPS, feature_map, feature_map_grad, load_head_tile, load_pair_tiles,
-                      load_state, matmul, rope_cos_sin, rotate, store_pair_tiles, store_state, unrotate)
-
-
-@triton.jit
-def _load_query_block(q_base, tokens, pairs, mask, stride_n, stride_c, kbar_even, kbar_odd):
-    """Raw q (for phi'), phi(q) and its normalizer z for one block of tokens."""
-    q_lin_even, q_lin_odd = load_pair_tiles(q_base, tokens, pairs, stride_n, stride_c, mask)
-    q_even = tl.where(mask, feature_map(q_lin_even), 0.0)
-    q_odd = tl.where(mask, feature_map(q_lin_odd), 0.0)
-    z = 1.0 / (tl.sum(q_even * kbar_even[None, :], axis=1) + tl.sum(q_odd * kbar_odd[None, :], axis=1)
-               + NORMALIZER_EPS)
-    return q_lin_even, q_lin_odd, q_even, q_odd, z
+from ._common import (apply_state, feature_map_grad, load_head_tile, load_mean_state, load_phi_pair_tiles,
+                      load_query_block, matmul, program_head, rope_cos_sin, rotate, store_pair_tiles, store_state,
+                      token_run, unrotate)
 
 
 @triton.jit
@@ -38,22 +28,14 @@ def grad_state_kernel(
 ):
     """Program (bh, split) sums dKV and dkbar over its tokens; layout as the forward state."""
     HALF_DIM = HEAD_DIM // 2
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    batch = bh // num_heads
-    head = bh - batch * num_heads
+    bh, split, batch, head = program_head(num_heads)
     pairs = tl.arange(0, HALF_PAD)
     channels = tl.arange(0, DIM_PAD)
     pair_ok = pairs < HALF_DIM
     chan_ok = channels < HEAD_DIM
     inv_n = 1.0 / (num_tokens * 1.0)
 
-    kv_even, kv_odd, ksum_even, ksum_odd = load_state(state_ptr + bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM),
-                                                      pairs, channels, HEAD_DIM, HALF_DIM)
-    kv_even = kv_even * inv_n
-    kv_odd = kv_odd * inv_n
-    kbar_even = ksum_even * inv_n
-    kbar_odd = ksum_odd * inv_n
+    kv_even, kv_odd, kbar_even, kbar_odd = load_mean_state(state_ptr, bh, pairs, channels, inv_n, HEAD_DIM, HALF_DIM)
 
     q_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + head * HEAD_DIM * stride_qk_c
     g_base = grad_ptr + batch.to(tl.int64) * stride_g_b + head * HEAD_DIM * stride_g_c
@@ -63,20 +45,18 @@ def grad_state_kernel(
     dkbar_even = tl.zeros((HALF_PAD,), dtype=tl.float32)
     dkbar_odd = tl.zeros((HALF_PAD,), dtype=tl.float32)
 
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, num_tokens)
+    start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         tok_ok = tokens < end
         mask = tok_ok[:, None] & pair_ok[None, :]
-        _, _, q_even, q_odd, z = _load_query_block(q_base, tokens, pairs, mask, stride_qk_n, stride_qk_c,
-                                                   kbar_even, kbar_odd)
+        _, _, q_even, q_odd, z = load_query_block(q_base, tokens, pairs, mask, stride_qk_n, stride_qk_c,
+                                                  kbar_even, kbar_odd)
         cos, sin = rope_cos_sin(tokens, pairs, head, width, HALF_DIM, quarter_c)
         rq_even, rq_odd = rotate(q_even, q_odd, cos, sin)
         grad = load_head_tile(g_base, tokens, channels, stride_g_n, stride_g_c, tok_ok[:, None] & chan_ok[None, :])
 
-        unnormalized = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
-        unnormalized = matmul(rq_odd, kv_odd, unnormalized, DOT_MODE)
+        unnormalized = apply_state(rq_even, rq_odd, kv_even, kv_odd, BLOCK_N, DIM_PAD, DOT_MODE)
         dz = tl.sum(unnormalized * grad, axis=1)
         w = -dz * z * z
         dkbar_even += tl.sum(w[:, None] * q_even, axis=0)
@@ -100,29 +80,17 @@ def input_grad_kernel(
 ):
     """Program (bh, split) writes d(qk) (both halves) and dv for its tokens, in one pass."""
     HALF_DIM = HEAD_DIM // 2
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    batch = bh // num_heads
-    head = bh - batch * num_heads
+    bh, split, batch, head = program_head(num_heads)
     pairs = tl.arange(0, HALF_PAD)
     channels = tl.arange(0, DIM_PAD)
     pair_ok = pairs < HALF_DIM
     chan_ok = channels < HEAD_DIM
     inv_n = 1.0 / (num_tokens * 1.0)
 
-    state_offset = bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM)
-    kv_even, kv_odd, ksum_even, ksum_odd = load_state(state_ptr + state_offset, pairs, channels, HEAD_DIM, HALF_DIM)
-    kv_even = kv_even * inv_n
-    kv_odd = kv_odd * inv_n
-    kbar_even = ksum_even * inv_n
-    kbar_odd = ksum_odd * inv_n
-    dkv_even, dkv_odd, dkbar_even, dkbar_odd = load_state(grad_state_ptr + state_offset, pairs, channels,
-                                                          HEAD_DIM, HALF_DIM)
+    kv_even, kv_odd, kbar_even, kbar_odd = load_mean_state(state_ptr, bh, pairs, channels, inv_n, HEAD_DIM, HALF_DIM)
     # v and k see dKV and dkbar through the 1/N of the mean.
-    dkv_even = dkv_even * inv_n
-    dkv_odd = dkv_odd * inv_n
-    dkbar_even = dkbar_even * inv_n
-    dkbar_odd = dkbar_odd * inv_n
+    dkv_even, dkv_odd, dkbar_even, dkbar_odd = load_mean_state(grad_state_ptr, bh, pairs, channels, inv_n,
+                                                               HEAD_DIM, HALF_DIM)
 
     batch64 = batch.to(tl.int64)
     q_base = qk_ptr + batch64 * stride_qk_b + head * HEAD_DIM * stride_qk_c
@@ -133,8 +101,7 @@ def input_grad_kernel(
     gk_base = gq_base + num_heads * HEAD_DIM * stride_gqk_c
     gv_base = grad_v_ptr + batch64 * stride_gv_b + head * HEAD_DIM * stride_gv_c
 
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, num_tokens)
+    start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         tok_ok = tokens < end
@@ -143,12 +110,11 @@ def input_grad_kernel(
         cos, sin = rope_cos_sin(tokens, pairs, head, width, HALF_DIM, quarter_c)
 
         # Query side.
-        q_lin_even, q_lin_odd, q_even, q_odd, z = _load_query_block(q_base, tokens, pairs, mask, stride_qk_n,
-                                                                    stride_qk_c, kbar_even, kbar_odd)
+        q_lin_even, q_lin_odd, q_even, q_odd, z = load_query_block(q_base, tokens, pairs, mask, stride_qk_n,
+                                                                   stride_qk_c, kbar_even, kbar_odd)
         rq_even, rq_odd = rotate(q_even, q_odd, cos, sin)
         grad = load_head_tile(g_base, tokens, channels, stride_g_n, stride_g_c, head_mask)
-        unnormalized = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
-        unnormalized = matmul(rq_odd, kv_odd, unnormalized, DOT_MODE)
+        unnormalized = apply_state(rq_even, rq_odd, kv_even, kv_odd, BLOCK_N, DIM_PAD, DOT_MODE)
         w = -tl.sum(unnormalized * grad, axis=1) * z * z
         zero_half = tl.zeros((BLOCK_N, HALF_PAD), dtype=tl.float32)
         drq_even = matmul(grad, tl.trans(kv_even), zero_half, DOT_MODE) * z[:, None]
@@ -159,9 +125,8 @@ def input_grad_kernel(
         store_pair_tiles(gq_base, tokens, pairs, stride_gqk_n, stride_gqk_c, mask, dq_even, dq_odd)
 
         # Key and value side.
-        k_lin_even, k_lin_odd = load_pair_tiles(k_base, tokens, pairs, stride_qk_n, stride_qk_c, mask)
-        k_even = tl.where(mask, feature_map(k_lin_even), 0.0)
-        k_odd = tl.where(mask, feature_map(k_lin_odd), 0.0)
+        k_lin_even, k_lin_odd, k_even, k_odd = load_phi_pair_tiles(k_base, tokens, pairs, stride_qk_n, stride_qk_c,
+                                                                   mask)
         rk_even, rk_odd = rotate(k_even, k_odd, cos, sin)
         values = load_head_tile(v_base, tokens, channels, stride_v_n, stride_v_c, head_mask)
         drk_even = matmul(values, tl.trans(dkv_even), zero_half, DOT_MODE)
@@ -171,7 +136,6 @@ def input_grad_kernel(
         dk_odd = (dk_odd + dkbar_odd[None, :]) * feature_map_grad(k_lin_odd)
         store_pair_tiles(gk_base, tokens, pairs, stride_gqk_n, stride_gqk_c, mask, dk_even, dk_odd)
 
-        dv = matmul(rk_even, dkv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
-        dv = matmul(rk_odd, dkv_odd, dv, DOT_MODE)
+        dv = apply_state(rk_even, rk_odd, dkv_even, dkv_odd, BLOCK_N, DIM_PAD, DOT_MODE)
         ptrs = gv_base + tokens.to(tl.int64)[:, None] * stride_gv_n + channels[None, :] * stride_gv_c
         tl.store(ptrs, dv.to(grad_v_ptr.dtype.element_ty), mask=head_mask)

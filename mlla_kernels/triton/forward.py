@@ -6,8 +6,8 @@ followed by sum_m k_m (d). The output pass scales both by 1/N.
 import triton
 import triton.language as tl
 
-from ._common import (NORMALIZER_EPS, feature_map, load_head_tile, load_pair_tiles, load_state, matmul,
-                      rope_cos_sin, rotate, store_state)
+from ._common import (apply_state, load_head_tile, load_mean_state, load_phi_pair_tiles, load_query_block,
+                      matmul, program_head, rope_cos_sin, rotate, store_state, token_run)
 
 
 @triton.jit
@@ -25,10 +25,7 @@ def kv_state_kernel(
     ATOMIC adds straight into a zeroed state.
     """
     HALF_DIM = HEAD_DIM // 2
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    batch = bh // num_heads
-    head = bh - batch * num_heads
+    bh, split, batch, head = program_head(num_heads)
     pairs = tl.arange(0, HALF_PAD)
     channels = tl.arange(0, DIM_PAD)
     pair_ok = pairs < HALF_DIM
@@ -42,15 +39,12 @@ def kv_state_kernel(
     ksum_even = tl.zeros((HALF_PAD,), dtype=tl.float32)
     ksum_odd = tl.zeros((HALF_PAD,), dtype=tl.float32)
 
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, num_tokens)
+    start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         tok_ok = tokens < end
         mask = tok_ok[:, None] & pair_ok[None, :]
-        k_even, k_odd = load_pair_tiles(k_base, tokens, pairs, stride_qk_n, stride_qk_c, mask)
-        k_even = tl.where(mask, feature_map(k_even), 0.0)
-        k_odd = tl.where(mask, feature_map(k_odd), 0.0)
+        _, _, k_even, k_odd = load_phi_pair_tiles(k_base, tokens, pairs, stride_qk_n, stride_qk_c, mask)
         ksum_even += tl.sum(k_even, axis=0)
         ksum_odd += tl.sum(k_odd, axis=0)
 
@@ -74,43 +68,29 @@ def output_kernel(
 ):
     """out_n = (rope(q)_n . KV) / (q_n . kbar + eps) for program (bh, split)'s tokens."""
     HALF_DIM = HEAD_DIM // 2
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    batch = bh // num_heads
-    head = bh - batch * num_heads
+    bh, split, batch, head = program_head(num_heads)
     pairs = tl.arange(0, HALF_PAD)
     channels = tl.arange(0, DIM_PAD)
     pair_ok = pairs < HALF_DIM
     chan_ok = channels < HEAD_DIM
     inv_n = 1.0 / (num_tokens * 1.0)
 
-    kv_even, kv_odd, ksum_even, ksum_odd = load_state(state_ptr + bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM),
-                                                      pairs, channels, HEAD_DIM, HALF_DIM)
-    kv_even = kv_even * inv_n
-    kv_odd = kv_odd * inv_n
-    kbar_even = ksum_even * inv_n
-    kbar_odd = ksum_odd * inv_n
+    kv_even, kv_odd, kbar_even, kbar_odd = load_mean_state(state_ptr, bh, pairs, channels, inv_n, HEAD_DIM, HALF_DIM)
 
     q_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + head * HEAD_DIM * stride_qk_c
     o_base = out_ptr + batch.to(tl.int64) * stride_out_b + head * HEAD_DIM * stride_out_c
 
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, num_tokens)
+    start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         tok_ok = tokens < end
         mask = tok_ok[:, None] & pair_ok[None, :]
-        q_even, q_odd = load_pair_tiles(q_base, tokens, pairs, stride_qk_n, stride_qk_c, mask)
-        q_even = tl.where(mask, feature_map(q_even), 0.0)
-        q_odd = tl.where(mask, feature_map(q_odd), 0.0)
-        z = 1.0 / (tl.sum(q_even * kbar_even[None, :], axis=1) + tl.sum(q_odd * kbar_odd[None, :], axis=1)
-                   + NORMALIZER_EPS)
+        _, _, q_even, q_odd, z = load_query_block(q_base, tokens, pairs, mask, stride_qk_n, stride_qk_c,
+                                                  kbar_even, kbar_odd)
 
         cos, sin = rope_cos_sin(tokens, pairs, head, width, HALF_DIM, quarter_c)
         rq_even, rq_odd = rotate(q_even, q_odd, cos, sin)
-        out = matmul(rq_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
-        out = matmul(rq_odd, kv_odd, out, DOT_MODE)
-        out = out * z[:, None]
+        out = apply_state(rq_even, rq_odd, kv_even, kv_odd, BLOCK_N, DIM_PAD, DOT_MODE) * z[:, None]
 
         ptrs = o_base + tokens.to(tl.int64)[:, None] * stride_out_n + channels[None, :] * stride_out_c
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & chan_ok[None, :])
