@@ -1,7 +1,7 @@
 """Does it train? One command: generate the shapes dataset, train MLLA-T Mask R-CNN on it from
 scratch, evaluate (COCO bbox and segm mAP), and draw a prediction on a validation image.
 
-    python tools/shapes_quickstart.py            # GPU: a few minutes, bbox/segm mAP around 0.6+
+    python tools/shapes_quickstart.py            # GPU: ~5 min on an H200, bbox/segm mAP 0.69/0.74
     python tools/shapes_quickstart.py --tiny     # CPU smoke test: tiny images, 40 iterations
 
 Everything lands in the work dir (default work_dirs/shapes, or work_dirs/shapes-tiny):
