@@ -188,3 +188,28 @@ def test_scaling_summary_from_two_logs(tmp_path):
         plot_scaling.main([str(a), str(empty)])
     with pytest.raises(SystemExit, match="no log at"):
         plot_scaling.main([str(a), str(tmp_path / "missing.log")])
+
+
+def test_backbone_chart_pairs_wall_and_gpu_time(tmp_path):
+    """plot_backbone.py merges timing files, pairs each train row with the profile's GPU time of the
+    same implementation and dtype (a gap where one is missing), and refuses files without train rows."""
+    from benchmarks import plot_backbone
+    timing = [dict(arch="T", mode="train", impl=impl, dtype=dtype, ms=ms, batch=2, size="32x64", device="cpu",
+                   torch="x") for impl, dtype, ms in (("eager", "fp32", 10.0), ("fused-attn", "fp32", 6.0),
+                                                      ("eager", "bf16", 12.0))]
+    timing.append(dict(arch="T", mode="inference", impl="eager", dtype="fp32", ms=3.0))
+    compiled = [dict(arch="T", mode="train", impl="compile", dtype="fp32", ms=7.0)]
+    profile = [dict(mode="train", impl="eager", dtype="fp32", step_ms_cuda=8.0),
+               dict(mode="train", impl="fused", dtype="bf16", step_ms_cuda=4.0)]
+    paths = []
+    for name, rows in (("timing", timing), ("compile", compiled), ("profile", profile)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rows))
+    table = plot_backbone.collect(timing + compiled, profile)
+    assert table["fp32"] == {"eager": (10.0, 8.0), "fused-attn": (6.0, None), "compile": (7.0, None)}
+    assert table["bf16"] == {"eager": (12.0, None), "fused": (None, 4.0)}
+    chart = tmp_path / "backbone.png"
+    assert plot_backbone.main([str(paths[0]), str(paths[1]), "--profile", str(paths[2]), "--out", str(chart)]) == 0
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no train rows"):
+        plot_backbone.collect([dict(mode="inference", impl="eager", dtype="fp32", ms=1.0)], [])
