@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's two-GPU check, on a machine with 2 GPUs (about 6 minutes on H100s):
+# Issue 6's two-GPU check, on a machine with 2 GPUs (about 8 minutes on 2 x H200):
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR
 # 1. the fused kernels on cuda:1 (tests/test_second_device_gpu.py);
 # 2. the shapes-scaling config trained for the same iterations on 2 GPUs x 2 images
