@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.common import copy_bandwidth_gbs  # noqa: E402
+
 STAGE_GRIDS = [(200, 320), (100, 160), (50, 80), (25, 40)]  # 1280x800 image: strides 4, 8, 16, 32
 MODELS = {"T": ((64, 128, 256, 512), (2, 4, 8, 16)), "B": ((96, 192, 384, 768), (3, 6, 12, 24))}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -95,17 +97,9 @@ def peak_megabytes(run):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def copy_bandwidth(do_bench):
-    src = torch.randn(2 ** 28, device=DEVICE)  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
-    return 2 * 2 ** 30 / (ms * 1e-3) / 1e9
-
-
 def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
     from mlla_kernels import linear_attention_reference
-    from mlla_kernels.triton import launch_overrides, linear_attention_triton
+    from mlla_kernels.triton import linear_attention_triton
 
     do_bench, do_bench_graph = ctx["do_bench"], ctx["do_bench_graph"]
     dtype = DTYPES[dtype_name]
@@ -342,7 +336,7 @@ def main(argv=None):
         torch._dynamo.config.recompile_limit = 256
     device_name = torch.cuda.get_device_name()
     ctx = dict(do_bench=triton.testing.do_bench, do_bench_graph=triton.testing.do_bench_cudagraph, compile_spent=0.0)
-    ctx["copy_gbps"] = copy_bandwidth(triton.testing.do_bench)
+    ctx["copy_gbps"] = copy_bandwidth_gbs(DEVICE, size_mb=1024)
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}: "
           f"copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
 

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, COMPILED_IMPLS, bench, detector_config, environment,  # noqa: E402
-                               error_text, free_memory, KERNEL_IMPLS, peak_memory_mb, print_table, set_kernel_impls, synchronize,
-                               write_json)
+from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, add_speedups, autocast, bench,  # noqa: E402
+                               detector_config, environment, error_text, free_memory, peak_memory_mb,
+                               print_table, set_kernel_impls, synchronize, write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
 DTYPES = ("fp32", "bf16")
@@ -46,11 +46,6 @@ def build_backbone(arch: str, device) -> torch.nn.Module:
     cfg = detector_config(arch)
     return MODELS.build(cfg.model.backbone).to(device)
 
-
-def autocast(dtype: str, device):
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def make_step(model, images, mode: str, dtype: str, device):
@@ -108,15 +103,6 @@ def measure(backbone, args, mode: str, impl: str, dtype: str, device) -> dict:
             torch._dynamo.reset()
     return row
 
-
-def add_speedups(rows) -> None:
-    """vs_eager / vs_compile: the eager / compile row's time over this row's (same mode, dtype)."""
-    for base_impl in ("eager", "compile"):
-        base_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == base_impl}
-        for row in rows:
-            base = base_ms.get((row["mode"], row["dtype"]))
-            if base and row.get("ms"):
-                row[f"vs_{base_impl}"] = base / row["ms"]
 
 
 # --- --profile ---------------------------------------------------------------------------------

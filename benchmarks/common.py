@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
@@ -95,7 +95,7 @@ def copy_bandwidth_gbs(device, size_mb: int = 512) -> float:
     numel = size_mb * 2 ** 20 // 4
     src = torch.rand(numel, device=device)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), warmup_ms=25, rep_ms=100, device=device)
+    ms = bench(lambda: dst.copy_(src), warmup_ms=25, rep_ms=200, device=device)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
@@ -245,6 +245,23 @@ KERNEL_IMPLS = {
 }
 # The implementations that run the backbone under torch.compile.
 COMPILED_IMPLS = ("compile", "compile-fused")
+
+
+def autocast(dtype: str, device):
+    """The benchmarks' dtypes: "fp32" runs as is, "bf16" is fp32 weights under torch.autocast(bfloat16)."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def add_speedups(rows) -> None:
+    """vs_eager / vs_compile: the eager / compile row's time over this row's (same mode, dtype)."""
+    for base_impl in ("eager", "compile"):
+        base_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == base_impl}
+        for row in rows:
+            base = base_ms.get((row["mode"], row["dtype"]))
+            if base and row.get("ms"):
+                row[f"vs_{base_impl}"] = base / row["ms"]
 
 
 def set_kernel_impls(model: torch.nn.Module, impl: str) -> int:

@@ -24,7 +24,6 @@ whose time (kernel JIT, cuDNN autotuning) is reported as first_call_s; peak memo
 torch.cuda.reset_peak_memory_stats, weights, optimizer state and inputs included.
 """
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -34,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, bench, build_detector, detector_config, environment,  # noqa: E402
-                               error_text, free_memory, peak_memory_mb, print_table, quiet_mmengine,
-                               COMPILED_IMPLS, KERNEL_IMPLS, set_kernel_impls, synchronize, write_json)
+from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, add_speedups, autocast, bench,  # noqa: E402
+                               build_detector, detector_config, environment, error_text, free_memory,
+                               peak_memory_mb, print_table, quiet_mmengine, set_kernel_impls, synchronize,
+                               write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
 DTYPES = ("fp32", "bf16")
@@ -84,11 +84,6 @@ def synthetic_batch(sizes, num_instances: int, num_classes: int, seed: int, devi
                             for h, w in sizes))
     return {"inputs": list(images), "data_samples": list(samples)}
 
-
-def autocast(dtype: str, device):
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device):
@@ -189,15 +184,6 @@ class Bench:
             free_memory(self.device)
         return row
 
-
-def add_speedups(rows) -> None:
-    """vs_eager / vs_compile: the eager / compile row's time over this row's (same mode, dtype)."""
-    for base_impl in ("eager", "compile"):
-        base_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == base_impl}
-        for row in rows:
-            base = base_ms.get((row["mode"], row["dtype"]))
-            if base and row.get("ms"):
-                row[f"vs_{base_impl}"] = base / row["ms"]
 
 
 def parse_args(argv=None):

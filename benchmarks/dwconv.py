@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.common import copy_bandwidth_gbs  # noqa: E402
+
 STAGES = [(200, 320, 64), (100, 160, 128), (50, 80, 256), (25, 40, 512)]  # MLLA-T, 1280x800
 CONVS = {"cpe": "residual", "dwc": "silu", "lepe": "add"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -293,15 +295,6 @@ def _fused_triton(conv_name, x, weight, bias, height, width, addend=None):
     return dwconv3x3_tokens(x, weight, bias, (height, width), CONVS[conv_name], addend, impl="triton")
 
 
-def copy_bandwidth():
-    import triton.testing
-    src = torch.randn(2 ** 28, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
-    return 2 * 2 ** 30 / (ms * 1e-3) / 1e9
-
-
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -315,7 +308,7 @@ def main(argv=None):
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 256
     ctx = dict(device=torch.cuda.get_device_name(), triton=triton.__version__, compile=args.compile,
-               compiled={}, compile_spent=0.0, copy_gbps=copy_bandwidth())
+               compiled={}, compile_spent=0.0, copy_gbps=copy_bandwidth_gbs("cuda", size_mb=1024))
     print(f"{ctx['device']}: copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
     host = host_overhead(args)
     sweep_results = sweep(args) if args.sweep_budget_s > 0 else []
