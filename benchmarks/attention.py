@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import copy_bandwidth_gbs  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, launch_costs  # noqa: E402
 
 STAGE_GRIDS = [(200, 320), (100, 160), (50, 80), (25, 40)]  # 1280x800 image: strides 4, 8, 16, 32
 MODELS = {"T": ((64, 128, 256, 512), (2, 4, 8, 16)), "B": ((96, 192, 384, 768), (3, 6, 12, 24))}
@@ -218,6 +218,7 @@ def profile_host(ctx):
     host_ms = (time.perf_counter() - start) / 50 * 1e3
     torch.cuda.synchronize()
     print(f"host: {host_ms:.3f} ms per fused fwd+bwd call (launch only, not synchronized)")
+    print("host us per call: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in launch_costs(DEVICE).items()))
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(20):

@@ -5,6 +5,7 @@ Plain functions, no mmdet: any script under benchmarks/ may use them.
     bench(fn, warmup_ms, rep_ms) -> median milliseconds of one call of fn
     peak_memory_mb(fn, device)   -> peak allocated memory of one call, MiB (None off CUDA)
     copy_bandwidth_gbs(device)   -> measured device-to-device copy bandwidth, GB/s
+    launch_costs(device)         -> host microseconds per Triton launch / ATen op / autograd step
     print_table(rows, columns)   -> prints rows (dicts) as an aligned text table
     write_json(path, rows)       -> writes rows as a JSON list (NaN/inf become null)
     environment()                -> {device, torch, triton, cuda, python}
@@ -97,6 +98,52 @@ def copy_bandwidth_gbs(device, size_mb: int = 512) -> float:
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src), warmup_ms=25, rep_ms=200, device=device)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+_EMPTY_KERNEL = None
+
+
+def _empty_triton_kernel():
+    """A Triton kernel that does nothing, defined on first use (TRITON_INTERPRET is read then)."""
+    global _EMPTY_KERNEL
+    if _EMPTY_KERNEL is None:
+        import triton
+
+        @triton.jit
+        def empty_kernel(ptr):
+            pass
+
+        _EMPTY_KERNEL = empty_kernel
+    return _EMPTY_KERNEL
+
+
+def launch_costs(device, calls: int = 2000) -> Dict[str, float]:
+    """Host microseconds per call of the cheapest things a training step launches, called back to
+    back with one synchronisation at the end (their GPU work is a few microseconds, so the host
+    sets the pace): an empty Triton kernel, a one-element ATen add, and a one-element multiply
+    through autograd (forward + backward: two kernels plus the autograd engine)."""
+    kernel = _empty_triton_kernel()
+    x = torch.ones(1, device=device)
+    leaf = torch.ones(1, device=device, requires_grad=True)
+
+    def backward_step():
+        leaf.grad = None
+        (leaf * 2.0).backward()
+
+    cases = {"triton_empty_launch_us": lambda: kernel[(1,)](x),
+             "aten_add_us": lambda: torch.add(x, x),
+             "autograd_mul_fwd_bwd_us": backward_step}
+    result = {}
+    for name, fn in cases.items():
+        for _ in range(min(50, calls)):
+            fn()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        result[name] = (time.perf_counter() - start) / calls * 1e6
+    return result
 
 
 def environment(device=None) -> Dict[str, str]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import copy_bandwidth_gbs  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, launch_costs  # noqa: E402
 
 STAGES = [(200, 320, 64), (100, 160, 128), (50, 80, 256), (25, 40, 512)]  # MLLA-T, 1280x800
 CONVS = {"cpe": "residual", "dwc": "silu", "lepe": "add"}
@@ -239,6 +239,10 @@ def host_overhead(args):
     kernels._Launcher.enabled = True
     print("host ms per fwd+bwd (stage 4 bf16 cpe, back to back): " +
           ", ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
+    # What one launch costs this host, to read the numbers above by.
+    costs = launch_costs("cuda")
+    print("host us per call: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in costs.items()), flush=True)
+    result.update(costs)
     return result
 
 

@@ -125,6 +125,13 @@ def test_bench_and_bandwidth_on_cpu():
     assert common.copy_bandwidth_gbs("cpu", size_mb=8) > 0
 
 
+def test_launch_costs_measure_each_kind_of_call():
+    """Three positive timings, on the GPU or (the empty Triton kernel in the interpreter) the CPU."""
+    costs = common.launch_costs("cuda" if torch.cuda.is_available() else "cpu", calls=20)
+    assert set(costs) == {"triton_empty_launch_us", "aten_add_us", "autograd_mul_fwd_bwd_us"}
+    assert all(value > 0 for value in costs.values())
+
+
 def test_attention_chart_from_json(tmp_path):
     """plot_attention.py draws a PNG from attention.py's JSON, gaps where a number is missing."""
     import json
