@@ -138,6 +138,10 @@ def test_bad_arguments_raise_clear_errors():
         MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), out_indices=(4,))
     with pytest.raises(ValueError, match="not divisible"):
         MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(3, 2, 2, 4))
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), attn_impl="fused")
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), conv_impl="cudnn")
     model = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
     with pytest.raises(ValueError, match="B, C, H, W"):
         model(torch.randn(3, 32, 32))

@@ -22,7 +22,9 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from mmdet.registry import MODELS
+from mlla_kernels import IMPLS as ATTN_IMPLS
 from mlla_kernels import linear_attention
+from mlla_kernels.dwconv import IMPLS as CONV_IMPLS
 from mlla_kernels.dwconv import dwconv3x3_tokens
 
 HwShape = Tuple[int, int]
@@ -283,6 +285,10 @@ class MLLA(BaseModule):
         num_stages = len(depths)
         if any(not 0 <= i < num_stages for i in out_indices):
             raise ValueError(f"out_indices {tuple(out_indices)} must lie in [0, {num_stages})")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
         self.out_indices = tuple(out_indices)
         self.num_features = [int(embed_dim * 2 ** i) for i in range(num_stages)]
 
