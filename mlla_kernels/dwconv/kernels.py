@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import on_device
+
 EPILOGUE_CODES = {"none": 0, "residual": 1, "silu": 2, "add": 3}
 _RESIDUAL = tl.constexpr(1)
 _SILU = tl.constexpr(2)
@@ -399,20 +401,13 @@ _LAUNCHERS = {}
 
 
 def _launch(fn, grid, args, num_warps, **constexprs):
-    device = args[0].device
-    if _interpreting(device):
+    if _interpreting(args[0].device):
         fn[grid](*args, num_warps=num_warps, **constexprs)
         return
     launcher = _LAUNCHERS.get(fn)
     if launcher is None:
         launcher = _LAUNCHERS[fn] = _Launcher(fn)
-    # Triton launches on the current device and its stream: switch to the tensors' device when it
-    # is another one (e.g. tensors on cuda:1 while cuda:0 is current).
-    if device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            launcher(grid, args, num_warps, **constexprs)
-    else:
-        launcher(grid, args, num_warps, **constexprs)
+    launcher(grid, args, num_warps, **constexprs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,20 +418,21 @@ def dwconv3x3_forward(x, weight, bias, addend, height: int, width: int, epilogue
 
     overrides (tests, benchmarks): block_n, tile_w, block_c, num_warps.
     """
-    batch, n_tokens, channels = x.shape
-    cfg = _config(height, width, channels, batch, x.device, overrides)
-    out = _new_buffer((batch, n_tokens, channels), x.dtype, x.device)
-    add = addend if addend is not None else x
-    _launch(_dwconv3x3_fwd_kernel, (batch * cfg["tiles_per_batch"], cfg["channel_blocks"]), (
-        x, weight, bias if bias is not None else weight, add, out,
-        n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
-        x.stride(0), x.stride(1), x.stride(2),
-        weight.stride(0), weight.stride(2), weight.stride(3),
-        add.stride(0), add.stride(1), add.stride(2)),
-        cfg["num_warps"], EPILOGUE=EPILOGUE_CODES[epilogue], HAS_BIAS=bias is not None,
-        IDX64=_needs_int64(n_tokens, width, x, add, out),
-        BLOCK_N=cfg["block_n"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], ACC=_acc_dtype(x.dtype))
-    return out
+    with on_device(x.device):
+        batch, n_tokens, channels = x.shape
+        cfg = _config(height, width, channels, batch, x.device, overrides)
+        out = _new_buffer((batch, n_tokens, channels), x.dtype, x.device)
+        add = addend if addend is not None else x
+        _launch(_dwconv3x3_fwd_kernel, (batch * cfg["tiles_per_batch"], cfg["channel_blocks"]), (
+            x, weight, bias if bias is not None else weight, add, out,
+            n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
+            x.stride(0), x.stride(1), x.stride(2),
+            weight.stride(0), weight.stride(2), weight.stride(3),
+            add.stride(0), add.stride(1), add.stride(2)),
+            cfg["num_warps"], EPILOGUE=EPILOGUE_CODES[epilogue], HAS_BIAS=bias is not None,
+            IDX64=_needs_int64(n_tokens, width, x, add, out),
+            BLOCK_N=cfg["block_n"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], ACC=_acc_dtype(x.dtype))
+        return out
 
 
 def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilogue: str, **overrides):
@@ -448,45 +444,46 @@ def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilo
     overrides (tests, benchmarks): block_n, tile_w, block_c, num_warps (SiLU kernel),
     bwd_num_warps, wgrad_block_n, wgrad_tile_w, wgrad_programs_per_sm.
     """
-    batch, n_tokens, channels = x.shape
-    device = x.device
-    cfg = _config(height, width, channels, batch, device, overrides)
-    acc = _acc_dtype(x.dtype)
-    idx64 = _needs_int64(n_tokens, width, x, grad_out)
-    num_tiles = batch * cfg["tiles_per_batch"]
+    with on_device(x.device):
+        batch, n_tokens, channels = x.shape
+        device = x.device
+        cfg = _config(height, width, channels, batch, device, overrides)
+        acc = _acc_dtype(x.dtype)
+        idx64 = _needs_int64(n_tokens, width, x, grad_out)
+        num_tiles = batch * cfg["tiles_per_batch"]
 
-    if epilogue == "silu":
-        gp = _new_buffer((batch, n_tokens, channels), x.dtype, device)
-        _launch(_silu_grad_kernel, (num_tiles, cfg["channel_blocks"]), (
-            grad_out, x, weight, bias if bias is not None else weight, gp,
+        if epilogue == "silu":
+            gp = _new_buffer((batch, n_tokens, channels), x.dtype, device)
+            _launch(_silu_grad_kernel, (num_tiles, cfg["channel_blocks"]), (
+                grad_out, x, weight, bias if bias is not None else weight, gp,
+                n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
+                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+                x.stride(0), x.stride(1), x.stride(2),
+                weight.stride(0), weight.stride(2), weight.stride(3)),
+                cfg["num_warps"], HAS_BIAS=bias is not None, IDX64=idx64, BLOCK_N=cfg["block_n"],
+                TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], ACC=acc)
+        else:
+            gp = grad_out
+
+        wg_programs = cfg["wg_programs"]
+        grad_x = _new_buffer((batch, n_tokens, channels), x.dtype, device)
+        partial_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        partials = _new_buffer((wg_programs, _PARTIAL_ROWS, channels), partial_dtype, device)
+        _launch(_dwconv3x3_bwd_kernel, (wg_programs + num_tiles, cfg["channel_blocks"]), (
+            gp, x, weight, grad_x, partials,
             n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            cfg["wg_tiles_w"], cfg["wg_tiles_per_batch"], cfg["wg_num_tiles"], wg_programs,
+            gp.stride(0), gp.stride(1), gp.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
             weight.stride(0), weight.stride(2), weight.stride(3)),
-            cfg["num_warps"], HAS_BIAS=bias is not None, IDX64=idx64, BLOCK_N=cfg["block_n"],
-            TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], ACC=acc)
-    else:
-        gp = grad_out
+            cfg["bwd_num_warps"], RESIDUAL=epilogue == "residual", IDX64=idx64,
+            BLOCK_N=cfg["block_n"], TILE_W=cfg["tile_w"], WG_BLOCK_N=cfg["wgrad_block_n"],
+            WG_TILE_W=cfg["wgrad_tile_w"], BLOCK_C=cfg["block_c"], ACC=acc)
 
-    wg_programs = cfg["wg_programs"]
-    grad_x = _new_buffer((batch, n_tokens, channels), x.dtype, device)
-    partial_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partials = _new_buffer((wg_programs, _PARTIAL_ROWS, channels), partial_dtype, device)
-    _launch(_dwconv3x3_bwd_kernel, (wg_programs + num_tiles, cfg["channel_blocks"]), (
-        gp, x, weight, grad_x, partials,
-        n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
-        cfg["wg_tiles_w"], cfg["wg_tiles_per_batch"], cfg["wg_num_tiles"], wg_programs,
-        gp.stride(0), gp.stride(1), gp.stride(2),
-        x.stride(0), x.stride(1), x.stride(2),
-        weight.stride(0), weight.stride(2), weight.stride(3)),
-        cfg["bwd_num_warps"], RESIDUAL=epilogue == "residual", IDX64=idx64,
-        BLOCK_N=cfg["block_n"], TILE_W=cfg["tile_w"], WG_BLOCK_N=cfg["wgrad_block_n"],
-        WG_TILE_W=cfg["wgrad_tile_w"], BLOCK_C=cfg["block_c"], ACC=acc)
-
-    grad_weight = _new_buffer(tuple(weight.shape), weight.dtype, device)
-    grad_bias = _new_buffer((channels,), bias.dtype if bias is not None else weight.dtype, device)
-    reduce_c = min(_pow2_at_least(channels), 64)
-    _launch(_reduce_partials_kernel, (_cdiv(channels, reduce_c), _PARTIAL_ROWS), (
-        partials, grad_weight, grad_bias, wg_programs, channels),
-        4, BLOCK_P=min(_pow2_at_least(wg_programs), 64), BLOCK_C=reduce_c, ACC=acc)
-    return grad_x, grad_weight, grad_bias
+        grad_weight = _new_buffer(tuple(weight.shape), weight.dtype, device)
+        grad_bias = _new_buffer((channels,), bias.dtype if bias is not None else weight.dtype, device)
+        reduce_c = min(_pow2_at_least(channels), 64)
+        _launch(_reduce_partials_kernel, (_cdiv(channels, reduce_c), _PARTIAL_ROWS), (
+            partials, grad_weight, grad_bias, wg_programs, channels),
+            4, BLOCK_P=min(_pow2_at_least(wg_programs), 64), BLOCK_C=reduce_c, ACC=acc)
+        return grad_x, grad_weight, grad_bias

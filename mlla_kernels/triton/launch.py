@@ -9,6 +9,7 @@ import os
 import torch
 import triton
 
+from ..device import on_device
 from ..linear_attention import TRITON_DTYPES, check_inputs
 from .backward import grad_state_kernel, input_grad_kernel
 from .forward import kv_state_kernel, output_kernel
@@ -108,10 +109,6 @@ def check_triton_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: 
                          f"use impl='reference'")
 
 
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _geometry(v: torch.Tensor, num_heads: int):
     batch, num_tokens, channels = v.shape
     head_dim = channels // num_heads
@@ -166,7 +163,7 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
     meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=_dot_mode())
-    with _device_guard(v.device):
+    with on_device(v.device):
         state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
                                     batch_heads, state_size, cfg, cfg.num_warps_forward, deterministic, v.device,
                                     **meta)
@@ -196,7 +193,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
     meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=_dot_mode())
-    with _device_guard(v.device):
+    with on_device(v.device):
         grad_state = _reduce_over_tokens(grad_state_kernel, (qk, grad_out, state),
                                          (*scalars, *qk.stride(), *grad_out.stride()),
                                          batch_heads, state_size, cfg, cfg.num_warps_backward, deterministic,
