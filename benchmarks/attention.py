@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import copy_bandwidth_gbs, launch_costs  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, launch_costs, raise_recompile_limits  # noqa: E402
 
 STAGE_GRIDS = [(200, 320), (100, 160), (50, 80), (25, 40)]  # 1280x800 image: strides 4, 8, 16, 32
 MODELS = {"T": ((64, 128, 256, 512), (2, 4, 8, 16)), "B": ((96, 192, 384, 768), (3, 6, 12, 24))}
@@ -332,9 +332,7 @@ def main(argv=None):
     import triton
     import triton.testing
 
-    torch._dynamo.config.cache_size_limit = 256
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 256
+    raise_recompile_limits(256)
     device_name = torch.cuda.get_device_name()
     ctx = dict(do_bench=triton.testing.do_bench, do_bench_graph=triton.testing.do_bench_cudagraph, compile_spent=0.0)
     ctx["copy_gbps"] = copy_bandwidth_gbs(DEVICE, size_mb=1024)

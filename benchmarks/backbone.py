@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, add_speedups, autocast, bench,  # noqa: E402
-                               detector_config, environment, error_text, free_memory, peak_memory_mb,
-                               print_table, set_kernel_impls, synchronize, write_json)
+                               default_impls_without_compile, detector_config, environment, error_text,
+                               free_memory, peak_memory_mb, print_table, set_kernel_impls, synchronize,
+                               timing_device, write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
 DTYPES = ("fp32", "bf16")
@@ -230,17 +231,14 @@ def parse_args(argv=None):
     if args.cpu_sanity:
         args.batch, args.size = 1, (32, 64)
         args.warmup_ms, args.rep_ms, args.profile_steps = 0.0, 0.0, 1
-        # torch.compile on the CPU needs a C++ toolchain and minutes: keep it out unless asked for.
-        if args.impls == list(IMPLS):
-            args.impls = [impl for impl in IMPLS if impl not in COMPILED_IMPLS]
+        args.impls = default_impls_without_compile(args.impls, IMPLS)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() and not args.cpu_sanity else "cpu"
-    if device == "cpu" and not args.cpu_sanity:
-        print("backbone.py: no CUDA device; nothing to time. Use --cpu-sanity to check the script on the CPU.")
+    device = timing_device("backbone.py", args.cpu_sanity)
+    if device is None:
         return 0
     env = environment(device)
     print(f"# MLLA-{args.arch.upper()} backbone, batch {args.batch} x 3 x {args.size[0]} x {args.size[1]} | "

@@ -294,6 +294,33 @@ KERNEL_IMPLS = {
 COMPILED_IMPLS = ("compile", "compile-fused")
 
 
+def timing_device(script: str, cpu_sanity: bool):
+    """"cuda" to time on, "cpu" for a --cpu-sanity run, or None (after saying so) when there is no
+    GPU and no sanity run was asked for: the caller then exits 0."""
+    if cpu_sanity:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    print(f"{script}: no CUDA device; nothing to time. Use --cpu-sanity to check the script on the CPU.")
+    return None
+
+
+def default_impls_without_compile(impls, all_impls):
+    """--cpu-sanity: torch.compile on the CPU needs a C++ toolchain and minutes, so the default
+    list of implementations drops the compiled ones (asked for by name, they stay)."""
+    if list(impls) == list(all_impls):
+        return [impl for impl in all_impls if impl not in COMPILED_IMPLS]
+    return impls
+
+
+def raise_recompile_limits(limit: int = 256) -> None:
+    """Let torch.compile keep one graph per benchmarked shape and dtype instead of falling back to
+    eager after its default handful of recompiles."""
+    torch._dynamo.config.cache_size_limit = limit
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = limit
+
+
 def autocast(dtype: str, device):
     """The benchmarks' dtypes: "fp32" runs as is, "bf16" is fp32 weights under torch.autocast(bfloat16)."""
     if dtype == "fp32":

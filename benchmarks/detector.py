@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, add_speedups, autocast, bench,  # noqa: E402
-                               build_detector, detector_config, environment, error_text, free_memory,
-                               peak_memory_mb, print_table, quiet_mmengine, set_kernel_impls, synchronize,
-                               write_json)
+                               build_detector, default_impls_without_compile, detector_config, environment,
+                               error_text, free_memory, peak_memory_mb, print_table, quiet_mmengine,
+                               set_kernel_impls, synchronize, timing_device, write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
 DTYPES = ("fp32", "bf16")
@@ -205,17 +205,14 @@ def parse_args(argv=None):
     if args.cpu_sanity:
         args.train_sizes, args.infer_size = [(64, 96), (64, 80)], (64, 96)
         args.instances, args.warmup_ms, args.rep_ms = 3, 0.0, 0.0
-        # torch.compile on the CPU needs a C++ toolchain and minutes: keep it out unless asked for.
-        if args.impls == list(IMPLS):
-            args.impls = [impl for impl in IMPLS if impl not in COMPILED_IMPLS]
+        args.impls = default_impls_without_compile(args.impls, IMPLS)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() and not args.cpu_sanity else "cpu"
-    if device == "cpu" and not args.cpu_sanity:
-        print("detector.py: no CUDA device; nothing to time. Use --cpu-sanity to check the script on the CPU.")
+    device = timing_device("detector.py", args.cpu_sanity)
+    if device is None:
         return 0
     env = environment(device)
     print(f"# Mask R-CNN MLLA-{args.arch.upper()} | {env['device']} | torch {env['torch']} | "

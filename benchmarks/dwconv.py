@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import copy_bandwidth_gbs, launch_costs  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, launch_costs, raise_recompile_limits  # noqa: E402
 
 STAGES = [(200, 320, 64), (100, 160, 128), (50, 80, 256), (25, 40, 512)]  # MLLA-T, 1280x800
 CONVS = {"cpe": "residual", "dwc": "silu", "lepe": "add"}
@@ -79,12 +79,12 @@ def lepe_eager(v, weight, bias, height: int, width: int, addend=None):
 EAGER = {"cpe": cpe_eager, "dwc": dwc_eager, "lepe": lepe_eager}
 
 
-def fused_form(conv_name):
+def fused_form(conv_name, impl="auto"):
     from mlla_kernels.dwconv import dwconv3x3_tokens
     epilogue = CONVS[conv_name]
 
     def run(x, weight, bias, height, width, addend=None):
-        return dwconv3x3_tokens(x, weight, bias, (height, width), epilogue, addend)
+        return dwconv3x3_tokens(x, weight, bias, (height, width), epilogue, addend, impl=impl)
     return run
 
 
@@ -280,23 +280,19 @@ def cpu_sanity():
         inputs = make_inputs(height, width, channels, torch.float32, conv_name, device="cpu")
         x, weight, bias, addend, grad = inputs
         start = time.perf_counter()
-        forward_backward_runner(lambda *a: _fused_triton(conv_name, *a), inputs, (height, width))()
+        fused_triton = fused_form(conv_name, impl="triton")  # the interpreter: "auto" would pick the reference
+        forward_backward_runner(fused_triton, inputs, (height, width))()
         elapsed = time.perf_counter() - start
         eager = EAGER[conv_name](x.double(), weight.double(), bias.double(), height, width,
                                  None if addend is None else addend.double())
         ref = dwconv3x3_tokens_reference(x.double(), weight.double(), bias.double(), (height, width),
                                          CONVS[conv_name], None if addend is None else addend.double())
-        fused = _fused_triton(conv_name, x, weight, bias, height, width, addend)
+        fused = fused_triton(x, weight, bias, height, width, addend)
         err = max(((fused.double() - ref).norm() / ref.norm()).item(), ((eager - ref).norm() / ref.norm()).item())
         worst = max(worst, err)
         print(f"cpu sanity (interpreter): {conv_name} {height}x{width} C={channels}: fwd+bwd {elapsed:.2f} s, "
               f"rel err {err:.1e}")
     return 0 if worst < 1e-5 else 1
-
-
-def _fused_triton(conv_name, x, weight, bias, height, width, addend=None):
-    from mlla_kernels.dwconv import dwconv3x3_tokens
-    return dwconv3x3_tokens(x, weight, bias, (height, width), CONVS[conv_name], addend, impl="triton")
 
 
 def main(argv=None):
@@ -308,9 +304,7 @@ def main(argv=None):
         return 0
     import triton
 
-    torch._dynamo.config.cache_size_limit = 256
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 256
+    raise_recompile_limits(256)
     ctx = dict(device=torch.cuda.get_device_name(), triton=triton.__version__, compile=args.compile,
                compiled={}, compile_spent=0.0, copy_gbps=copy_bandwidth_gbs("cuda", size_mb=1024))
     print(f"{ctx['device']}: copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
