@@ -145,9 +145,9 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 
 SWEEP_CONFIGS = {
-    "fp32": [dict(), dict(num_warps=4), dict(block_n=64, num_warps=4), dict(dot_mode="tf32x3"),
-             dict(programs_per_sm=8)],
-    "bf16": [dict(), dict(num_warps=4), dict(dot_mode="tf32")],
+    "fp32": [dict(), dict(dot_mode="ieee"), dict(dot_mode="tf32"), dict(num_warps=4),
+             dict(block_n=64, num_warps=4), dict(programs_per_sm=8)],
+    "bf16": [dict(), dict(dot_mode="ieee"), dict(num_warps=4), dict(block_n=64, num_warps=4)],
 }
 
 
@@ -271,7 +271,7 @@ def compile_report():
 
     from mlla_kernels.triton.backward import grad_state_kernel, input_grad_kernel
     from mlla_kernels.triton.forward import kv_state_kernel, output_kernel
-    from mlla_kernels.triton.launch import _padded, launch_config
+    from mlla_kernels.triton.launch import _padded, dot_mode, launch_config
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     print(f"triton {triton.__version__}, sm_90")
@@ -282,7 +282,7 @@ def compile_report():
                                   (grad_state_kernel, cfg.num_warps_backward),
                                   (input_grad_kernel, cfg.num_warps_backward)):
                 consts = dict(HEAD_DIM=head_dim, HALF_PAD=_padded(head_dim // 2), DIM_PAD=_padded(head_dim),
-                              BLOCK_N=cfg.block_n, DOT_MODE="ieee")
+                              BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(DTYPES[dtype]))
                 if "ATOMIC" in kernel.arg_names:
                     consts["ATOMIC"] = False
                 signature = {name: "constexpr" if name in consts else
@@ -297,7 +297,8 @@ def compile_report():
                                          capture_output=True, text=True).stderr
                 regs = re.search(r"Used (\d+) registers", log)
                 spills = re.search(r"(\d+) bytes spill stores", log)
-                print(f"d={head_dim:<3} {dtype} {kernel.__name__:18} {cfg.block_n:>3} tokens x {warps} warps: "
+                print(f"d={head_dim:<3} {dtype} {kernel.__name__:18} {cfg.block_n:>3} tokens x {warps} warps, "
+                      f"{consts['DOT_MODE']}: "
                       f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} B spilled")
     return 0
 

@@ -142,6 +142,16 @@ def test_matrix_product_modes_compute_the_same_function(gen, dot_mode, tol):
             pass
 
 
+def test_default_product_mode_follows_the_input_dtype(monkeypatch):
+    from mlla_kernels.triton import launch
+    assert launch.dot_mode(torch.float32) == "tf32x3"
+    assert launch.dot_mode(torch.bfloat16) == launch.dot_mode(torch.float16) == "tf32"
+    with launch_overrides(dot_mode="ieee"):
+        assert launch.dot_mode(torch.bfloat16) == "ieee"
+    monkeypatch.setattr(launch, "_DOT_MODE_FORCED", "ieee")
+    assert launch.dot_mode(torch.float32) == "ieee"
+
+
 def test_split_and_block_choices_agree(gen):
     """One split, many splits, one token block per split: the same function."""
     qk, v = make_inputs(gen, 1, 5, 10, 32, torch.float32)
@@ -308,6 +318,28 @@ GPU_SHAPES = [
 def test_gpu_shape_matrix(gen, dtype, batch, height, width, channels, heads):
     qk, v = make_inputs(gen, batch, height, width, channels, dtype, strided=(height % 2 == 1))
     assert_matches_reference(qk, v, (height, width), heads, gen)
+
+
+# Every product mode on tensor cores / FMA units at a full stage-1 shape, against float64: the
+# defaults (tf32x3 for fp32, tf32 for 16-bit) must hold each dtype's bound; tf32 on fp32 inputs is
+# offered with its own, looser bound (10-bit operands).
+GPU_MODE_TOLERANCE = {(torch.float32, "ieee"): 1e-5, (torch.float32, "tf32x3"): 1e-5,
+                      (torch.float32, "tf32"): 3e-3, (torch.bfloat16, "ieee"): 2e-2,
+                      (torch.bfloat16, "tf32"): 2e-2, (torch.float16, "ieee"): 5e-3,
+                      (torch.float16, "tf32"): 5e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, dot_mode", list(GPU_MODE_TOLERANCE))
+def test_gpu_every_product_mode_holds_its_bound(gen, dtype, dot_mode):
+    qk, v = make_inputs(gen, 2, 200, 320, 64, dtype)
+    grad_out = torch.randn(v.shape, generator=gen).to(DEVICE, dtype)
+    ref = reference_with_grads(qk, v, (200, 320), 2, grad_out)
+    with launch_overrides(dot_mode=dot_mode):
+        fused = fused_with_grads(qk, v, (200, 320), 2, grad_out)
+    tol = GPU_MODE_TOLERANCE[(dtype, dot_mode)]
+    errs = [rel_err(a, b) for a, b in zip(fused, ref)]
+    assert max(errs) < tol, f"{dot_mode} on {dtype}: out / grad_qk / grad_v errors {errs}"
 
 
 @pytest.mark.gpu

@@ -169,9 +169,9 @@ def store_state(state_ptr, pairs, channels, kv_even, kv_odd, k_even, k_odd,
 def matmul(a, b, acc, DOT_MODE: tl.constexpr):
     """acc + a @ b with fp32 accumulation on fp32 operands.
 
-    DOT_MODE "ieee": exact fp32 products on the FMA units (the default, validated on the GPU);
-    "tf32" / "tf32x3": tensor cores on tf32-rounded operands, one or three products (opt-in
-    experiments, not yet run on a GPU; the interpreter ignores the mode).
+    DOT_MODE "ieee": exact fp32 products on the FMA units; "tf32" / "tf32x3": tensor cores on
+    tf32-rounded operands, one or three products (launch.dot_mode picks per dtype; the
+    interpreter ignores the mode and multiplies in fp32).
     """
     return tl.dot(a, b, acc, input_precision=DOT_MODE)
 

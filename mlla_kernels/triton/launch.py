@@ -17,13 +17,17 @@ from .forward import kv_state_kernel, output_kernel
 SUPPORTED_DTYPES = TRITON_DTYPES
 # Programs to aim for per SM in a pass: enough to hide memory latency with several resident.
 PROGRAMS_PER_SM = 4
-# How the small matrix products (d/2 x d per block) run: "ieee" (exact fp32 FMAs, the default,
-# validated on the GPU for every dtype) or "tf32" / "tf32x3" (tensor cores; opt-in experiments
-# that benchmarks/attention.py --sweep-budget-s times and checks, not yet run on a GPU).
+# How the small matrix products (d/2 x d per block) run: "ieee" (exact fp32 products on the FMA
+# units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or "tf32"
+# (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are phi(x)
+# after RoPE in fp32 whatever the input dtype. Default per input dtype: fp32 keeps fp32 accuracy
+# with tf32x3; 16-bit inputs carry 8-11 mantissa bits, so tf32's rounding is below their own.
+# MLLA_DOT_MODE forces one mode for every dtype.
 DOT_MODES = ("ieee", "tf32", "tf32x3")
-_DOT_MODE_DEFAULT = os.environ.get("MLLA_DOT_MODE", "ieee")
-if _DOT_MODE_DEFAULT not in DOT_MODES:
-    raise ValueError(f"MLLA_DOT_MODE must be one of {DOT_MODES}, got {_DOT_MODE_DEFAULT!r}")
+DEFAULT_DOT_MODES = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16: "tf32"}
+_DOT_MODE_FORCED = os.environ.get("MLLA_DOT_MODE") or None
+if _DOT_MODE_FORCED is not None and _DOT_MODE_FORCED not in DOT_MODES:
+    raise ValueError(f"MLLA_DOT_MODE must be one of {DOT_MODES}, got {_DOT_MODE_FORCED!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +119,9 @@ def _geometry(v: torch.Tensor, num_heads: int):
     return batch, num_tokens, channels, head_dim, _padded(head_dim // 2), _padded(head_dim)
 
 
-def _dot_mode() -> str:
-    return _overrides.get("dot_mode", _DOT_MODE_DEFAULT)
+def dot_mode(dtype: torch.dtype) -> str:
+    """The product mode the kernels use for inputs of this dtype (override > MLLA_DOT_MODE > default)."""
+    return _overrides.get("dot_mode") or _DOT_MODE_FORCED or DEFAULT_DOT_MODES[dtype]
 
 
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
@@ -162,7 +167,7 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=_dot_mode())
+    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype))
     with on_device(v.device):
         state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
                                     batch_heads, state_size, cfg, cfg.num_warps_forward, deterministic, v.device,
@@ -192,7 +197,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     grad_qk = _output_buffer(grad_qk, (batch, num_tokens, 2 * channels), qk, "grad_qk")
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=_dot_mode())
+    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype))
     with on_device(v.device):
         grad_state = _reduce_over_tokens(grad_state_kernel, (qk, grad_out, state),
                                          (*scalars, *qk.stride(), *grad_out.stride()),
