@@ -2,13 +2,14 @@
 vs the fused Triton kernels, forward and forward+backward, fp32 and bf16, batch 2.
 
     python benchmarks/attention.py [--json out.json] [--models T B] [--dtypes fp32 bf16]
-                                   [--compile-budget-s 120] [--cpu-sanity]
+                                   [--compile-budget-s 120] [--compile-workers 8] [--cpu-sanity]
 
 Times are medians of triton.testing.do_bench (warm-up first, L2 flushed between runs, inputs
 rotated among fresh random sets). GB/s counts each input read once and each output written once:
 forward reads qk, v and writes out (4*B*N*C elements); forward+backward also reads grad_out and
 writes grad_qk, grad_v (8*B*N*C). The fraction is of a device-to-device copy measured in the same
-run. "fused graph" replays the fused op from a CUDA graph (no host launch overhead). Peak memory
+run. torch.compile compile times are reported apart from the timings (JSON: *_compile_s, and
+*_compile_cold_s when --compile-workers compiled the graphs first, in parallel). "fused graph" replays the fused op from a CUDA graph (no host launch overhead). Peak memory
 is what one forward+backward allocates beyond its inputs.
 
 Without a GPU it says so and exits 0; --cpu-sanity runs one tiny shape in Triton's interpreter to
@@ -43,6 +44,11 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--compile-budget-s", type=float, default=float("inf"),
                         help="stop compiling new torch.compile graphs once this much wall time went into them")
+    parser.add_argument("--compile-workers", type=int, default=0,
+                        help="first compile every torch.compile graph of the run in this many worker processes "
+                             "at once (fills Inductor's on-disk caches; their cold compile times are reported); "
+                             "the timed run then compiles from the cache")
+    parser.add_argument("--compile-worker", help=argparse.SUPPRESS)
     parser.add_argument("--no-variants", action="store_true",
                         help="skip the fused variant with atomic (non-deterministic) reductions")
     parser.add_argument("--sweep-budget-s", type=float, default=0.0,
@@ -129,7 +135,11 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
             start = time.perf_counter()
             runner_of(lambda qk, v: compiled(qk, v, hw, heads), sets)()
             torch.cuda.synchronize()
-            ctx["compile_spent"] += time.perf_counter() - start
+            row[f"{mode}_compile_s"] = time.perf_counter() - start
+            ctx["compile_spent"] += row[f"{mode}_compile_s"]
+            cold = ctx["cold_compile_s"].get((model, dtype_name, stage, mode))
+            if cold is not None:
+                row[f"{mode}_compile_cold_s"] = cold
             row[f"{mode}_compile_ms"] = bench(lambda qk, v: compiled(qk, v, hw, heads))
         else:
             row[f"{mode}_compile_ms"] = None
@@ -199,6 +209,54 @@ def _parity(fused, qk, v, grad, ref_out, ref_grad_qk, ref_grad_v):
     qk.grad = v.grad = None
     del out
     return errs
+
+
+def compile_cases(models, dtypes):
+    """Every (model, dtype, stage, mode) the timed run compiles, in its order."""
+    return [(model, dtype_name, stage, mode) for model in models for dtype_name in dtypes
+            for stage in range(1, len(STAGE_GRIDS) + 1) for mode in ("fwd", "fwd_bwd")]
+
+
+def compile_worker(spec, models, dtypes):
+    """Worker `spec` = "i/k": compile cases i, i+k, ... once each; print one JSON line per case."""
+    from mlla_kernels import linear_attention_reference
+    index, count = (int(x) for x in spec.split("/"))
+    raise_recompile_limits(256)
+    for model, dtype_name, stage, mode in compile_cases(models, dtypes)[index::count]:
+        hw, channels, heads = STAGE_GRIDS[stage - 1], MODELS[model][0][stage - 1], MODELS[model][1][stage - 1]
+        sets = make_sets(BATCH, hw[0] * hw[1], channels, DTYPES[dtype_name], DEVICE, mode == "fwd_bwd")[:1]
+        compiled = torch.compile(linear_attention_reference, dynamic=False)
+        runner_of = forward_runner if mode == "fwd" else forward_backward_runner
+        start = time.perf_counter()
+        runner_of(lambda qk, v: compiled(qk, v, hw, heads), sets)()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        print(json.dumps(dict(model=model, dtype=dtype_name, stage=stage, mode=mode,
+                              cold_compile_s=time.perf_counter() - start)), flush=True)
+    return 0
+
+
+def warm_compile_caches(args):
+    """Run compile_worker in args.compile_workers processes side by side; returns
+    {(model, dtype, stage, mode): cold compile seconds} and the wall time it took."""
+    import subprocess
+    start = time.perf_counter()
+    common = [sys.executable, os.path.abspath(__file__), "--models", *args.models, "--dtypes", *args.dtypes]
+    workers = [subprocess.Popen(common + ["--compile-worker", f"{i}/{args.compile_workers}"],
+                                stdout=subprocess.PIPE, text=True) for i in range(args.compile_workers)]
+    cold = {}
+    for worker in workers:
+        out, _ = worker.communicate()
+        for line in out.splitlines():
+            if line.startswith("{"):
+                case = json.loads(line)
+                cold[(case["model"], case["dtype"], case["stage"], case["mode"])] = case["cold_compile_s"]
+        if worker.returncode != 0:
+            print(f"compile worker exited with {worker.returncode}; its cases compile in the timed run", flush=True)
+    wall = time.perf_counter() - start
+    print(f"compile warm-up: {len(cold)} graphs in {args.compile_workers} workers, {wall:.0f} s wall "
+          f"({sum(cold.values()):.0f} s of compiling)", flush=True)
+    return cold, wall
 
 
 def profile_host(ctx):
@@ -323,6 +381,8 @@ def cpu_sanity():
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compile_worker:
+        return compile_worker(args.compile_worker, args.models, args.dtypes)
     if args.compile_report:
         return compile_report()
     if not torch.cuda.is_available():
@@ -340,6 +400,7 @@ def main(argv=None):
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}: "
           f"copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
 
+    ctx["cold_compile_s"], warmup_wall = warm_compile_caches(args) if args.compile_workers > 0 else ({}, 0.0)
     if args.profile_host:
         profile_host(ctx)
     sweep_results = sweep(args, ctx) if args.sweep_budget_s > 0 else []
@@ -358,7 +419,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
-                           copy_gbps=ctx["copy_gbps"], compile_seconds=ctx["compile_spent"], rows=rows,
+                           copy_gbps=ctx["copy_gbps"], compile_seconds=ctx["compile_spent"],
+                           compile_warmup_wall_s=warmup_wall, compile_workers=args.compile_workers, rows=rows,
                            sweep=sweep_results), f, indent=1)
     print_table(rows, ctx["copy_gbps"], device_name)
     return 0

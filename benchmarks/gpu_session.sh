@@ -5,7 +5,9 @@
 #   source .whl/prelude.sh && bash benchmarks/gpu_session.sh tests dwconv backbone
 # Stages (rough H100/H200 wall time):
 #   tests            all GPU tests, three pytest processes side by side (~3 min, compiles included)
-#   attention        benchmarks/attention.py, MLLA-T and -B (~4 min)
+#   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
+#   attention        benchmarks/attention.py, MLLA-T and -B, launch/product-mode sweep first, torch.compile
+#                    graphs compiled by 8 workers side by side first (~6 min)
 #   dwconv           benchmarks/dwconv.py, fwd+bwd compiled once per conv (~2 min)
 #   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
 #   backbone-compile torch.compile of the eager and of the fused backbone, train, bf16 (~5 min:
@@ -44,10 +46,17 @@ for stage in "$@"; do
         --ignore tests/test_linear_attention_triton.py > "$out/gpu_tests_other.log" 2>&1 &
       wait
       tail -n 6 "$out"/gpu_tests_*.log ;;
+    tests-no-dwconv)
+      timeout 400 python3 -m pytest -m gpu -q -rf tests/test_linear_attention_triton.py \
+        > "$out/gpu_tests_attention.log" 2>&1 &
+      timeout 400 python3 -m pytest -m gpu -q -rf tests --ignore tests/test_dwconv.py \
+        --ignore tests/test_linear_attention_triton.py > "$out/gpu_tests_other.log" 2>&1 &
+      wait
+      tail -n 6 "$out"/gpu_tests_*.log ;;
     attention)
-      timeout 300 python3 benchmarks/attention.py --json "$out/attention.json" --compile-budget-s 60 \
-        --sweep-budget-s 0 > "$out/attention.log" 2>&1
-      tail -n 40 "$out/attention.log" ;;
+      timeout 420 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \
+        --compile-budget-s 150 --sweep-budget-s 60 > "$out/attention.log" 2>&1
+      grep -E "^sweep|^compile" "$out/attention.log"; tail -n 40 "$out/attention.log" ;;
     dwconv)
       timeout 200 python3 benchmarks/dwconv.py --json "$out/dwconv.json" --compile dynamic \
         --compile-modes fwd_bwd --compile-budget-s 45 --sweep-budget-s 0 > "$out/dwconv.log" 2>&1

@@ -220,3 +220,18 @@ def test_backbone_chart_pairs_wall_and_gpu_time(tmp_path):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="no train rows"):
         plot_backbone.collect([dict(mode="inference", impl="eager", dtype="fp32", ms=1.0)], [])
+
+
+def test_attention_compile_worker_covers_its_share_of_the_cases(monkeypatch, capsys):
+    """attention.py --compile-workers k: worker i of k compiles cases i, i+k, ... of the timed run
+    and prints each one's cold compile time (run here on the CPU with tiny grids)."""
+    from benchmarks import attention
+    monkeypatch.setattr(attention, "DEVICE", "cpu")
+    monkeypatch.setattr(attention, "STAGE_GRIDS", [(4, 6), (2, 3)])
+    monkeypatch.setattr(attention, "ROTATION_BYTES", 1)
+    cases = attention.compile_cases(["T"], ["fp32"])
+    assert cases == [("T", "fp32", s, m) for s in (1, 2) for m in ("fwd", "fwd_bwd")]
+    assert attention.compile_worker("1/2", ["T"], ["fp32"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(p["model"], p["dtype"], p["stage"], p["mode"]) for p in printed] == cases[1::2]
+    assert all(p["cold_compile_s"] > 0 for p in printed)
