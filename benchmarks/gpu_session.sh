@@ -54,7 +54,7 @@ for stage in "$@"; do
       wait
       tail -n 6 "$out"/gpu_tests_*.log ;;
     attention)
-      timeout 420 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \
+      timeout 370 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \
         --compile-budget-s 150 --sweep-budget-s 60 > "$out/attention.log" 2>&1
       grep -E "^sweep|^compile" "$out/attention.log"; tail -n 40 "$out/attention.log" ;;
     dwconv)
