@@ -155,9 +155,10 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 
 SWEEP_CONFIGS = {
-    "fp32": [dict(), dict(dot_mode="ieee"), dict(dot_mode="tf32"), dict(num_warps=4),
-             dict(block_n=64, num_warps=4), dict(programs_per_sm=8)],
-    "bf16": [dict(), dict(dot_mode="ieee"), dict(num_warps=4), dict(block_n=64, num_warps=4)],
+    "fp32": [dict(), dict(dot_mode="ieee"), dict(dot_mode="tf32"), dict(num_warps_backward=8),
+             dict(block_n=64), dict(block_n=64, num_warps=8), dict(block_n=16), dict(programs_per_sm=8)],
+    "bf16": [dict(), dict(dot_mode="ieee"), dict(num_warps_backward=8), dict(block_n=64),
+             dict(block_n=64, num_warps=8), dict(block_n=16)],
 }
 
 
@@ -194,7 +195,28 @@ def sweep(args, ctx):
                                 rel_err_out=errs[0], rel_err_grad_qk=errs[1], rel_err_grad_v=errs[2]))
             print(f"sweep {dtype_name} {config or 'default'}: graph fwd {fwd:.4f} ms, fwd+bwd {fwd_bwd:.4f} ms; "
                   f"rel err out {errs[0]:.1e} grad_qk {errs[1]:.1e} grad_v {errs[2]:.1e}", flush=True)
+        results.append(dict(dtype=dtype_name, kernel_us=kernel_times(fused, sets_bwd)))
     return results
+
+
+def kernel_times(fused, sets_bwd, steps=10):
+    """Mean device time of each kernel of one fused forward+backward (torch.profiler), in us."""
+    from torch.profiler import ProfilerActivity, profile
+    run = forward_backward_runner(fused, sets_bwd)
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us and event.count:
+            times[event.key[:60]] = device_us / steps
+    times = dict(sorted(times.items(), key=lambda kv: -kv[1])[:8])
+    print("kernel us per fwd+bwd: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()), flush=True)
+    return times
 
 
 def _parity(fused, qk, v, grad, ref_out, ref_grad_qk, ref_grad_v):
@@ -339,7 +361,7 @@ def compile_report():
             for kernel, warps in ((kv_state_kernel, cfg.num_warps_forward), (output_kernel, cfg.num_warps_forward),
                                   (grad_state_kernel, cfg.num_warps_backward),
                                   (input_grad_kernel, cfg.num_warps_backward)):
-                consts = dict(HEAD_DIM=head_dim, HALF_PAD=_padded(head_dim // 2), DIM_PAD=_padded(head_dim),
+                consts = dict(HEAD_DIM=head_dim, DIM_PAD=_padded(head_dim),
                               BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(DTYPES[dtype]))
                 if "ATOMIC" in kernel.arg_names:
                     consts["ATOMIC"] = False

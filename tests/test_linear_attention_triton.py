@@ -424,3 +424,12 @@ def test_autocast_mixed_inputs_reach_the_kernels_in_the_autocast_dtype(gen):
         out = linear_attention(qk.bfloat16(), v, (4, 6), 2, impl="triton")
     assert out.dtype == torch.bfloat16
     assert rel_err(out, linear_attention_reference(qk.double(), v.double(), (4, 6), 2)) < 2e-2
+
+
+def test_strides_beyond_int32_block_offsets_are_refused():
+    from mlla_kernels.triton.launch import check_offsets_fit
+    fine = torch.empty_strided((1, 64, 32), (64 * 32, 32, 1), device="meta")
+    check_offsets_fit(32, 32, fine)
+    huge = torch.empty_strided((1, 64, 32), (1, 2 ** 27, 1), device="meta")
+    with pytest.raises(ValueError, match="spans more than 2\\*\\*31 elements"):
+        check_offsets_fit(32, 32, fine, huge)

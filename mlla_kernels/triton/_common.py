@@ -1,9 +1,13 @@
 """Device helpers shared by the forward and backward kernels.
 
-Every kernel works on one (batch, head) pair and a run of tokens. A head's d channels form d/2
-RoPE pairs; kernels hold the even and the odd channel of each pair as two (BLOCK_N, HALF_PAD)
-tiles, so the rotation is elementwise. HALF_PAD is d/2 padded to a power of two >= 16 (tl.dot's
-minimum); padded pairs are masked to zero on load and never stored.
+Every kernel works on one (batch, head) pair and a run of tokens, a block of BLOCK_N tokens at a
+time, each block held as one (BLOCK_N, DIM_PAD) tile of the head's d channels in their own order;
+DIM_PAD is d padded to a power of two >= 16 (tl.dot's minimum), padded channels are masked to zero
+on load and never stored. The d channels form d/2 RoPE pairs (2i, 2i+1): only the rotation splits a
+tile into its even and odd channels, so every matrix product runs on whole-head tiles. The state
+of a head is the (d, d) matrix sum_m rope(phi(k_m))^T v_m (row = k channel) and the vector
+sum_m phi(k_m). Addresses: a scalar int64 pointer to the block's first token plus int32 tile
+offsets that stay fixed for the program.
 """
 import math
 
@@ -32,25 +36,54 @@ def feature_map_grad(x):
 
 
 @triton.jit
-def rope_cos_sin(tokens, pairs, head, width, HALF_DIM: tl.constexpr, QUARTER_C):
-    """cos and sin (BLOCK_N, HALF_PAD) of the RoPE angle of each (token, pair of this head).
+def cos_sin_reduced(angle):
+    """cos and sin of angles in [-pi, pi], from Taylor polynomials of the half angle (|h| <= pi/2:
+    truncation below 6e-8) and the double-angle formulas. Plain FMAs: ~20 instructions against
+    ~80 for the library's accurate pair, and the same arithmetic in the interpreter as on a GPU."""
+    half = angle * 0.5
+    h2 = half * half
+    s = half * (1.0 + h2 * (-1.0 / 6 + h2 * (1.0 / 120 + h2 * (-1.0 / 5040 + h2 * (1.0 / 362880
+                                                                                 + h2 * (-1.0 / 39916800))))))
+    c = 1.0 + h2 * (-0.5 + h2 * (1.0 / 24 + h2 * (-1.0 / 720 + h2 * (1.0 / 40320 + h2 * (-1.0 / 3628800
+                                                                                     + h2 * (1.0 / 479001600))))))
+    return (c - s) * (c + s), 2.0 * s * c
+
+
+@triton.jit
+def rope_cos_sin(tokens, head, width, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, QUARTER_C):
+    """cos and sin (BLOCK_N, DIM_PAD // 2) of the RoPE angle of each (token, pair of this head).
 
     Pair j = head * d/2 + i of the whole C channels turns by row * theta_j when j < K = C/4 and by
     column * theta_(j-K) otherwise, with theta_i = 10000^(-i/K); token n sits at (n // W, n % W).
     """
+    pairs = tl.arange(0, DIM_PAD // 2)
     rows = tokens // width
     cols = tokens - rows * width
-    pair = head * HALF_DIM + pairs
+    pair = head * (HEAD_DIM // 2) + pairs
     by_row = pair < QUARTER_C
     freq_index = tl.where(by_row, pair, pair - QUARTER_C).to(tl.float32)
     theta = tl.exp2(freq_index * (-LOG2_ROPE_BASE) / (QUARTER_C * 1.0))
     position = tl.where(by_row[None, :], rows[:, None], cols[:, None]).to(tl.float32)
     angle = position * theta[None, :]
-    # Reduce to [-pi, pi] ourselves: the hardware sin/cos may be approximations that are only
-    # accurate near zero, and positions reach several hundred.
+    # Positions reach several hundred radians: reduce to [-pi, pi] with a two-part 2*pi.
     turns = tl.floor(angle * INV_TWO_PI + 0.5)
     angle = (angle - turns * TWO_PI_HI) - turns * TWO_PI_LO
-    return tl.cos(angle), tl.sin(angle)
+    return cos_sin_reduced(angle)
+
+
+@triton.jit
+def rope(x, cos, sin, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr):
+    """Turn each channel pair (2i, 2i+1) of a (BLOCK_N, DIM_PAD) tile: (a, b) -> (a cos - b sin,
+    b cos + a sin)."""
+    even, odd = tl.split(tl.reshape(x, (BLOCK_N, DIM_PAD // 2, 2)))
+    return tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), (BLOCK_N, DIM_PAD))
+
+
+@triton.jit
+def unrope(x, cos, sin, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr):
+    """The transpose of rope: what a gradient goes through on its way back."""
+    even, odd = tl.split(tl.reshape(x, (BLOCK_N, DIM_PAD // 2, 2)))
+    return tl.reshape(tl.join(even * cos + odd * sin, odd * cos - even * sin), (BLOCK_N, DIM_PAD))
 
 
 @triton.jit
@@ -72,97 +105,69 @@ def token_run(split, tokens_per_split, num_tokens):
 
 
 @triton.jit
-def load_pair_tiles(base_ptr, tokens, pairs, stride_n, stride_c, mask):
-    """Even and odd channels (2i, 2i+1) of a head as two fp32 tiles (BLOCK_N, HALF_PAD)."""
-    ptrs = base_ptr + tokens.to(tl.int64)[:, None] * stride_n + (2 * pairs)[None, :] * stride_c
-    even = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    odd = tl.load(ptrs + stride_c, mask=mask, other=0.0).to(tl.float32)
-    return even, odd
+def tile_offsets(stride_n, stride_c, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr):
+    """int32 element offsets of a (BLOCK_N, DIM_PAD) tile from its first token's row (the launch
+    checks they fit); fixed for a program, so only a scalar base pointer moves along the tokens."""
+    return tl.arange(0, BLOCK_N)[:, None] * stride_n + tl.arange(0, DIM_PAD)[None, :] * stride_c
 
 
 @triton.jit
-def load_phi_pair_tiles(base_ptr, tokens, pairs, stride_n, stride_c, mask):
-    """The raw even/odd tiles (phi' needs them) and phi of them, zero where masked."""
-    lin_even, lin_odd = load_pair_tiles(base_ptr, tokens, pairs, stride_n, stride_c, mask)
-    return lin_even, lin_odd, tl.where(mask, feature_map(lin_even), 0.0), tl.where(mask, feature_map(lin_odd), 0.0)
+def block_pointer(base_ptr, block_start, stride_n):
+    return base_ptr + tl.cast(block_start, tl.int64) * stride_n
 
 
 @triton.jit
-def load_query_block(q_base, tokens, pairs, mask, stride_n, stride_c, kbar_even, kbar_odd):
-    """Raw q (for phi'), phi(q) and its normalizer z = 1 / (phi(q) . kbar + eps) for a block."""
-    q_lin_even, q_lin_odd, q_even, q_odd = load_phi_pair_tiles(q_base, tokens, pairs, stride_n, stride_c, mask)
-    z = 1.0 / (tl.sum(q_even * kbar_even[None, :], axis=1) + tl.sum(q_odd * kbar_odd[None, :], axis=1)
-               + NORMALIZER_EPS)
-    return q_lin_even, q_lin_odd, q_even, q_odd, z
+def load_tile(block_ptr, offsets, mask):
+    return tl.load(block_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def store_pair_tiles(base_ptr, tokens, pairs, stride_n, stride_c, mask, even, odd):
-    ptrs = base_ptr + tokens.to(tl.int64)[:, None] * stride_n + (2 * pairs)[None, :] * stride_c
-    tl.store(ptrs, even.to(base_ptr.dtype.element_ty), mask=mask)
-    tl.store(ptrs + stride_c, odd.to(base_ptr.dtype.element_ty), mask=mask)
+def store_tile(block_ptr, offsets, mask, tile):
+    tl.store(block_ptr + offsets, tile.to(block_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def load_head_tile(base_ptr, tokens, channels, stride_n, stride_c, mask):
-    """All d channels of a head as one fp32 tile (BLOCK_N, DIM_PAD)."""
-    ptrs = base_ptr + tokens.to(tl.int64)[:, None] * stride_n + channels[None, :] * stride_c
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+def load_query_block(block_ptr, offsets, mask, kbar):
+    """Raw q (phi' needs it), phi(q) (zero where masked) and its normalizer
+    z = 1 / (phi(q) . kbar + eps), for a block of tokens."""
+    q_lin = load_tile(block_ptr, offsets, mask)
+    q = tl.where(mask, feature_map(q_lin), 0.0)
+    z = 1.0 / (tl.sum(q * kbar[None, :], axis=1) + NORMALIZER_EPS)
+    return q_lin, q, z
 
 
 @triton.jit
-def rotate(even, odd, cos, sin):
-    """(a, b) -> (a cos - b sin, b cos + a sin)."""
-    return even * cos - odd * sin, odd * cos + even * sin
+def state_offsets(HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """Offsets and mask of a head's (d, d) matrix in its flat state block, as (DIM_PAD, DIM_PAD)."""
+    channels = tl.arange(0, DIM_PAD)
+    mask = (channels < HEAD_DIM)[:, None] & (channels < HEAD_DIM)[None, :]
+    return channels[:, None] * HEAD_DIM + channels[None, :], mask
 
 
 @triton.jit
-def unrotate(even, odd, cos, sin):
-    """The transpose of rotate: what a gradient goes through on its way back."""
-    return even * cos + odd * sin, odd * cos - even * sin
+def load_mean_state(state_ptr, bh, inv_n, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """Head bh's state (flat, one (d*d + d) block per head) scaled by 1/N: KV (DIM_PAD, DIM_PAD)
+    and kbar (DIM_PAD,)."""
+    base = state_ptr + bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM)
+    offsets, mask = state_offsets(HEAD_DIM, DIM_PAD)
+    channels = tl.arange(0, DIM_PAD)
+    kv = tl.load(base + offsets, mask=mask, other=0.0)
+    ksum = tl.load(base + HEAD_DIM * HEAD_DIM + channels, mask=channels < HEAD_DIM, other=0.0)
+    return kv * inv_n, ksum * inv_n
 
 
 @triton.jit
-def load_state(state_ptr, pairs, channels, HEAD_DIM: tl.constexpr, HALF_DIM: tl.constexpr):
-    """A head's reduced state: sum_m rope(k)_m^T v_m split into its even and odd rows
-    (HALF_PAD, DIM_PAD) each, and sum_m k_m split the same way (HALF_PAD,)."""
-    pair_ok = pairs < HALF_DIM
-    mask = pair_ok[:, None] & (channels < HEAD_DIM)[None, :]
-    rows = (2 * pairs)[:, None] * HEAD_DIM + channels[None, :]
-    kv_even = tl.load(state_ptr + rows, mask=mask, other=0.0)
-    kv_odd = tl.load(state_ptr + rows + HEAD_DIM, mask=mask, other=0.0)
-    ksum_ptr = state_ptr + HEAD_DIM * HEAD_DIM + 2 * pairs
-    k_even = tl.load(ksum_ptr, mask=pair_ok, other=0.0)
-    k_odd = tl.load(ksum_ptr + 1, mask=pair_ok, other=0.0)
-    return kv_even, kv_odd, k_even, k_odd
-
-
-@triton.jit
-def load_mean_state(state_ptr, bh, pairs, channels, inv_n, HEAD_DIM: tl.constexpr, HALF_DIM: tl.constexpr):
-    """Head bh's state (flat, one (d*d + d) block per head) scaled by 1/N: KV and kbar."""
-    kv_even, kv_odd, ksum_even, ksum_odd = load_state(state_ptr + bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM),
-                                                      pairs, channels, HEAD_DIM, HALF_DIM)
-    return kv_even * inv_n, kv_odd * inv_n, ksum_even * inv_n, ksum_odd * inv_n
-
-
-@triton.jit
-def store_state(state_ptr, pairs, channels, kv_even, kv_odd, k_even, k_odd,
-                HEAD_DIM: tl.constexpr, HALF_DIM: tl.constexpr, ATOMIC: tl.constexpr):
-    """Write (or atomically add) a head's partial state, laid out as load_state reads it."""
-    pair_ok = pairs < HALF_DIM
-    mask = pair_ok[:, None] & (channels < HEAD_DIM)[None, :]
-    rows = (2 * pairs)[:, None] * HEAD_DIM + channels[None, :]
-    ksum_ptr = state_ptr + HEAD_DIM * HEAD_DIM + 2 * pairs
+def store_state(state_ptr, kv, ksum, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, ATOMIC: tl.constexpr):
+    """Write (or atomically add) a head's partial state, laid out as load_mean_state reads it."""
+    offsets, mask = state_offsets(HEAD_DIM, DIM_PAD)
+    channels = tl.arange(0, DIM_PAD)
+    ksum_ptr = state_ptr + HEAD_DIM * HEAD_DIM + channels
     if ATOMIC:
-        tl.atomic_add(state_ptr + rows, kv_even, mask=mask, sem="relaxed")
-        tl.atomic_add(state_ptr + rows + HEAD_DIM, kv_odd, mask=mask, sem="relaxed")
-        tl.atomic_add(ksum_ptr, k_even, mask=pair_ok, sem="relaxed")
-        tl.atomic_add(ksum_ptr + 1, k_odd, mask=pair_ok, sem="relaxed")
+        tl.atomic_add(state_ptr + offsets, kv, mask=mask, sem="relaxed")
+        tl.atomic_add(ksum_ptr, ksum, mask=channels < HEAD_DIM, sem="relaxed")
     else:
-        tl.store(state_ptr + rows, kv_even, mask=mask)
-        tl.store(state_ptr + rows + HEAD_DIM, kv_odd, mask=mask)
-        tl.store(ksum_ptr, k_even, mask=pair_ok)
-        tl.store(ksum_ptr + 1, k_odd, mask=pair_ok)
+        tl.store(state_ptr + offsets, kv, mask=mask)
+        tl.store(ksum_ptr, ksum, mask=channels < HEAD_DIM)
 
 
 @triton.jit
@@ -174,11 +179,3 @@ def matmul(a, b, acc, DOT_MODE: tl.constexpr):
     interpreter ignores the mode and multiplies in fp32).
     """
     return tl.dot(a, b, acc, input_precision=DOT_MODE)
-
-
-@triton.jit
-def apply_state(r_even, r_odd, kv_even, kv_odd, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr,
-                DOT_MODE: tl.constexpr):
-    """rope(x) @ KV for a block of tokens, (BLOCK_N, DIM_PAD), from its even and odd halves."""
-    out = matmul(r_even, kv_even, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
-    return matmul(r_odd, kv_odd, out, DOT_MODE)

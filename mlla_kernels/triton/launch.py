@@ -44,10 +44,11 @@ _overrides: dict = {}
 
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
-    """Force block_n / splits / programs_per_sm / num_warps / dot_mode: tests use it to get many
-    splits and partial blocks from a few dozen tokens under the interpreter, the benchmark to
-    sweep launch shapes."""
-    unknown = set(kwargs) - {"block_n", "splits", "dot_mode", "num_warps", "programs_per_sm"}
+    """Force block_n / splits / programs_per_sm / num_warps (both directions) / num_warps_forward /
+    num_warps_backward / dot_mode: tests use it to get many splits and partial blocks from a few
+    dozen tokens under the interpreter, the benchmark to sweep launch shapes."""
+    unknown = set(kwargs) - {"block_n", "splits", "dot_mode", "num_warps", "num_warps_forward",
+                             "num_warps_backward", "programs_per_sm"}
     if unknown:
         raise TypeError(f"unknown launch overrides {sorted(unknown)}")
     if kwargs.get("dot_mode", "ieee") not in DOT_MODES:
@@ -71,13 +72,14 @@ def _sm_count(device_index: int) -> int:
 
 
 def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device) -> LaunchConfig:
-    # Tile shapes with no register spills in any of the four kernels on triton 3.6 and 3.8 (sm_90
-    # compiler reports, NOTES.md v3): 64-token tiles spilled up to 0.7 KB, d = 64 at 32 tokens up
-    # to 7 KB. The backward kernels hold ~2x the live tiles of the forward ones: more warps.
+    # Tile shapes from the compiler's register reports and the H200 sweeps (NOTES.md v3, v5): d = 64
+    # spills at 32 tokens, so 16 there with 8 warps; at d <= 32, 4 warps in both directions (8
+    # in the backward moved more instructions and was slower at stage 1 in v5's sweep).
     wide_head = triton.next_power_of_2(head_dim) > 32
     block_n = _overrides.get("block_n") or (16 if wide_head else 32)
-    num_warps_forward = _overrides.get("num_warps") or (8 if wide_head else 4)
-    num_warps_backward = _overrides.get("num_warps") or 8
+    num_warps = _overrides.get("num_warps") or (8 if wide_head else 4)
+    num_warps_forward = _overrides.get("num_warps_forward") or num_warps
+    num_warps_backward = _overrides.get("num_warps_backward") or num_warps
     blocks = triton.cdiv(num_tokens, block_n)
     if "splits" in _overrides:
         splits = _overrides["splits"]
@@ -113,10 +115,19 @@ def check_triton_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: 
                          f"use impl='reference'")
 
 
+def check_offsets_fit(block_n: int, dim_pad: int, *tensors: torch.Tensor) -> None:
+    """The kernels address a block of tokens by int32 offsets from the block's first row."""
+    for t in tensors:
+        reach = (block_n - 1) * abs(t.stride(1)) + (dim_pad - 1) * abs(t.stride(2))
+        if reach >= 2 ** 31:
+            raise ValueError(f"a tensor of shape {tuple(t.shape)} with strides {t.stride()} spans more than 2**31 "
+                             f"elements within one block of {block_n} tokens; pass a contiguous tensor")
+
+
 def _geometry(v: torch.Tensor, num_heads: int):
     batch, num_tokens, channels = v.shape
     head_dim = channels // num_heads
-    return batch, num_tokens, channels, head_dim, _padded(head_dim // 2), _padded(head_dim)
+    return batch, num_tokens, channels, head_dim, _padded(head_dim)
 
 
 def dot_mode(dtype: torch.dtype) -> str:
@@ -161,13 +172,14 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     (tests hand in a NaN-filled buffer to prove every element is written).
     """
     check_triton_inputs(qk, v, (height, width), num_heads)
-    batch, num_tokens, channels, head_dim, half_pad, dim_pad = _geometry(v, num_heads)
+    batch, num_tokens, channels, head_dim, dim_pad = _geometry(v, num_heads)
     batch_heads = batch * num_heads
     state_size = head_dim * head_dim + head_dim
     cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
+    check_offsets_fit(cfg.block_n, dim_pad, qk, v, out)
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype))
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype))
     with on_device(v.device):
         state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
                                     batch_heads, state_size, cfg, cfg.num_warps_forward, deterministic, v.device,
@@ -185,7 +197,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
 
     grad_qk / grad_v, if given, are filled in place (tests hand in NaN-filled buffers).
     """
-    batch, num_tokens, channels, head_dim, half_pad, dim_pad = _geometry(v, num_heads)
+    batch, num_tokens, channels, head_dim, dim_pad = _geometry(v, num_heads)
     if grad_out.shape != v.shape:
         raise ValueError(f"grad_out must be {tuple(v.shape)}, got {tuple(grad_out.shape)}")
     batch_heads = batch * num_heads
@@ -196,8 +208,9 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
     grad_qk = _output_buffer(grad_qk, (batch, num_tokens, 2 * channels), qk, "grad_qk")
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
+    check_offsets_fit(cfg.block_n, dim_pad, qk, v, grad_out, grad_qk, grad_v)
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, HALF_PAD=half_pad, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype))
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype))
     with on_device(v.device):
         grad_state = _reduce_over_tokens(grad_state_kernel, (qk, grad_out, state),
                                          (*scalars, *qk.stride(), *grad_out.stride()),
