@@ -53,6 +53,7 @@ def parse_args(argv=None):
                         help="skip the fused variant with atomic (non-deterministic) reductions")
     parser.add_argument("--sweep-budget-s", type=float, default=0.0,
                         help="first try launch configurations of the fused op at MLLA-T stage 1 for this long")
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
     parser.add_argument("--compile-report", action="store_true",
                         help="no GPU needed: compile the four kernels for sm_90 at the default launch shapes and "
@@ -155,10 +156,10 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 
 SWEEP_CONFIGS = {
-    "fp32": [dict(), dict(dot_mode="ieee"), dict(dot_mode="tf32"), dict(num_warps_backward=8),
-             dict(block_n=64), dict(block_n=64, num_warps=8), dict(block_n=16), dict(programs_per_sm=8)],
-    "bf16": [dict(), dict(dot_mode="ieee"), dict(num_warps_backward=8), dict(block_n=64),
-             dict(block_n=64, num_warps=8), dict(block_n=16)],
+    "fp32": [dict(), dict(dot_mode="ieee"), dict(block_n=32), dict(block_n=32, dot_mode="ieee"),
+             dict(block_n=128), dict(num_warps=8), dict(programs_per_sm=2), dict(programs_per_sm=8)],
+    "bf16": [dict(), dict(block_n=32), dict(block_n=128), dict(num_warps=8), dict(programs_per_sm=2),
+             dict(programs_per_sm=8)],
 }
 
 
@@ -422,10 +423,16 @@ def main(argv=None):
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}: "
           f"copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
 
-    ctx["cold_compile_s"], warmup_wall = warm_compile_caches(args) if args.compile_workers > 0 else ({}, 0.0)
+    ctx["cold_compile_s"], warmup_wall = warm_compile_caches(args) if args.compile_workers > 0 and not args.sweep_only else ({}, 0.0)
     if args.profile_host:
         profile_host(ctx)
     sweep_results = sweep(args, ctx) if args.sweep_budget_s > 0 else []
+    if args.sweep_only:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
+                               sweep=sweep_results), f, indent=1)
+        return 0
     rows = []
     for model in args.models:
         for dtype_name in args.dtypes:

@@ -5,6 +5,9 @@
 #   source .whl/prelude.sh && bash benchmarks/gpu_session.sh tests dwconv backbone
 # Stages (rough H100/H200 wall time):
 #   tests            all GPU tests, three pytest processes side by side (~3 min, compiles included)
+#   attention-sweep  launch shapes and product modes of the fused op at MLLA-T stage 1, per-kernel times, host
+#                    profile; no table (~1.5 min)
+#   tests-attention  the attention's GPU tests alone (~2 min)
 #   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
 #   attention        benchmarks/attention.py, MLLA-T and -B, launch/product-mode sweep first, torch.compile
 #                    graphs compiled by 8 workers side by side first (~6 min)
@@ -46,6 +49,14 @@ for stage in "$@"; do
         --ignore tests/test_linear_attention_triton.py > "$out/gpu_tests_other.log" 2>&1 &
       wait
       tail -n 6 "$out"/gpu_tests_*.log ;;
+    attention-sweep)
+      timeout 200 python3 benchmarks/attention.py --json "$out/attention_sweep.json" --sweep-budget-s 150 \
+        --sweep-only --profile-host > "$out/attention_sweep.log" 2>&1
+      grep -E "^sweep|^kernel|^host" "$out/attention_sweep.log" ;;
+    tests-attention)
+      timeout 400 python3 -m pytest -m gpu -q -rf tests/test_linear_attention_triton.py \
+        > "$out/gpu_tests_attention.log" 2>&1
+      tail -n 3 "$out/gpu_tests_attention.log" ;;
     tests-no-dwconv)
       timeout 400 python3 -m pytest -m gpu -q -rf tests/test_linear_attention_triton.py \
         > "$out/gpu_tests_attention.log" 2>&1 &

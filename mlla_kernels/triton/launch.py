@@ -72,11 +72,12 @@ def _sm_count(device_index: int) -> int:
 
 
 def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device) -> LaunchConfig:
-    # Tile shapes from the compiler's register reports and the H200 sweeps (NOTES.md v3, v5): d = 64
-    # spills at 32 tokens, so 16 there with 8 warps; at d <= 32, 4 warps in both directions (8
-    # in the backward moved more instructions and was slower at stage 1 in v5's sweep).
+    # Tile shapes from the compiler's register reports and the H200 sweeps (NOTES.md v3, v5, v6):
+    # d = 64 spills at 32 tokens, so 16 there with 8 warps; at d <= 32, 64-token tiles and 4 warps
+    # in both directions (fewest instructions per token; 8 warps or 32 tokens were slower at
+    # stage 1 in the sweeps, the few hundred bytes the backward spills at 64 tokens included).
     wide_head = triton.next_power_of_2(head_dim) > 32
-    block_n = _overrides.get("block_n") or (16 if wide_head else 32)
+    block_n = _overrides.get("block_n") or (16 if wide_head else 64)
     num_warps = _overrides.get("num_warps") or (8 if wide_head else 4)
     num_warps_forward = _overrides.get("num_warps_forward") or num_warps
     num_warps_backward = _overrides.get("num_warps_backward") or num_warps
