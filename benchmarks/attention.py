@@ -423,7 +423,8 @@ def main(argv=None):
     print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}: "
           f"copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
 
-    ctx["cold_compile_s"], warmup_wall = warm_compile_caches(args) if args.compile_workers > 0 and not args.sweep_only else ({}, 0.0)
+    warm_up_compiles = args.compile_workers > 0 and not args.sweep_only
+    ctx["cold_compile_s"], warmup_wall = warm_compile_caches(args) if warm_up_compiles else ({}, 0.0)
     if args.profile_host:
         profile_host(ctx)
     sweep_results = sweep(args, ctx) if args.sweep_budget_s > 0 else []
