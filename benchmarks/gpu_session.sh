@@ -9,8 +9,8 @@
 #                    profile; no table (~1.5 min)
 #   tests-attention  the attention's GPU tests alone (~2 min)
 #   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
-#   attention        benchmarks/attention.py, MLLA-T and -B, launch/product-mode sweep first, torch.compile
-#                    graphs compiled by 8 workers side by side first (~6 min)
+#   attention        benchmarks/attention.py, MLLA-T and -B, the torch.compile graphs compiled by 8 workers
+#                    side by side first (~2.5 min)
 #   dwconv           benchmarks/dwconv.py, fwd+bwd compiled once per conv (~2 min)
 #   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
 #   backbone-compile torch.compile of the eager and of the fused backbone, train, bf16 (~5 min:
@@ -66,8 +66,8 @@ for stage in "$@"; do
       tail -n 6 "$out"/gpu_tests_*.log ;;
     attention)
       timeout 370 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \
-        --compile-budget-s 150 --sweep-budget-s 60 > "$out/attention.log" 2>&1
-      grep -E "^sweep|^compile" "$out/attention.log"; tail -n 40 "$out/attention.log" ;;
+        --compile-budget-s 150 > "$out/attention.log" 2>&1
+      grep -E "^compile" "$out/attention.log"; tail -n 36 "$out/attention.log" ;;
     dwconv)
       timeout 200 python3 benchmarks/dwconv.py --json "$out/dwconv.json" --compile dynamic \
         --compile-modes fwd_bwd --compile-budget-s 45 --sweep-budget-s 0 > "$out/dwconv.log" 2>&1

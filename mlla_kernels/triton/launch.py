@@ -72,6 +72,18 @@ def _sm_count(device_index: int) -> int:
 
 
 def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device) -> LaunchConfig:
+    # Called twice per forward+backward on the host's critical path: remember the answers.
+    key = (num_tokens, batch_heads, head_dim, device.type, device.index, tuple(sorted(_overrides.items())))
+    cfg = _launch_configs.get(key)
+    if cfg is None:
+        cfg = _launch_configs[key] = _new_launch_config(num_tokens, batch_heads, head_dim, device)
+    return cfg
+
+
+_launch_configs: dict = {}
+
+
+def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device) -> LaunchConfig:
     # Tile shapes from the compiler's register reports and the H200 sweeps (NOTES.md v3, v5, v6):
     # d = 64 spills at 32 tokens, so 16 there with 8 warps; at d <= 32, 64-token tiles and 4 warps
     # in both directions (fewest instructions per token; 8 warps or 32 tokens were slower at
