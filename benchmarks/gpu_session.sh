@@ -77,7 +77,7 @@ for stage in "$@"; do
         --json "$out/backbone_t.json" > "$out/backbone_t.log" 2>&1
       tail -n 16 "$out/backbone_t.log" ;;
     backbone-compile)
-      timeout 400 python3 benchmarks/backbone.py --arch t --impls compile compile-fused --modes train \
+      timeout 420 python3 benchmarks/backbone.py --arch t --impls eager compile fused-attn fused compile-fused --modes train \
         --dtypes bf16 --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
       tail -n 6 "$out/backbone_t_compile.log" ;;
     profile)
