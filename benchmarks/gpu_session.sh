@@ -15,6 +15,9 @@
 #   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
 #   backbone-compile torch.compile of the eager and of the fused backbone, train, bf16 (~5 min:
 #                    the eager fp32 one compiled in 121 s on an H200)
+#   backbone-all     backbone.py T, every impl x mode x dtype in one run, compile caches warmed first by
+#                    four workers side by side (~8 min)
+#   detector-all     the same for detector.py (~8 min)
 #   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)
 #   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
 #   detector-compile detector.py T with the backbone under torch.compile, train (~4 min)
@@ -80,6 +83,22 @@ for stage in "$@"; do
       timeout 420 python3 benchmarks/backbone.py --arch t --impls eager compile fused-attn fused compile-fused --modes train \
         --dtypes bf16 --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
       tail -n 6 "$out/backbone_t_compile.log" ;;
+    backbone-all|detector-all)
+      # Every impl, mode and dtype in one timed run. torch.compile's graphs are compiled first by
+      # one worker process per (mode, dtype), side by side, so the timed run compiles from
+      # Inductor's on-disk caches; the workers' logs keep the cold compile times (first_call_s,
+      # inflated by running four at once).
+      script=benchmarks/${stage%-all}.py; name=${stage%-all}_t
+      compiled="compile compile-fused"; [ "$stage" = detector-all ] && compiled="compile"
+      for mode in train inference; do for dtype in fp32 bf16; do
+        timeout 300 python3 "$script" --arch t --impls $compiled --modes $mode --dtypes $dtype --warmup-ms 0 \
+          --rep-ms 1 --json "$out/${name}_cold_${mode}_${dtype}.json" > "$out/${name}_cold_${mode}_${dtype}.log" 2>&1 &
+      done; done
+      wait
+      grep -h -E "^\| +(train|inference)" "$out"/${name}_cold_*.log
+      timeout 330 python3 "$script" --arch t --impls eager compile fused-attn fused $compiled \
+        --json "$out/${name}_all.json" > "$out/${name}_all.log" 2>&1
+      tail -n 24 "$out/${name}_all.log" ;;
     profile)
       timeout 140 python3 benchmarks/backbone.py --arch t --profile --modes train \
         --impls eager fused-attn fused --profile-steps 3 --json "$out/backbone_t_profile.json" \
