@@ -96,7 +96,7 @@ for stage in "$@"; do
       done; done
       wait
       grep -h -E "^\| +(train|inference)" "$out"/${name}_cold_*.log
-      timeout 330 python3 "$script" --arch t --impls eager compile fused-attn fused $compiled \
+      timeout 330 python3 "$script" --arch t --impls eager fused-attn fused $compiled \
         --json "$out/${name}_all.json" > "$out/${name}_all.log" 2>&1
       tail -n 24 "$out/${name}_all.log" ;;
     profile)
