@@ -15,12 +15,18 @@ def linear_attention_triton(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_hea
     qk and v are read where they lie (any strides); the output is a new contiguous (B, N, C)
     tensor of the inputs' dtype (fp32, fp16 or bf16; all arithmetic in fp32). Differentiable.
 
+    The small matrix products run on tensor cores: three tf32 products per fp32 one for fp32
+    inputs (fp32-level error: ~5e-7 relative against float64 at MLLA-T stage 1 on an H200), one
+    tf32 product for fp16/bf16 inputs, whose own rounding is coarser; MLLA_DOT_MODE=ieee|tf32|tf32x3
+    forces one mode (launch.dot_mode).
+
     deterministic (default True): the reductions over tokens, split across many programs, write
     one partial per program and torch.sum adds them in a fixed order, so results are bitwise
     identical run to run (checked on an H200). False adds the partials with fp32 atomics
-    instead (summation order varies between runs). Measured on an H200 (NOTES.md, v1): atomics
-    save one launch of host time (0-35% at the host-bound shapes) but were slower where the GPU
-    dominates (MLLA-T stage 1 fp32 fwd+bwd 2.20 vs 1.50 ms), so the default stays deterministic.
+    instead (summation order varies between runs). Measured on an H200 (NOTES.md, v1 and v6):
+    atomics save one launch of host time at the host-bound shapes but were slower where the GPU
+    dominates (MLLA-T stage 1 fp32 fwd+bwd 2.20 vs 1.50 ms in v1, bf16 1.12 vs 0.96 ms in v6), so
+    the default stays deterministic.
 
     Under torch.compile the call goes through the torch.library ops (one opaque node, SymInt
     H and W); in eager mode through an autograd.Function on the same kernels, which skips the
