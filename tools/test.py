@@ -10,7 +10,7 @@ import os
 
 # tools/ is on sys.path when this file runs as a script: share train.py's checks.
 from train import (PreflightError, add_common_args, build_runner, checked_config,  # noqa: E402
-                   import_mlla_det, load_config, require_checkpoint, require_config_file,
+                   import_mlla_det, leave_process_group, load_config, require_checkpoint, require_config_file,
                    require_dataset)
 
 
@@ -60,6 +60,7 @@ def main(argv=None) -> None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     runner.test()
+    leave_process_group()
 
 
 if __name__ == '__main__':

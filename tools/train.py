@@ -338,9 +338,19 @@ def build_runner(cfg: Config):
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 
+def leave_process_group() -> None:
+    """Shut the distributed process group down before the interpreter does: left to exit, the
+    gloo backend's threads can abort the process after the work is done ('terminate called
+    without an active exception', seen once in CI on a finished two-process evaluation)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     build_runner(checked_config(prepare, args)).train()
+    leave_process_group()
 
 
 if __name__ == '__main__':
