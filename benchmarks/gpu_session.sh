@@ -40,15 +40,16 @@ reference_dir=${MLLA_REFERENCE_DIR:-shared/reference}
 export MLLA_REFERENCE_DIR=$reference_dir
 
 stamp() { echo "== $1 ($(date +%T))"; }
+gpu_tests() { timeout 400 python3 -m pytest -m gpu -q -rf "$@"; }
 
 for stage in "$@"; do
   stamp "$stage"
   case "$stage" in
-    tests)
-      timeout 400 python3 -m pytest -m gpu -q -rf tests/test_dwconv.py > "$out/gpu_tests_dwconv.log" 2>&1 &
-      timeout 400 python3 -m pytest -m gpu -q -rf tests/test_linear_attention_triton.py \
-        > "$out/gpu_tests_attention.log" 2>&1 &
-      timeout 400 python3 -m pytest -m gpu -q -rf tests --ignore tests/test_dwconv.py \
+    tests|tests-no-dwconv|tests-attention)
+      # Three pytest processes side by side: the dwconv file, the attention file, everything else.
+      [ "$stage" = tests ] && gpu_tests tests/test_dwconv.py > "$out/gpu_tests_dwconv.log" 2>&1 &
+      gpu_tests tests/test_linear_attention_triton.py > "$out/gpu_tests_attention.log" 2>&1 &
+      [ "$stage" != tests-attention ] && gpu_tests tests --ignore tests/test_dwconv.py \
         --ignore tests/test_linear_attention_triton.py > "$out/gpu_tests_other.log" 2>&1 &
       wait
       tail -n 6 "$out"/gpu_tests_*.log ;;
@@ -56,17 +57,6 @@ for stage in "$@"; do
       timeout 200 python3 benchmarks/attention.py --json "$out/attention_sweep.json" --sweep-budget-s 150 \
         --sweep-only --profile-host > "$out/attention_sweep.log" 2>&1
       grep -E "^sweep|^kernel|^host" "$out/attention_sweep.log" ;;
-    tests-attention)
-      timeout 400 python3 -m pytest -m gpu -q -rf tests/test_linear_attention_triton.py \
-        > "$out/gpu_tests_attention.log" 2>&1
-      tail -n 3 "$out/gpu_tests_attention.log" ;;
-    tests-no-dwconv)
-      timeout 400 python3 -m pytest -m gpu -q -rf tests/test_linear_attention_triton.py \
-        > "$out/gpu_tests_attention.log" 2>&1 &
-      timeout 400 python3 -m pytest -m gpu -q -rf tests --ignore tests/test_dwconv.py \
-        --ignore tests/test_linear_attention_triton.py > "$out/gpu_tests_other.log" 2>&1 &
-      wait
-      tail -n 6 "$out"/gpu_tests_*.log ;;
     attention)
       timeout 370 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \
         --compile-budget-s 150 > "$out/attention.log" 2>&1
