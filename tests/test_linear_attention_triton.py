@@ -6,14 +6,18 @@ blocks are exercised anyway. Tests marked gpu cover the big shapes, opcheck and 
 Every check draws fresh random inputs (the seed is in the failure message) and the buffers the
 kernels write are NaN-filled beforehand.
 """
+import math
 import os
 import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from mlla_kernels import linear_attention, linear_attention_reference
 from mlla_kernels.triton import launch_overrides, linear_attention_triton
+from mlla_kernels.triton._common import cos_sin_reduced, rope_cos_sin
 from mlla_kernels.triton.launch import attention_backward, attention_forward
 
 ON_GPU = torch.cuda.is_available()
@@ -433,3 +437,42 @@ def test_strides_beyond_int32_block_offsets_are_refused():
     huge = torch.empty_strided((1, 64, 32), (1, 2 ** 27, 1), device="meta")
     with pytest.raises(ValueError, match="spans more than 2\\*\\*31 elements"):
         check_offsets_fit(32, 32, fine, huge)
+
+
+@triton.jit
+def _cos_sin_reduced_kernel(angle_ptr, cos_ptr, sin_ptr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cos, sin = cos_sin_reduced(tl.load(angle_ptr + offsets))
+    tl.store(cos_ptr + offsets, cos)
+    tl.store(sin_ptr + offsets, sin)
+
+
+@triton.jit
+def _rope_cos_sin_kernel(cos_ptr, sin_ptr, width, quarter_c, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cos, sin = rope_cos_sin(tokens, 0, width, HEAD_DIM, DIM_PAD, quarter_c)
+    offsets = tokens[:, None] * (DIM_PAD // 2) + tl.arange(0, DIM_PAD // 2)[None, :]
+    tl.store(cos_ptr + offsets, cos)
+    tl.store(sin_ptr + offsets, sin)
+
+
+def test_rope_cos_sin_polynomials_match_the_library_in_float64():
+    """cos_sin_reduced (half-angle Taylor polynomials) over [-pi, pi], and the whole RoPE angle
+    path at positions up to 400 (reduction included), against float64 cos/sin."""
+    angles = torch.linspace(-math.pi, math.pi, 4096, dtype=torch.float32, device=DEVICE)
+    cos, sin = torch.full_like(angles, float("nan")), torch.full_like(angles, float("nan"))
+    _cos_sin_reduced_kernel[(4096 // 256,)](angles, cos, sin, BLOCK=256)
+    exact = angles.double()
+    # Truncation < 6e-8; fp32 rounding in the polynomials and the double-angle step adds ~3 ulps.
+    assert (cos.double() - exact.cos()).abs().max() < 5e-7 and (sin.double() - exact.sin()).abs().max() < 5e-7
+
+    # Head 0 of C = 64 (K = 16 pairs): pair i turns by row * 10000^(-i/16), rows up to 400 (width 1).
+    n, half = 400, 16
+    cos, sin = (torch.full((n, half), float("nan"), device=DEVICE) for _ in range(2))
+    _rope_cos_sin_kernel[(n // 16,)](cos, sin, 1, 16, HEAD_DIM=32, DIM_PAD=32, BLOCK_N=16)
+    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    exact = torch.arange(n, dtype=torch.float64)[:, None] * theta[None, :]
+    # fp32 theta carries ~1 ulp, i.e. ~3e-5 rad at 400 rad; the reduction adds none of its own.
+    assert (cos.double().cpu() - exact.cos()).abs().max() < 1e-4
+    assert (sin.double().cpu() - exact.sin()).abs().max() < 1e-4

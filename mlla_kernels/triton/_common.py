@@ -38,8 +38,9 @@ def feature_map_grad(x):
 @triton.jit
 def cos_sin_reduced(angle):
     """cos and sin of angles in [-pi, pi], from Taylor polynomials of the half angle (|h| <= pi/2:
-    truncation below 6e-8) and the double-angle formulas. Plain FMAs: ~20 instructions against
-    ~80 for the library's accurate pair, and the same arithmetic in the interpreter as on a GPU."""
+    truncation below 6e-8) and the double-angle formulas; with fp32 rounding within 4e-7 of the
+    exact values (tests). Plain FMAs: ~20 instructions against ~80 for the library's accurate
+    pair, and the same arithmetic in the interpreter as on a GPU."""
     half = angle * 0.5
     h2 = half * half
     s = half * (1.0 + h2 * (-1.0 / 6 + h2 * (1.0 / 120 + h2 * (-1.0 / 5040 + h2 * (1.0 / 362880
