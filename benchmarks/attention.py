@@ -9,8 +9,9 @@ rotated among fresh random sets). GB/s counts each input read once and each outp
 forward reads qk, v and writes out (4*B*N*C elements); forward+backward also reads grad_out and
 writes grad_qk, grad_v (8*B*N*C). The fraction is of a device-to-device copy measured in the same
 run. torch.compile compile times are reported apart from the timings (JSON: *_compile_s, and
-*_compile_cold_s when --compile-workers compiled the graphs first, in parallel). "fused graph" replays the fused op from a CUDA graph (no host launch overhead). Peak memory
-is what one forward+backward allocates beyond its inputs.
+*_compile_cold_s when --compile-workers compiled the graphs first, in parallel). "fused graph"
+replays the fused op from a CUDA graph (no host launch overhead). Peak memory is what one
+forward+backward allocates beyond its inputs.
 
 Without a GPU it says so and exits 0; --cpu-sanity runs one tiny shape in Triton's interpreter to
 check the script itself.
@@ -27,7 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import copy_bandwidth_gbs, launch_costs, raise_recompile_limits  # noqa: E402
+from benchmarks.common import (copy_bandwidth_gbs, launch_costs, raise_recompile_limits,  # noqa: E402
+                               timing_device)
 
 STAGE_GRIDS = [(200, 320), (100, 160), (50, 80), (25, 40)]  # 1280x800 image: strides 4, 8, 16, 32
 MODELS = {"T": ((64, 128, 256, 512), (2, 4, 8, 16)), "B": ((96, 192, 384, 768), (3, 6, 12, 24))}
@@ -408,11 +410,11 @@ def main(argv=None):
         return compile_worker(args.compile_worker, args.models, args.dtypes)
     if args.compile_report:
         return compile_report()
-    if not torch.cuda.is_available():
-        if args.cpu_sanity:
-            return cpu_sanity()
-        print("no CUDA GPU here: nothing to benchmark (use --cpu-sanity to check the script in the interpreter)")
+    device = timing_device("attention.py", args.cpu_sanity)
+    if device is None:
         return 0
+    if device == "cpu":
+        return cpu_sanity()
     import triton
     import triton.testing
 

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, add_speedups, autocast, bench,  # noqa: E402
+from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, collect_rows,  # noqa: E402
                                default_impls_without_compile, detector_config, environment, error_text,
-                               free_memory, peak_memory_mb, print_table, set_kernel_impls, synchronize,
-                               timing_device, write_json)
+                               free_memory, peak_memory_mb, print_speed_table, print_table, set_kernel_impls,
+                               synchronize, timing_device, write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
 DTYPES = ("fp32", "bf16")
@@ -248,22 +248,13 @@ def main(argv=None) -> int:
 
     configs = [(m, i, d) for m in args.modes for d in args.dtypes for i in args.impls]
     run = profile_or_error if args.profile else measure
-    rows = []
-    for config in configs:
-        rows.append(dict(run(backbone, args, *config, device), **env))
-        if args.json:  # after every row, so a run cut short still leaves its numbers
-            write_json(args.json, rows)
-        if not args.profile:
-            row = rows[-1]
-            print(f"  {row['mode']:9s} {row['impl']:10s} {row['dtype']}: "
-                  + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"), flush=True)
+    rows = collect_rows(configs, lambda *config: run(backbone, args, *config, device), env, args.json,
+                        echo=not args.profile)
     if not args.profile:
-        add_speedups(rows)
-        columns = ["mode", "impl", "dtype", "ms", "images_per_s", "vs_eager", "vs_compile", "peak_mem_MB",
-               "first_call_s"]
-        print_table(rows, columns + (["error"] if any("error" in r for r in rows) else []),
-                    title=f"\n## MLLA-{args.arch.upper()} backbone, batch {args.batch}, {args.size[0]}x{args.size[1]} "
-                          f"({env['device']})")
+        print_speed_table(rows, ["mode", "impl", "dtype", "ms", "images_per_s", "vs_eager", "vs_compile",
+                                 "peak_mem_MB", "first_call_s"],
+                          title=f"\n## MLLA-{args.arch.upper()} backbone, batch {args.batch}, "
+                                f"{args.size[0]}x{args.size[1]} ({env['device']})")
     if args.json:
         write_json(args.json, rows)
         print(f"wrote {args.json}")

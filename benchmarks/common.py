@@ -7,6 +7,8 @@ Plain functions, no mmdet: any script under benchmarks/ may use them.
     copy_bandwidth_gbs(device)   -> measured device-to-device copy bandwidth, GB/s
     launch_costs(device)         -> host microseconds per Triton launch / ATen op / autograd step
     print_table(rows, columns)   -> prints rows (dicts) as an aligned text table
+    collect_rows(configs, measure, env) -> rows of measure(*config), JSON rewritten per row
+    print_speed_table(rows, columns, title) -> vs_eager / vs_compile added, then the table
     write_json(path, rows)       -> writes rows as a JSON list (NaN/inf become null)
     environment()                -> {device, torch, triton, cuda, python}
 """
@@ -336,6 +338,28 @@ def add_speedups(rows) -> None:
             base = base_ms.get((row["mode"], row["dtype"]))
             if base and row.get("ms"):
                 row[f"vs_{base_impl}"] = base / row["ms"]
+
+
+def collect_rows(configs, measure: Callable[..., dict], env: dict, json_path=None, echo: bool = True) -> list:
+    """Rows of measure(*config) for each config, each with the environment's fields. The JSON is
+    rewritten after every row, so a run cut short still leaves its numbers; echo prints a line per
+    row as it comes."""
+    rows = []
+    for config in configs:
+        row = dict(measure(*config), **env)
+        rows.append(row)
+        if json_path:
+            write_json(json_path, rows)
+        if echo:
+            print(f"  {row['mode']:9s} {row['impl']:10s} {row['dtype']}: "
+                  + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"), flush=True)
+    return rows
+
+
+def print_speed_table(rows: Sequence[dict], columns: Sequence[str], title: str) -> None:
+    """add_speedups, then the table of `columns` (plus an error column when a row failed)."""
+    add_speedups(rows)
+    print_table(rows, list(columns) + (["error"] if any("error" in r for r in rows) else []), title=title)
 
 
 def set_kernel_impls(model: torch.nn.Module, impl: str) -> int:

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, add_speedups, autocast, bench,  # noqa: E402
-                               build_detector, default_impls_without_compile, detector_config, environment,
-                               error_text, free_memory, peak_memory_mb, print_table, quiet_mmengine,
-                               set_kernel_impls, synchronize, timing_device, write_json)
+from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench,  # noqa: E402
+                               build_detector, collect_rows, default_impls_without_compile, detector_config,
+                               environment, error_text, free_memory, peak_memory_mb, print_speed_table,
+                               quiet_mmengine, set_kernel_impls, synchronize, timing_device, write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
 DTYPES = ("fp32", "bf16")
@@ -218,21 +218,13 @@ def main(argv=None) -> int:
     print(f"# Mask R-CNN MLLA-{args.arch.upper()} | {env['device']} | torch {env['torch']} | "
           f"triton {env['triton']}", flush=True)
     bench_ = Bench(args, device)
-    rows = []
-    for seed, (mode, dtype, impl) in enumerate((m, d, i) for m in args.modes for d in args.dtypes
-                                               for i in args.impls):
-        rows.append(dict(bench_.measure(mode, impl, dtype, seed), **env))
-        if args.json:  # after every row, so a run cut short still leaves its numbers
-            write_json(args.json, rows)
-        row = rows[-1]
-        print(f"  {mode:9s} {impl:10s} {dtype}: " + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"),
-              flush=True)
-    add_speedups(rows)
-    columns = ["mode", "impl", "dtype", "images", "ms", "images_per_s", "vs_eager", "vs_compile", "peak_mem_MB",
-               "first_call_s"]
-    print_table(rows, columns + (["error"] if any("error" in r for r in rows) else []),
-                title=f"\n## Mask R-CNN MLLA-{args.arch.upper()} ({env['device']}); train = one iteration "
-                      f"incl. AdamW step")
+    configs = [(mode, impl, dtype, seed) for seed, (mode, dtype, impl) in
+               enumerate((m, d, i) for m in args.modes for d in args.dtypes for i in args.impls)]
+    rows = collect_rows(configs, bench_.measure, env, args.json)
+    print_speed_table(rows, ["mode", "impl", "dtype", "images", "ms", "images_per_s", "vs_eager", "vs_compile",
+                             "peak_mem_MB", "first_call_s"],
+                      title=f"\n## Mask R-CNN MLLA-{args.arch.upper()} ({env['device']}); train = one iteration "
+                            f"incl. AdamW step")
     if args.json:
         write_json(args.json, rows)
         print(f"wrote {args.json}")

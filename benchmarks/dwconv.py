@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import copy_bandwidth_gbs, launch_costs, raise_recompile_limits  # noqa: E402
+from benchmarks.common import (copy_bandwidth_gbs, launch_costs, raise_recompile_limits,  # noqa: E402
+                               timing_device)
 
 STAGES = [(200, 320, 64), (100, 160, 128), (50, 80, 256), (25, 40, 512)]  # MLLA-T, 1280x800
 CONVS = {"cpe": "residual", "dwc": "silu", "lepe": "add"}
@@ -297,11 +298,11 @@ def cpu_sanity():
 
 def main(argv=None):
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        if args.cpu_sanity:
-            return cpu_sanity()
-        print("no CUDA GPU here: nothing to benchmark (use --cpu-sanity to check the script in the interpreter)")
+    device = timing_device("dwconv.py", args.cpu_sanity)
+    if device is None:
         return 0
+    if device == "cpu":
+        return cpu_sanity()
     import triton
 
     raise_recompile_limits(256)
