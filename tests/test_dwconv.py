@@ -253,6 +253,13 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+class _FakeParam:
+    """What kernels._Launcher reads of a JITFunction's parameters."""
+
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
 def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypatch):
     """kernels._Launcher relaunches a compiled kernel only when everything Triton specialises on
     (dtypes, 16-byte alignment, ints equal to 1 or divisible by 16, constexprs, warps) matches."""
@@ -264,13 +271,9 @@ def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypa
         def __getitem__(self, grid):
             return lambda *args: calls.append(("cached", grid, args))
 
-    class FakeParam:
-        def __init__(self, name, is_constexpr):
-            self.name, self.is_constexpr = name, is_constexpr
-
     class FakeJit:
         arg_names = ["t", "n", "K"]
-        params = [FakeParam("t", False), FakeParam("n", False), FakeParam("K", True)]
+        params = [_FakeParam("t", False), _FakeParam("n", False), _FakeParam("K", True)]
 
         def __getitem__(self, grid):
             def run(*args, num_warps, **constexprs):
@@ -306,13 +309,9 @@ def test_cached_launch_failure_falls_back_to_triton(monkeypatch):
                 raise IndexError("launcher signature changed")
             return runner
 
-    class FakeParam:
-        def __init__(self, name, is_constexpr):
-            self.name, self.is_constexpr = name, is_constexpr
-
     class FakeJit:
         arg_names = ["t"]
-        params = [FakeParam("t", False)]
+        params = [_FakeParam("t", False)]
 
         def __getitem__(self, grid):
             def run(*args, num_warps, **constexprs):
