@@ -9,9 +9,9 @@ rotated among fresh random sets). GB/s counts each input read once and each outp
 forward reads qk, v and writes out (4*B*N*C elements); forward+backward also reads grad_out and
 writes grad_qk, grad_v (8*B*N*C). The fraction is of a device-to-device copy measured in the same
 run. torch.compile compile times are reported apart from the timings (JSON: *_compile_s, and
-*_compile_cold_s when --compile-workers compiled the graphs first, in parallel). "fused graph"
-replays the fused op from a CUDA graph (no host launch overhead). Peak memory is what one
-forward+backward allocates beyond its inputs.
+*_compile_cold_s when --compile-workers compiled the graphs first, in parallel). The "graph"
+columns replay each implementation from a CUDA graph (no host launch overhead): the GPU's time.
+Peak memory is what one forward+backward allocates beyond its inputs.
 
 Without a GPU it says so and exits 0; --cpu-sanity runs one tiny shape in Triton's interpreter to
 check the script itself.
@@ -126,11 +126,15 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
         bench = lambda fn: do_bench(runner_of(fn, sets), warmup=10, rep=60, return_mode="median")  # noqa: E731
         row[f"{mode}_eager_ms"] = bench(eager)
         row[f"{mode}_fused_ms"] = bench(fused)
-        try:
-            row[f"{mode}_fused_graph_ms"] = do_bench_graph(runner_of(fused, sets), rep=60, return_mode="median")
-        except Exception as exc:  # report, keep going: graphs are a side measurement
-            row[f"{mode}_fused_graph_ms"] = None
-            row[f"{mode}_fused_graph_error"] = repr(exc)[:200]
+
+        def bench_graph(name, fn):
+            try:
+                row[f"{mode}_{name}_graph_ms"] = do_bench_graph(runner_of(fn, sets), rep=60, return_mode="median")
+            except Exception as exc:  # report, keep going: graphs are a side measurement
+                row[f"{mode}_{name}_graph_ms"] = None
+                row[f"{mode}_{name}_graph_error"] = repr(exc)[:200]
+        bench_graph("fused", fused)
+        bench_graph("eager", eager)
         if not args.no_variants:
             row[f"{mode}_fused_atomic_ms"] = bench(fused_atomic)
         if ctx["compile_spent"] < args.compile_budget_s:
@@ -144,8 +148,9 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
             if cold is not None:
                 row[f"{mode}_compile_cold_s"] = cold
             row[f"{mode}_compile_ms"] = bench(lambda qk, v: compiled(qk, v, hw, heads))
+            bench_graph("compile", lambda qk, v: compiled(qk, v, hw, heads))
         else:
-            row[f"{mode}_compile_ms"] = None
+            row[f"{mode}_compile_ms"] = row[f"{mode}_compile_graph_ms"] = None
         best = row[f"{mode}_fused_ms"]
         row[f"{mode}_fused_gbps"] = row[f"bytes_{mode}"] / (best * 1e-3) / 1e9
         row[f"{mode}_fused_copy_fraction"] = row[f"{mode}_fused_gbps"] / ctx["copy_gbps"]
@@ -337,6 +342,16 @@ def print_table(rows, copy_gbps, device_name):
                   f"{r[f'{mode}_fused_gbps']:>6.0f} {100 * r[f'{mode}_fused_copy_fraction']:>4.0f}% "
                   f"{fmt(None if frac_graph is None else 100 * frac_graph, '.0f'):>6}% | "
                   f"{fmt(r.get(f'{mode}_fused_atomic_ms')):>7}")
+    print(f"\nGPU time per call (CUDA-graph replay of each implementation: no host launch cost), ms")
+    header = (f"{'model':5} {'grid':>7} {'dt':4} | {'mode':7} {'eager':>7} {'compile':>7} {'fused':>7} "
+              f"{'vs eag':>6} {'vs cmp':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        for mode in ("fwd", "fwd_bwd"):
+            eager, compiled, fused = (r.get(f"{mode}_{name}_graph_ms") for name in ("eager", "compile", "fused"))
+            print(f"{r['model']:5} {r['hw'][0]:>3}x{r['hw'][1]:<3} {r['dtype']:4} | {mode:7} {fmt(eager):>7} "
+                  f"{fmt(compiled):>7} {fmt(fused):>7} {ratio(eager, fused):>6} {ratio(compiled, fused):>6}")
     print("peak MB per fwd+bwd beyond inputs (eager / fused): " + ", ".join(
         f"{r['model']}{r['stage']}-{r['dtype']} {r['peak_mb_eager']:.0f}/{r['peak_mb_fused']:.0f}" for r in rows))
 

@@ -14,7 +14,13 @@ torch.autocast(bfloat16)):
               backbone's default on CUDA;
 - fused:      fused attention and fused depthwise convolutions (conv_impl='auto');
 - compile-fused: torch.compile of the fused backbone (the kernels are opaque custom ops there;
-              inductor fuses the LayerNorms, activations, casts and adds around them).
+              inductor fuses the LayerNorms, activations, casts and adds around them);
+- *-graph:    the same four replayed from CUDA graphs, for fixed-size inputs: eager-graph and
+              fused-graph capture the module with torch.cuda.make_graphed_callables (train: its
+              forward and backward graphs; inference: one forward graph), compile-graph and
+              compile-fused-graph are torch.compile(mode="reduce-overhead"). The loss and the
+              zeroing of .grad stay outside the graphs. A graph row's time is the GPU's time for
+              the step plus those few ops: what is left when the host's launch cost is taken away.
 The backbone is built from the Mask R-CNN config of the arch (drop_path_rate as in the 1x config),
 with random weights and fresh torch.randn images. Timing: triton.testing.do_bench (CUDA events,
 warm-up, median of the repeats) after one untimed first call; peak memory: one call after
@@ -35,7 +41,10 @@ from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, be
                                free_memory, peak_memory_mb, print_speed_table, print_table, set_kernel_impls,
                                synchronize, timing_device, write_json)
 
-IMPLS = tuple(KERNEL_IMPLS)
+# Each CUDA-graph variant and the implementation it replays.
+GRAPH_IMPLS = {"eager-graph": "eager", "fused-graph": "fused", "compile-graph": "compile",
+               "compile-fused-graph": "compile-fused"}
+IMPLS = tuple(KERNEL_IMPLS) + tuple(GRAPH_IMPLS)
 DTYPES = ("fp32", "bf16")
 MODES = ("inference", "train")
 PROFILE_LABEL = "mlla_kernels.linear_attention"
@@ -49,17 +58,23 @@ def build_backbone(arch: str, device) -> torch.nn.Module:
 
 
 
-def make_step(model, images, mode: str, dtype: str, device):
-    """One benchmarked call: a no_grad forward, or forward + backward of a loss on every output."""
+def make_step(model, params, images, mode: str, dtype: str, device, step_begin=None):
+    """One benchmarked call: a no_grad forward, or forward + backward of a loss on every output
+    (params: whose .grad is reset first). step_begin, if given, runs first (a graph replay's
+    step marker); autocast then runs without its weight-cast cache, as CUDA graphs require."""
     if mode == "inference":
         def step():
-            with torch.no_grad(), autocast(dtype, device):
+            if step_begin is not None:
+                step_begin()
+            with torch.no_grad(), autocast(dtype, device, graphed=step_begin is not None):
                 return model(images)
     else:
         def step():
-            for p in model.parameters():
+            if step_begin is not None:
+                step_begin()
+            for p in params:
                 p.grad = None
-            with autocast(dtype, device):
+            with autocast(dtype, device, graphed=step_begin is not None):
                 outputs = model(images)
             loss = sum(out.float().square().mean() for out in outputs)
             loss.backward()
@@ -67,15 +82,60 @@ def make_step(model, images, mode: str, dtype: str, device):
     return step
 
 
+def graphed_module(model, images, mode: str, dtype: str, device):
+    """model as a CUDA-graph replay for inputs shaped like images: make_graphed_callables in
+    training (forward and backward graphs), one captured no_grad forward for inference."""
+    # Warm up (Triton compiles, cuDNN picks algorithms) on a side stream, as capture requires.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    if mode == "train":
+        with torch.cuda.stream(side), autocast(dtype, device, graphed=True):
+            for _ in range(2):
+                sum(out.float().sum() for out in model(images)).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in model.parameters():
+            p.grad = None
+        with autocast(dtype, device, graphed=True):
+            return torch.cuda.make_graphed_callables(model, (images,), num_warmup_iters=1)
+    static_input = images.clone()
+    with torch.cuda.stream(side), torch.no_grad(), autocast(dtype, device, graphed=True):
+        for _ in range(2):
+            model(static_input)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad(), autocast(dtype, device, graphed=True):
+        static_outputs = model(static_input)
+
+    def replay(x):
+        static_input.copy_(x)
+        graph.replay()
+        return static_outputs
+    return replay
+
+
 def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
     """Set the kernel implementations and mode; returns the step to time."""
-    set_kernel_impls(backbone, impl)
+    base_impl = GRAPH_IMPLS.get(impl, impl)
+    set_kernel_impls(backbone, base_impl)
     backbone.train(mode == "train")
-    model = backbone
-    if impl in COMPILED_IMPLS:
+    model, step_begin = backbone, None
+    if base_impl in COMPILED_IMPLS:
         torch._dynamo.reset()  # a fresh compile per configuration, so its time is its own
-        model = torch.compile(backbone)
-    return make_step(model, arch_images, mode, dtype, device)
+        if impl in GRAPH_IMPLS:
+            model = torch.compile(backbone, mode="reduce-overhead")
+            step_begin = torch.compiler.cudagraph_mark_step_begin
+        else:
+            model = torch.compile(backbone)
+    elif impl in GRAPH_IMPLS:
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"{impl} replays CUDA graphs: it needs a CUDA device, got {device}")
+        model = graphed_module(backbone, arch_images, mode, dtype, device)
+        step_begin = _no_op
+    return make_step(model, list(backbone.parameters()), arch_images, mode, dtype, device, step_begin)
+
+
+def _no_op():
+    pass
 
 
 def measure(backbone, args, mode: str, impl: str, dtype: str, device) -> dict:
@@ -85,12 +145,18 @@ def measure(backbone, args, mode: str, impl: str, dtype: str, device) -> dict:
     try:
         free_memory(device)
         images = torch.randn(args.batch, 3, *args.size, device=device)
-        step = prepare(backbone, images, mode, impl, dtype, device)
+        graphed = impl in GRAPH_IMPLS and torch.device(device).type == "cuda"
+        if graphed:
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        step()  # compiles (torch.compile) or JIT-compiles / autotunes the kernels (fused)
+        step = prepare(backbone, images, mode, impl, dtype, device)
+        step()  # compiles (torch.compile), JIT-compiles the kernels (fused), captures (graphs)
         synchronize(device)
         row["first_call_s"] = round(time.perf_counter() - start, 2)
-        row["peak_mem_MB"] = peak_memory_mb(step, device)
+        # A replay allocates nothing: a graph's memory is what its capture (and the warm-up
+        # before it) allocated, so graph rows report the peak over those.
+        row["peak_mem_MB"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if graphed
+                              else peak_memory_mb(step, device))
         ms = bench(step, args.warmup_ms, args.rep_ms, device)
         row["ms"] = ms
         row["images_per_s"] = args.batch / (ms / 1e3)
@@ -100,7 +166,7 @@ def measure(backbone, args, mode: str, impl: str, dtype: str, device) -> dict:
     finally:
         del step
         free_memory(device)
-        if impl in COMPILED_IMPLS:
+        if GRAPH_IMPLS.get(impl, impl) in COMPILED_IMPLS:
             torch._dynamo.reset()
     return row
 
@@ -231,7 +297,7 @@ def parse_args(argv=None):
     if args.cpu_sanity:
         args.batch, args.size = 1, (32, 64)
         args.warmup_ms, args.rep_ms, args.profile_steps = 0.0, 0.0, 1
-        args.impls = default_impls_without_compile(args.impls, IMPLS)
+        args.impls = default_impls_without_compile(args.impls, IMPLS, also_skip=GRAPH_IMPLS)
     return args
 
 

@@ -307,11 +307,12 @@ def timing_device(script: str, cpu_sanity: bool):
     return None
 
 
-def default_impls_without_compile(impls, all_impls):
+def default_impls_without_compile(impls, all_impls, also_skip=()):
     """--cpu-sanity: torch.compile on the CPU needs a C++ toolchain and minutes, so the default
-    list of implementations drops the compiled ones (asked for by name, they stay)."""
+    list of implementations drops the compiled ones and those in also_skip (asked for by name,
+    they stay)."""
     if list(impls) == list(all_impls):
-        return [impl for impl in all_impls if impl not in COMPILED_IMPLS]
+        return [impl for impl in all_impls if impl not in COMPILED_IMPLS and impl not in also_skip]
     return impls
 
 
@@ -323,11 +324,12 @@ def raise_recompile_limits(limit: int = 256) -> None:
         torch._dynamo.config.recompile_limit = limit
 
 
-def autocast(dtype: str, device):
-    """The benchmarks' dtypes: "fp32" runs as is, "bf16" is fp32 weights under torch.autocast(bfloat16)."""
+def autocast(dtype: str, device, graphed: bool = False):
+    """The benchmarks' dtypes: "fp32" runs as is, "bf16" is fp32 weights under torch.autocast(bfloat16).
+    graphed: for CUDA-graph capture and replay, which need autocast's weight-cast cache off."""
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, cache_enabled=not graphed)
 
 
 def add_speedups(rows) -> None:

@@ -18,6 +18,11 @@
 #   backbone-all     backbone.py T, every impl x mode x dtype in one run, compile caches warmed first by
 #                    four workers side by side (~8 min)
 #   detector-all     the same for detector.py (~8 min)
+#   backbone-graphs  backbone.py T, eager and fused, launched and replayed from CUDA graphs (make_graphed_callables),
+#                    train + inference, fp32 + bf16 (~4 min)
+#   backbone-compile-graphs  train, fp32 + bf16: torch.compile default and mode="reduce-overhead" of the eager and
+#                    the fused backbone (compiled first by 8 workers side by side) beside eager, fused and
+#                    fused-graph (~8 min)
 #   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)
 #   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
 #   detector-compile detector.py T with the backbone under torch.compile, train (~4 min)
@@ -89,6 +94,21 @@ for stage in "$@"; do
       timeout 330 python3 "$script" --arch t --impls eager fused-attn fused $compiled \
         --json "$out/${name}_all.json" > "$out/${name}_all.log" 2>&1
       tail -n 24 "$out/${name}_all.log" ;;
+    backbone-graphs)
+      timeout 330 python3 benchmarks/backbone.py --arch t --impls eager eager-graph fused fused-graph \
+        --json "$out/backbone_t_graphs.json" > "$out/backbone_t_graphs.log" 2>&1
+      tail -n 20 "$out/backbone_t_graphs.log" ;;
+    backbone-compile-graphs)
+      for impl in compile compile-graph compile-fused compile-fused-graph; do for dtype in fp32 bf16; do
+        timeout 300 python3 benchmarks/backbone.py --arch t --impls $impl --modes train --dtypes $dtype --warmup-ms 0 \
+          --rep-ms 1 --json "$out/backbone_t_cold_${impl}_${dtype}.json" > "$out/backbone_t_cold_${impl}_${dtype}.log" 2>&1 &
+      done; done
+      wait
+      grep -h -E "^\| +train" "$out"/backbone_t_cold_*.log
+      timeout 330 python3 benchmarks/backbone.py --arch t --modes train --impls eager fused fused-graph compile \
+        compile-graph compile-fused compile-fused-graph --json "$out/backbone_t_compile_graphs.json" \
+        > "$out/backbone_t_compile_graphs.log" 2>&1
+      tail -n 18 "$out/backbone_t_compile_graphs.log" ;;
     profile)
       timeout 140 python3 benchmarks/backbone.py --arch t --profile --modes train \
         --impls eager fused-attn fused --profile-steps 3 --json "$out/backbone_t_profile.json" \
