@@ -28,6 +28,7 @@ torch.cuda.reset_peak_memory_stats, weights and inputs included. TF32 settings a
 """
 import argparse
 import contextlib
+import copy
 import sys
 import time
 from pathlib import Path
@@ -82,9 +83,11 @@ def make_step(model, params, images, mode: str, dtype: str, device, step_begin=N
     return step
 
 
-def graphed_module(model, images, mode: str, dtype: str, device):
-    """model as a CUDA-graph replay for inputs shaped like images: make_graphed_callables in
-    training (forward and backward graphs), one captured no_grad forward for inference."""
+def graphed_module(backbone, images, mode: str, dtype: str, device):
+    """A copy of backbone as a CUDA-graph replay for inputs shaped like images, and the copy's
+    parameters: make_graphed_callables in training (forward and backward graphs; it replaces the
+    module's forward, hence the copy), one captured no_grad forward for inference."""
+    model = copy.deepcopy(backbone)
     # Warm up (Triton compiles, cuDNN picks algorithms) on a side stream, as capture requires.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -96,7 +99,7 @@ def graphed_module(model, images, mode: str, dtype: str, device):
         for p in model.parameters():
             p.grad = None
         with autocast(dtype, device, graphed=True):
-            return torch.cuda.make_graphed_callables(model, (images,), num_warmup_iters=1)
+            return torch.cuda.make_graphed_callables(model, (images,), num_warmup_iters=1), list(model.parameters())
     static_input = images.clone()
     with torch.cuda.stream(side), torch.no_grad(), autocast(dtype, device, graphed=True):
         for _ in range(2):
@@ -110,7 +113,7 @@ def graphed_module(model, images, mode: str, dtype: str, device):
         static_input.copy_(x)
         graph.replay()
         return static_outputs
-    return replay
+    return replay, list(model.parameters())
 
 
 def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
@@ -118,7 +121,7 @@ def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
     base_impl = GRAPH_IMPLS.get(impl, impl)
     set_kernel_impls(backbone, base_impl)
     backbone.train(mode == "train")
-    model, step_begin = backbone, None
+    model, params, step_begin = backbone, list(backbone.parameters()), None
     if base_impl in COMPILED_IMPLS:
         torch._dynamo.reset()  # a fresh compile per configuration, so its time is its own
         if impl in GRAPH_IMPLS:
@@ -129,9 +132,9 @@ def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
     elif impl in GRAPH_IMPLS:
         if torch.device(device).type != "cuda":
             raise ValueError(f"{impl} replays CUDA graphs: it needs a CUDA device, got {device}")
-        model = graphed_module(backbone, arch_images, mode, dtype, device)
+        model, params = graphed_module(backbone, arch_images, mode, dtype, device)
         step_begin = _no_op
-    return make_step(model, list(backbone.parameters()), arch_images, mode, dtype, device, step_begin)
+    return make_step(model, params, arch_images, mode, dtype, device, step_begin)
 
 
 def _no_op():
