@@ -21,6 +21,7 @@ torch.autocast(bfloat16)):
               compile-fused-graph are torch.compile(mode="reduce-overhead"). The loss and the
               zeroing of .grad stay outside the graphs. A graph row's time is the GPU's time for
               the step plus those few ops: what is left when the host's launch cost is taken away.
+              Peak memory of the make_graphed_callables rows is the peak over warm-up and capture.
 The backbone is built from the Mask R-CNN config of the arch (drop_path_rate as in the 1x config),
 with random weights and fresh torch.randn images. Timing: triton.testing.do_bench (CUDA events,
 warm-up, median of the repeats) after one untimed first call; peak memory: one call after
@@ -37,14 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, collect_rows,  # noqa: E402
+from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, collect_rows, compile_backbone,  # noqa: E402
                                default_impls_without_compile, detector_config, environment, error_text,
                                free_memory, peak_memory_mb, print_speed_table, print_table, set_kernel_impls,
                                synchronize, timing_device, write_json)
 
-# Each CUDA-graph variant and the implementation it replays.
-GRAPH_IMPLS = {"eager-graph": "eager", "fused-graph": "fused", "compile-graph": "compile",
-               "compile-fused-graph": "compile-fused"}
+# The variants captured with torch.cuda.make_graphed_callables, and the implementation each replays.
+GRAPH_IMPLS = {"eager-graph": "eager", "fused-graph": "fused"}
 IMPLS = tuple(KERNEL_IMPLS) + tuple(GRAPH_IMPLS)
 DTYPES = ("fp32", "bf16")
 MODES = ("inference", "train")
@@ -118,17 +118,12 @@ def graphed_module(backbone, images, mode: str, dtype: str, device):
 
 def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
     """Set the kernel implementations and mode; returns the step to time."""
-    base_impl = GRAPH_IMPLS.get(impl, impl)
-    set_kernel_impls(backbone, base_impl)
+    set_kernel_impls(backbone, GRAPH_IMPLS.get(impl, impl))
     backbone.train(mode == "train")
     model, params, step_begin = backbone, list(backbone.parameters()), None
-    if base_impl in COMPILED_IMPLS:
+    if impl in COMPILED_IMPLS:
         torch._dynamo.reset()  # a fresh compile per configuration, so its time is its own
-        if impl in GRAPH_IMPLS:
-            model = torch.compile(backbone, mode="reduce-overhead")
-            step_begin = torch.compiler.cudagraph_mark_step_begin
-        else:
-            model = torch.compile(backbone)
+        model, step_begin = compile_backbone(backbone, impl)
     elif impl in GRAPH_IMPLS:
         if torch.device(device).type != "cuda":
             raise ValueError(f"{impl} replays CUDA graphs: it needs a CUDA device, got {device}")
@@ -169,7 +164,7 @@ def measure(backbone, args, mode: str, impl: str, dtype: str, device) -> dict:
     finally:
         del step
         free_memory(device)
-        if GRAPH_IMPLS.get(impl, impl) in COMPILED_IMPLS:
+        if impl in COMPILED_IMPLS:
             torch._dynamo.reset()
     return row
 

@@ -291,9 +291,23 @@ KERNEL_IMPLS = {
     "fused-attn": ("auto", "reference"),
     "fused": ("auto", "auto"),
     "compile-fused": ("auto", "auto"),
+    "compile-graph": ("reference", "reference"),
+    "compile-fused-graph": ("auto", "auto"),
 }
-# The implementations that run the backbone under torch.compile.
-COMPILED_IMPLS = ("compile", "compile-fused")
+# The implementations that run the backbone under torch.compile, and its mode for each:
+# "reduce-overhead" replays the compiled code from CUDA graphs (one recorded per input shape).
+COMPILE_MODES = {"compile": "default", "compile-fused": "default", "compile-graph": "reduce-overhead",
+                 "compile-fused-graph": "reduce-overhead"}
+COMPILED_IMPLS = tuple(COMPILE_MODES)
+
+
+def compile_backbone(module: torch.nn.Module, impl: str):
+    """(torch.compile of module in impl's mode, the marker to call at the start of every step or
+    None). CUDA-graph replays need the marker: it tells torch that the outputs of the previous
+    step are no longer read, so their memory may be overwritten."""
+    mode = COMPILE_MODES[impl]
+    marker = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None
+    return torch.compile(module, mode=mode), marker
 
 
 def timing_device(script: str, cpu_sanity: bool):

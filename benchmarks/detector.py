@@ -9,7 +9,8 @@ its loss scaler, which bf16 does not need) and each backbone implementation (eag
 block as PyTorch ops; compile: that eager backbone under torch.compile (default mode; the heads
 stay eager; compile time goes into first_call_s); fused-attn: only the attention fused, the
 default on CUDA; fused: fused attention and depthwise convolutions; compile-fused: the fused
-backbone under torch.compile):
+backbone under torch.compile; compile-graph and compile-fused-graph: the same two compiled with
+mode="reduce-overhead", which replays the backbone from CUDA graphs, one recorded per input size):
 - train: one full iteration as the runner does it: data preprocessor (normalise, pad to 32),
   forward with losses (RPN, bbox, mask), backward, AdamW step with the config's optimizer wrapper
   (lr 1e-4, weight decay 0.05, none on norms). Batch: 2 synthetic images of 800x1216 and 800x1184
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench,  # noqa: E402
+from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, compile_backbone,  # noqa: E402
                                build_detector, collect_rows, default_impls_without_compile, detector_config,
                                environment, error_text, free_memory, peak_memory_mb, print_speed_table,
                                quiet_mmengine, set_kernel_impls, synchronize, timing_device, write_json)
@@ -86,9 +87,12 @@ def synthetic_batch(sizes, num_instances: int, num_classes: int, seed: int, devi
 
 
 
-def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device):
-    """model.train_step with the forward and losses under autocast (AmpOptimWrapper's split)."""
+def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device, step_begin=None):
+    """model.train_step with the forward and losses under autocast (AmpOptimWrapper's split);
+    step_begin, if given, runs first (compile_backbone's marker)."""
     def step():
+        if step_begin is not None:
+            step_begin()
         with autocast(dtype, device):
             data = model.data_preprocessor(batch, True)
             losses = model(**data, mode="loss")
@@ -98,8 +102,10 @@ def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device):
     return step
 
 
-def make_inference_step(model, batch: dict, dtype: str, device):
+def make_inference_step(model, batch: dict, dtype: str, device, step_begin=None):
     def step():
+        if step_begin is not None:
+            step_begin()
         with torch.no_grad(), autocast(dtype, device):
             return model.test_step(batch)
     return step
@@ -139,10 +145,11 @@ class Bench:
         """The eager backbone, or (compiled impls) a fresh torch.compile of it, so that each
         configuration's compile time is its own."""
         self.model.backbone = self.eager_backbone
+        self.step_begin = None
         set_kernel_impls(self.model, impl)
         if impl in COMPILED_IMPLS:
             torch._dynamo.reset()
-            self.model.backbone = torch.compile(self.eager_backbone)
+            self.model.backbone, self.step_begin = compile_backbone(self.eager_backbone, impl)
 
     def step(self, mode: str, impl: str, dtype: str, seed: int):
         self.use_backbone(impl)
@@ -150,11 +157,12 @@ class Bench:
             self.model.train()
             batch = synthetic_batch(self.args.train_sizes, self.args.instances, self.num_classes, seed,
                                     self.device, with_targets=True)
-            return make_train_step(self.model, self.optim_wrapper, batch, dtype, self.device), len(batch["inputs"])
+            return (make_train_step(self.model, self.optim_wrapper, batch, dtype, self.device, self.step_begin),
+                    len(batch["inputs"]))
         self.model.eval()
         batch = synthetic_batch([self.args.infer_size] * self.args.infer_batch, 0, self.num_classes, seed,
                                 self.device, with_targets=False)
-        return make_inference_step(self.model, batch, dtype, self.device), len(batch["inputs"])
+        return make_inference_step(self.model, batch, dtype, self.device, self.step_begin), len(batch["inputs"])
 
     def measure(self, mode: str, impl: str, dtype: str, seed: int) -> dict:
         args = self.args

@@ -103,8 +103,7 @@ def test_fused_kernels_are_the_default_on_cuda():
     from mlla_kernels.linear_attention import resolve_impl
     block = MLLA().layers[0].blocks[0]
     assert block.attn.attn_impl == "auto"
-    # The fused convs are opt-in until they make the backbone faster (see MLLA's docstring).
-    assert block.conv_impl == "reference" and block.attn.conv_impl == "reference"
+    assert block.conv_impl == "auto" and block.attn.conv_impl == "auto"
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert resolve_impl("auto", torch.device("cuda"), dtype, 32) == "triton"
     assert resolve_impl("auto", torch.device("cpu"), torch.float32, 32) == "reference"

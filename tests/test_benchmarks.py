@@ -94,6 +94,11 @@ def test_detector_compile_wraps_only_the_backbone_and_switches_back():
     assert isinstance(bench_.model.backbone, torch._dynamo.eval_frame.OptimizedModule)
     assert bench_.model.backbone._orig_mod is eager
     assert eager.layers[0].blocks[0].attn.attn_impl == "reference"
+    assert bench_.step_begin is None
+    bench_.use_backbone("compile-fused-graph")  # CUDA graphs: a step marker before every step
+    assert bench_.model.backbone._orig_mod is eager
+    assert bench_.step_begin is torch.compiler.cudagraph_mark_step_begin
+    assert eager.layers[0].blocks[0].attn.attn_impl == "auto"
     bench_.use_backbone("fused")
     assert bench_.model.backbone is eager
     assert eager.layers[0].blocks[0].attn.attn_impl == "auto" and eager.layers[0].blocks[0].conv_impl == "auto"

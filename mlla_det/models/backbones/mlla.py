@@ -88,7 +88,7 @@ class LinearAttention(nn.Module):
     """Linear attention with 2-D RoPE and LePE; q and k from one projection, v is the input."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto",
-                 conv_impl: str = "reference"):
+                 conv_impl: str = "auto"):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -117,7 +117,7 @@ def _drop_rope_table(state_dict, prefix, *args, **kwargs):
 
 class MLLABlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "auto", conv_impl: str = "reference"):
+                 drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "auto", conv_impl: str = "auto"):
         super().__init__()
         self.conv_impl = conv_impl
         self.cpe1 = depthwise_conv3x3(dim)
@@ -171,7 +171,7 @@ class PatchMerging(nn.Module):
 class MLLAStage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, drop_path: Sequence[float], mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, downsample: bool = True, use_checkpoint: bool = False,
-                 attn_impl: str = "auto", conv_impl: str = "reference"):
+                 attn_impl: str = "auto", conv_impl: str = "auto"):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList([
@@ -261,10 +261,12 @@ class MLLA(BaseModule):
         out_indices: stages whose (layer-normalised) outputs are returned.
         use_checkpoint: activation checkpointing per block (saves memory in training).
         attn_impl: "auto" (fused Triton kernels on CUDA, eager elsewhere), "triton" or "reference".
-        conv_impl: the same choice for the blocks' depthwise 3x3 convolutions (CPE, DWC, LePE).
-            Default "reference" (nn.Conv2d's weights through F.conv2d): the fused convolutions are
-            correct but not yet faster inside the backbone (H200, MLLA-T 2x800x1280 training:
-            83.0 ms fused vs 69.2 ms with only the attention fused, fp32), so they are opt-in.
+        conv_impl: the same choice for the blocks' depthwise 3x3 convolutions (CPE, DWC, LePE);
+            "reference" runs nn.Conv2d's weights through F.conv2d. The fused convolutions cut the
+            GPU time of an MLLA-T training step (H200, 2x800x1280, bf16: 42.7 -> 30.7 ms) and its
+            memory; launched from Python step by step, where the host's launch cost sets the pace,
+            they win under bf16 autocast and in Mask R-CNN training but can lose in an fp32
+            backbone-only step (benchmarks/README.md has both).
         init_cfg: mmengine init config; `dict(type='Pretrained', checkpoint=PATH)` loads an MLLA
             ImageNet checkpoint (weights under `model`) or a detection checkpoint.
         img_size, patch_size, in_chans, num_classes, qk_scale: the paper's configs pass these;
@@ -274,7 +276,7 @@ class MLLA(BaseModule):
     def __init__(self, embed_dim: int = 64, depths: Sequence[int] = (2, 4, 8, 4),
                  num_heads: Sequence[int] = (2, 4, 8, 16), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3),
-                 use_checkpoint: bool = False, attn_impl: str = "auto", conv_impl: str = "reference", init_cfg: Optional[dict] = None,
+                 use_checkpoint: bool = False, attn_impl: str = "auto", conv_impl: str = "auto", init_cfg: Optional[dict] = None,
                  img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000, qk_scale=None,
                  **kwargs):
         super().__init__(init_cfg=init_cfg)
