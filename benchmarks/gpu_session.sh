@@ -23,6 +23,8 @@
 #   backbone-compile-graphs  train, fp32 + bf16: torch.compile default and mode="reduce-overhead" of the eager and
 #                    the fused backbone (compiled first by 8 workers side by side) beside eager, fused and
 #                    fused-graph (~8 min)
+#   detector-graphs  detector.py T, train: the backbone compiled in default and reduce-overhead (CUDA-graph) mode
+#                    beside eager, fused-attn and fused (~7 min)
 #   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)
 #   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
 #   detector-compile detector.py T with the backbone under torch.compile, train (~4 min)
@@ -109,6 +111,18 @@ for stage in "$@"; do
         compile-graph compile-fused compile-fused-graph --json "$out/backbone_t_compile_graphs.json" \
         > "$out/backbone_t_compile_graphs.log" 2>&1
       tail -n 18 "$out/backbone_t_compile_graphs.log" ;;
+    detector-graphs)
+      # Mask R-CNN training with the backbone under torch.compile, default mode and reduce-overhead (CUDA
+      # graphs), beside eager, fused-attn and fused; compile caches warmed first by 6 workers side by side.
+      for impl in compile compile-graph compile-fused-graph; do for dtype in fp32 bf16; do
+        timeout 300 python3 benchmarks/detector.py --arch t --impls $impl --modes train --dtypes $dtype --warmup-ms 0 \
+          --rep-ms 1 --json "$out/detector_t_cold_${impl}_${dtype}.json" > "$out/detector_t_cold_${impl}_${dtype}.log" 2>&1 &
+      done; done
+      wait
+      grep -h -E "^\| +train" "$out"/detector_t_cold_*.log
+      timeout 300 python3 benchmarks/detector.py --arch t --modes train --impls eager fused-attn fused compile \
+        compile-graph compile-fused-graph --json "$out/detector_t_graphs.json" > "$out/detector_t_graphs.log" 2>&1
+      tail -n 16 "$out/detector_t_graphs.log" ;;
     profile)
       timeout 140 python3 benchmarks/backbone.py --arch t --profile --modes train \
         --impls eager fused-attn fused --profile-steps 3 --json "$out/backbone_t_profile.json" \
