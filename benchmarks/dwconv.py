@@ -10,8 +10,9 @@ Convs (epilogues): cpe = x + conv(x) (CPE1 and CPE2), dwc = SiLU(conv(x)), lepe 
 "fwd" runs under no_grad; "fwd+bwd" is a forward with autograd plus backward for x, weight, bias
 (and the addend). Times are medians of triton.testing.do_bench (L2 flushed between calls). GB/s
 counts the fewest bytes: forward reads x (and the addend) and writes out; backward reads grad_out
-and x and writes grad_x (weights are noise). "graph" replays the fused fwd+bwd from a CUDA graph
-(no host launch overhead): the GPU time alone. --compile dynamic compiles each (conv, dtype,
+and x and writes grad_x (weights are noise). "graph" and "eager graph" replay the fused and
+the eager fwd+bwd from CUDA graphs (no host launch overhead): the GPU time alone, compared like
+for like in the last column. --compile dynamic compiles each (conv, dtype,
 mode) once for all four shapes; static compiles every shape (four times the compile time).
 The sweep times the kernels alone (no autograd) under other launch configurations.
 
@@ -164,16 +165,17 @@ def bench_case(stage, hw_c, dtype_name, conv_name, args, ctx):
 
 
 def graph_times(rows, args):
-    """Fused fwd+bwd replayed from a CUDA graph: GPU time without host overhead. Run last: a
-    capture that fails can leave the context unusable, so the first failure ends this pass."""
+    """Fused and eager fwd+bwd replayed from CUDA graphs: the GPU's time without host overhead,
+    for a like-for-like ratio. Run last: a capture that fails can leave the context unusable, so
+    the first failure ends this pass."""
     import triton.testing
     for row in rows:
         height, width = row["hw"]
         inputs = make_inputs(height, width, row["channels"], DTYPES[row["dtype"]], row["conv"])
         try:
-            row["fwd_bwd_fused_graph_ms"] = triton.testing.do_bench_cudagraph(
-                forward_backward_runner(fused_form(row["conv"]), inputs, (height, width)), rep=60,
-                return_mode="median")
+            for name, fn in (("fused", fused_form(row["conv"])), ("eager", EAGER[row["conv"]])):
+                row[f"fwd_bwd_{name}_graph_ms"] = triton.testing.do_bench_cudagraph(
+                    forward_backward_runner(fn, inputs, (height, width)), rep=60, return_mode="median")
         except Exception as exc:
             row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
             print(f"CUDA graph timing stopped: {row['graph_error']}", flush=True)
@@ -259,17 +261,21 @@ def print_table(rows, ctx):
     print(f"\n{ctx['device']}, torch {torch.__version__}, triton {ctx['triton']}; copy bandwidth "
           f"{ctx['copy_gbps']:.0f} GB/s (read + write); batch {BATCH}; ms are medians; compile={ctx['compile']}")
     header = (f"{'conv':4} {'grid':>7} {'C':>4} {'dt':4} | {'mode':7} {'eager':>7} {'compile':>7} {'fused':>7} "
-              f"{'vs eag':>6} {'vs cmp':>6} {'GB/s':>6} {'floor':>6} | {'graph':>7}")
+              f"{'vs eag':>6} {'vs cmp':>6} {'GB/s':>6} {'floor':>6} | {'graph':>7} {'eager graph':>11} {'vs eag':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
         for mode in ("fwd", "fwd_bwd"):
             graph = fmt(r.get("fwd_bwd_fused_graph_ms")) if mode == "fwd_bwd" else ""
+            eager_graph = fmt(r.get("fwd_bwd_eager_graph_ms")) if mode == "fwd_bwd" else ""
+            graph_ratio = ratio(r.get("fwd_bwd_eager_graph_ms"), r.get("fwd_bwd_fused_graph_ms")) \
+                if mode == "fwd_bwd" else ""
             print(f"{r['conv']:4} {r['hw'][0]:>3}x{r['hw'][1]:<3} {r['channels']:>4} {r['dtype']:4} | {mode:7} "
                   f"{fmt(r[f'{mode}_eager_ms']):>7} {fmt(r[f'{mode}_compile_ms']):>7} {fmt(r[f'{mode}_fused_ms']):>7} "
                   f"{ratio(r[f'{mode}_eager_ms'], r[f'{mode}_fused_ms']):>6} "
                   f"{ratio(r[f'{mode}_compile_ms'], r[f'{mode}_fused_ms']):>6} "
-                  f"{r[f'{mode}_fused_gbps']:>6.0f} {fmt(r[f'{mode}_floor_ms']):>6} | {graph:>7}")
+                  f"{r[f'{mode}_fused_gbps']:>6.0f} {fmt(r[f'{mode}_floor_ms']):>6} | {graph:>7} {eager_graph:>11} "
+                  f"{graph_ratio:>6}")
 
 
 def cpu_sanity():
