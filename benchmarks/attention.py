@@ -163,10 +163,10 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 
 SWEEP_CONFIGS = {
-    "fp32": [dict(), dict(dot_mode="ieee"), dict(block_n=32), dict(block_n=32, dot_mode="ieee"),
-             dict(block_n=128), dict(num_warps=8), dict(programs_per_sm=2), dict(programs_per_sm=8)],
-    "bf16": [dict(), dict(block_n=32), dict(block_n=128), dict(num_warps=8), dict(programs_per_sm=2),
-             dict(programs_per_sm=8)],
+    "fp32": [dict(), dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee"), dict(programs_per_sm=6),
+             dict(programs_per_sm=8), dict(block_n=32), dict(num_warps_forward=8)],
+    "bf16": [dict(), dict(dot_mode_forward="ieee"), dict(dot_mode_forward="ieee", programs_per_sm=8),
+             dict(programs_per_sm=8), dict(block_n=32)],
 }
 
 
@@ -376,11 +376,12 @@ def compile_report():
     for head_dim in (16, 32, 64):
         cfg = launch_config(64000, 4, head_dim, torch.device("cpu"))
         for dtype in ("fp32", "bf16"):
-            for kernel, warps in ((kv_state_kernel, cfg.num_warps_forward), (output_kernel, cfg.num_warps_forward),
-                                  (grad_state_kernel, cfg.num_warps_backward),
-                                  (input_grad_kernel, cfg.num_warps_backward)):
+            for kernel, warps, direction in ((kv_state_kernel, cfg.num_warps_forward, "forward"),
+                                             (output_kernel, cfg.num_warps_forward, "forward"),
+                                             (grad_state_kernel, cfg.num_warps_backward, "backward"),
+                                             (input_grad_kernel, cfg.num_warps_backward, "backward")):
                 consts = dict(HEAD_DIM=head_dim, DIM_PAD=_padded(head_dim),
-                              BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(DTYPES[dtype]))
+                              BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(DTYPES[dtype], direction))
                 if "ATOMIC" in kernel.arg_names:
                     consts["ATOMIC"] = False
                 signature = {name: "constexpr" if name in consts else

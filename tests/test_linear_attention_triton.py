@@ -146,14 +146,22 @@ def test_matrix_product_modes_compute_the_same_function(gen, dot_mode, tol):
             pass
 
 
-def test_default_product_mode_follows_the_input_dtype(monkeypatch):
+def test_default_product_mode_follows_the_input_dtype_and_direction(monkeypatch):
     from mlla_kernels.triton import launch
-    assert launch.dot_mode(torch.float32) == "tf32x3"
-    assert launch.dot_mode(torch.bfloat16) == launch.dot_mode(torch.float16) == "tf32"
+    assert launch.dot_mode(torch.float32, "forward") == "ieee"
+    assert launch.dot_mode(torch.float32, "backward") == "tf32x3"
+    for dtype in (torch.bfloat16, torch.float16):
+        assert launch.dot_mode(dtype, "forward") == launch.dot_mode(dtype, "backward") == "tf32"
     with launch_overrides(dot_mode="ieee"):
-        assert launch.dot_mode(torch.bfloat16) == "ieee"
-    monkeypatch.setattr(launch, "_DOT_MODE_FORCED", "ieee")
-    assert launch.dot_mode(torch.float32) == "ieee"
+        assert launch.dot_mode(torch.bfloat16, "forward") == launch.dot_mode(torch.bfloat16, "backward") == "ieee"
+    with launch_overrides(dot_mode="tf32", dot_mode_backward="tf32x3"):  # the direction's own wins
+        assert launch.dot_mode(torch.float32, "forward") == "tf32"
+        assert launch.dot_mode(torch.float32, "backward") == "tf32x3"
+    with pytest.raises(ValueError, match="dot_mode_forward must be one of"):
+        with launch_overrides(dot_mode_forward="fp16"):
+            pass
+    monkeypatch.setattr(launch, "_DOT_MODE_FORCED", "tf32x3")
+    assert launch.dot_mode(torch.float32, "forward") == "tf32x3"
 
 
 def test_split_and_block_choices_agree(gen):

@@ -15,10 +15,10 @@ def linear_attention_triton(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_hea
     qk and v are read where they lie (any strides); the output is a new contiguous (B, N, C)
     tensor of the inputs' dtype (fp32, fp16 or bf16; all arithmetic in fp32). Differentiable.
 
-    The small matrix products run on tensor cores: three tf32 products per fp32 one for fp32
-    inputs (fp32-level error: ~5e-7 relative against float64 at MLLA-T stage 1 on an H200), one
-    tf32 product for fp16/bf16 inputs, whose own rounding is coarser; MLLA_DOT_MODE=ieee|tf32|tf32x3
-    forces one mode (launch.dot_mode).
+    The small matrix products keep fp32-level error for fp32 inputs (~5e-7 relative against
+    float64 at MLLA-T stage 1 on an H200): exact fp32 products in the forward, three tf32 tensor-core
+    products per fp32 one in the backward; fp16/bf16 inputs, whose own rounding is coarser, get one
+    tf32 product; MLLA_DOT_MODE=ieee|tf32|tf32x3 forces one mode (launch.dot_mode).
 
     deterministic (default True): the reductions over tokens, split across many programs, write
     one partial per program and torch.sum adds them in a fixed order, so results are bitwise

@@ -17,14 +17,19 @@ from .forward import kv_state_kernel, output_kernel
 SUPPORTED_DTYPES = TRITON_DTYPES
 # Programs to aim for per SM in a pass: enough to hide memory latency with several resident.
 PROGRAMS_PER_SM = 4
-# How the small matrix products (d/2 x d per block) run: "ieee" (exact fp32 products on the FMA
-# units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or "tf32"
-# (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are phi(x)
-# after RoPE in fp32 whatever the input dtype. Default per input dtype: fp32 keeps fp32 accuracy
-# with tf32x3; 16-bit inputs carry 8-11 mantissa bits, so tf32's rounding is below their own.
-# MLLA_DOT_MODE forces one mode for every dtype.
+# How the small matrix products (BLOCK_N x d x d per block) run: "ieee" (exact fp32 products on
+# the FMA units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or
+# "tf32" (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are
+# phi(x) after RoPE in fp32 whatever the input dtype. Defaults per input dtype, (forward,
+# backward): fp32 keeps fp32 accuracy with ieee in the forward (its kernels then need ~170
+# registers instead of 255, so more programs fit per SM: 0.081 vs 0.095 ms at MLLA-T stage 1 on
+# an H200) and tf32x3 in the backward (0.32 vs 0.44 ms fwd+bwd there); 16-bit inputs carry 8-11
+# mantissa bits, so tf32's rounding is below their own. MLLA_DOT_MODE forces one mode for every
+# dtype and direction.
 DOT_MODES = ("ieee", "tf32", "tf32x3")
-DEFAULT_DOT_MODES = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16: "tf32"}
+DIRECTIONS = ("forward", "backward")
+DEFAULT_DOT_MODES = {torch.float32: ("ieee", "tf32x3"), torch.float16: ("tf32", "tf32"),
+                     torch.bfloat16: ("tf32", "tf32")}
 _DOT_MODE_FORCED = os.environ.get("MLLA_DOT_MODE") or None
 if _DOT_MODE_FORCED is not None and _DOT_MODE_FORCED not in DOT_MODES:
     raise ValueError(f"MLLA_DOT_MODE must be one of {DOT_MODES}, got {_DOT_MODE_FORCED!r}")
@@ -45,14 +50,17 @@ _overrides: dict = {}
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
     """Force block_n / splits / programs_per_sm / num_warps (both directions) / num_warps_forward /
-    num_warps_backward / dot_mode: tests use it to get many splits and partial blocks from a few
-    dozen tokens under the interpreter, the benchmark to sweep launch shapes."""
-    unknown = set(kwargs) - {"block_n", "splits", "dot_mode", "num_warps", "num_warps_forward",
-                             "num_warps_backward", "programs_per_sm"}
+    num_warps_backward / dot_mode (both directions) / dot_mode_forward / dot_mode_backward: tests
+    use it to get many splits and partial blocks from a few dozen tokens under the interpreter,
+    the benchmark to sweep launch shapes."""
+    mode_keys = {"dot_mode", "dot_mode_forward", "dot_mode_backward"}
+    unknown = set(kwargs) - mode_keys - {"block_n", "splits", "num_warps", "num_warps_forward",
+                                         "num_warps_backward", "programs_per_sm"}
     if unknown:
         raise TypeError(f"unknown launch overrides {sorted(unknown)}")
-    if kwargs.get("dot_mode", "ieee") not in DOT_MODES:
-        raise ValueError(f"dot_mode must be one of {DOT_MODES}, got {kwargs['dot_mode']!r}")
+    for key in mode_keys & set(kwargs):
+        if kwargs[key] not in DOT_MODES:
+            raise ValueError(f"{key} must be one of {DOT_MODES}, got {kwargs[key]!r}")
     saved = dict(_overrides)
     _overrides.update(kwargs)
     try:
@@ -143,9 +151,11 @@ def _geometry(v: torch.Tensor, num_heads: int):
     return batch, num_tokens, channels, head_dim, _padded(head_dim)
 
 
-def dot_mode(dtype: torch.dtype) -> str:
-    """The product mode the kernels use for inputs of this dtype (override > MLLA_DOT_MODE > default)."""
-    return _overrides.get("dot_mode") or _DOT_MODE_FORCED or DEFAULT_DOT_MODES[dtype]
+def dot_mode(dtype: torch.dtype, direction: str) -> str:
+    """The product mode of the `direction` ("forward" or "backward") kernels for inputs of this
+    dtype (override of the direction > override of both > MLLA_DOT_MODE > default)."""
+    return (_overrides.get(f"dot_mode_{direction}") or _overrides.get("dot_mode") or _DOT_MODE_FORCED
+            or DEFAULT_DOT_MODES[dtype][DIRECTIONS.index(direction)])
 
 
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
@@ -192,7 +202,7 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, out)
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype))
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "forward"))
     with on_device(v.device):
         state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
                                     batch_heads, state_size, cfg, cfg.num_warps_forward, deterministic, v.device,
@@ -223,7 +233,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, grad_out, grad_qk, grad_v)
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype))
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "backward"))
     with on_device(v.device):
         grad_state = _reduce_over_tokens(grad_state_kernel, (qk, grad_out, state),
                                          (*scalars, *qk.stride(), *grad_out.stride()),
