@@ -48,6 +48,7 @@ def parse_args(argv=None):
                         help="which modes get a torch.compile column (each is its own graph to compile)")
     parser.add_argument("--compile-budget-s", type=float, default=90.0,
                         help="stop compiling new graphs once this much wall time went into compiling")
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     parser.add_argument("--sweep-budget-s", type=float, default=0.0,
                         help="time other launch configurations of the kernels for at most this long")
     parser.add_argument("--cpu-sanity", action="store_true", help="tiny shape in the Triton interpreter")
@@ -184,18 +185,20 @@ def graph_times(rows, args):
 
 SWEEP_FWD = [dict(block_n=32, tile_w=8, num_warps=4), dict(block_n=64, tile_w=8, num_warps=8),
              dict(block_n=64, tile_w=16, num_warps=4), dict(block_n=16, tile_w=8, num_warps=2)]
-SWEEP_BWD = [dict(), dict(wgrad_programs_per_sm=1), dict(wgrad_programs_per_sm=4), dict(wgrad_block_n=32),
-             dict(bwd_num_warps=4), dict(block_n=64), dict(wgrad_block_n=8, wgrad_programs_per_sm=4)]
+SWEEP_BWD = [dict(), dict(wgrad_programs_per_sm=4), dict(wgrad_programs_per_sm=8), dict(wgrad_programs_per_sm=16),
+             dict(wgrad_block_n=32, wgrad_programs_per_sm=4), dict(wgrad_block_n=8, wgrad_programs_per_sm=8),
+             dict(bwd_num_warps=4, wgrad_programs_per_sm=4), dict(block_n=64)]
 
 
 def sweep(args):
     """Kernels alone (no autograd) under other launch configurations (overrides of
-    kernels.GPU_DEFAULTS; {} = the defaults), residual epilogue; the backward (the larger share)
-    first, stage 1 before stage 3, until the budget is spent."""
+    kernels.GPU_DEFAULTS; {} = the defaults), residual epilogue, replayed from CUDA graphs (GPU
+    time: the host's launch cost would swamp the differences); the backward (the larger share)
+    first, stages 1 to 4, until the budget is spent."""
     import triton.testing
     from mlla_kernels.dwconv import kernels
-    plan = [(stage, kind, dtype_name, config) for stage in (1, 3) for kind, configs in (("bwd", SWEEP_BWD),
-                                                                                      ("fwd", SWEEP_FWD))
+    plan = [(stage, kind, dtype_name, config) for kind, configs in (("bwd", SWEEP_BWD), ("fwd", SWEEP_FWD))
+            for stage in (1, 2, 3, 4)
             for dtype_name in args.dtypes for config in configs]
     results, start, inputs = [], time.perf_counter(), {}
     for stage, kind, dtype_name, config in plan:
@@ -213,8 +216,8 @@ def sweep(args):
             run = lambda: kernels.dwconv3x3_backward(grad, x, weight, bias, height, width,  # noqa: E731
                                                      "residual", **config)
         run()
-        ms = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
-        results.append(dict(dtype=dtype_name, stage=stage, kind=kind, **config, ms=ms))
+        ms = triton.testing.do_bench_cudagraph(run, rep=40, return_mode="median")
+        results.append(dict(dtype=dtype_name, stage=stage, kind=kind, **config, graph_ms=ms))
         print(f"sweep {dtype_name} stage {stage} {kind} {config}: {ms:.4f} ms", flush=True)
     return results
 
@@ -317,6 +320,12 @@ def main(argv=None):
     print(f"{ctx['device']}: copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
     host = host_overhead(args)
     sweep_results = sweep(args) if args.sweep_budget_s > 0 else []
+    if args.sweep_only:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(environment=dict(device=ctx["device"], torch=torch.__version__, triton=ctx["triton"]),
+                               sweep=sweep_results, rows=[]), f, indent=1)
+        return 0
     rows = []
     for dtype_name in args.dtypes:
         for conv_name in args.convs:

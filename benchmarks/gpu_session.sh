@@ -11,6 +11,7 @@
 #   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
 #   attention        benchmarks/attention.py, MLLA-T and -B, the torch.compile graphs compiled by 8 workers
 #                    side by side first (~2.5 min)
+#   dwconv-sweep     launch shapes of the dwconv kernels at the four MLLA-T stages, CUDA-graph timed (~2.5 min)
 #   dwconv           benchmarks/dwconv.py, fwd+bwd compiled once per conv (~2 min)
 #   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
 #   backbone-compile torch.compile of the eager and of the fused backbone, train, bf16 (~5 min:
@@ -72,6 +73,10 @@ for stage in "$@"; do
       timeout 200 python3 benchmarks/dwconv.py --json "$out/dwconv.json" --compile dynamic \
         --compile-modes fwd_bwd --compile-budget-s 45 --sweep-budget-s 0 > "$out/dwconv.log" 2>&1
       tail -n 30 "$out/dwconv.log" ;;
+    dwconv-sweep)
+      timeout 200 python3 benchmarks/dwconv.py --json "$out/dwconv_sweep.json" --sweep-only --sweep-budget-s 150 \
+        > "$out/dwconv_sweep.log" 2>&1
+      grep -E "^sweep|^host" "$out/dwconv_sweep.log" ;;
     backbone)
       timeout 200 python3 benchmarks/backbone.py --arch t --impls eager fused-attn fused \
         --json "$out/backbone_t.json" > "$out/backbone_t.log" 2>&1
