@@ -185,9 +185,9 @@ def graph_times(rows, args):
 
 SWEEP_FWD = [dict(block_n=32, tile_w=8, num_warps=4), dict(block_n=64, tile_w=8, num_warps=8),
              dict(block_n=64, tile_w=16, num_warps=4), dict(block_n=16, tile_w=8, num_warps=2)]
-SWEEP_BWD = [dict(), dict(wgrad_programs_per_sm=4), dict(wgrad_programs_per_sm=8), dict(wgrad_programs_per_sm=16),
-             dict(wgrad_block_n=32, wgrad_programs_per_sm=4), dict(wgrad_block_n=8, wgrad_programs_per_sm=8),
-             dict(bwd_num_warps=4, wgrad_programs_per_sm=4), dict(block_n=64)]
+SWEEP_BWD = [dict(), dict(bwd_num_warps=8, wgrad_programs_per_sm=2), dict(wgrad_programs_per_sm=2),
+             dict(wgrad_programs_per_sm=8), dict(bwd_num_warps=2, wgrad_programs_per_sm=8),
+             dict(block_n=16, num_warps=2), dict(wgrad_block_n=32, wgrad_tile_w=16)]
 
 
 def sweep(args):
