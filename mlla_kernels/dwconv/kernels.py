@@ -299,10 +299,11 @@ def _patch(height: int, width: int, block_n: int, tile_w: int):
 # GPU defaults. Forward and grad-input patches: 4 x 8 pixels x 64 channels, 4 warps (16 elements a
 # thread per tap; the compiler hoists the 9 tap loads, so 64-token patches push the forward past
 # 160 registers). Weight-grad patches: 2 x 8 pixels, 10 register accumulators (9 taps + bias).
-# Backward at 4 warps with 4 weight-grad programs per SM: the H200 sweep (CUDA-graph timed, NOTES.md)
-# found it 5-35% faster than 8 warps x 2 programs at every MLLA-T stage, fp32 and bf16.
+# Backward at 4 warps with 2 weight-grad programs per SM: in the H200 sweeps (CUDA-graph timed,
+# NOTES.md dwconv v3/v4) 10-45% faster than 8 warps (and than 4 or more programs per SM) at the
+# MLLA-T stages, fp32 and bf16.
 GPU_DEFAULTS = dict(block_n=32, tile_w=8, block_c=64, num_warps=4, bwd_num_warps=4, wgrad_block_n=16,
-                    wgrad_tile_w=8, wgrad_programs_per_sm=4)
+                    wgrad_tile_w=8, wgrad_programs_per_sm=2)
 # The interpreter pays per program and per loop trip, so it gets the biggest patches.
 _INTERPRETER_DEFAULTS = dict(block_n=128, tile_w=128, block_c=128, num_warps=4, bwd_num_warps=4,
                              wgrad_block_n=128, wgrad_tile_w=128, wgrad_programs_per_sm=2)
