@@ -10,9 +10,9 @@ torch.autocast(bfloat16)):
 - eager:      the paper's block as PyTorch ops (attn_impl and conv_impl 'reference');
 - compile:    torch.compile of that eager backbone (default mode, static shapes); the time of the
               first call, which compiles, is reported separately as first_call_s;
-- fused-attn: only the attention fused (attn_impl='auto', conv_impl='reference'): the
+- fused-attn: only the attention fused (attn_impl='auto', conv_impl='reference');
+- fused:      fused attention and fused depthwise convolutions (conv_impl='auto'): the
               backbone's default on CUDA;
-- fused:      fused attention and fused depthwise convolutions (conv_impl='auto');
 - compile-fused: torch.compile of the fused backbone (the kernels are opaque custom ops there;
               inductor fuses the LayerNorms, activations, casts and adds around them);
 - *-graph:    the same four replayed from CUDA graphs, for fixed-size inputs: eager-graph and
@@ -59,15 +59,16 @@ def build_backbone(arch: str, device) -> torch.nn.Module:
 
 
 
-def make_step(model, params, images, mode: str, dtype: str, device, step_begin=None):
+def make_step(model, params, images, mode: str, dtype: str, device, graphed: bool = False, step_begin=None):
     """One benchmarked call: a no_grad forward, or forward + backward of a loss on every output
-    (params: whose .grad is reset first). step_begin, if given, runs first (a graph replay's
-    step marker); autocast then runs without its weight-cast cache, as CUDA graphs require."""
+    (params: whose .grad is reset first). graphed: model replays CUDA graphs, so autocast runs
+    without its weight-cast cache, as graphs require; step_begin, if given, runs first (the
+    marker torch.compile's CUDA-graph trees need)."""
     if mode == "inference":
         def step():
             if step_begin is not None:
                 step_begin()
-            with torch.no_grad(), autocast(dtype, device, graphed=step_begin is not None):
+            with torch.no_grad(), autocast(dtype, device, graphed=graphed):
                 return model(images)
     else:
         def step():
@@ -75,7 +76,7 @@ def make_step(model, params, images, mode: str, dtype: str, device, step_begin=N
                 step_begin()
             for p in params:
                 p.grad = None
-            with autocast(dtype, device, graphed=step_begin is not None):
+            with autocast(dtype, device, graphed=graphed):
                 outputs = model(images)
             loss = sum(out.float().square().mean() for out in outputs)
             loss.backward()
@@ -128,12 +129,8 @@ def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
         if torch.device(device).type != "cuda":
             raise ValueError(f"{impl} replays CUDA graphs: it needs a CUDA device, got {device}")
         model, params = graphed_module(backbone, arch_images, mode, dtype, device)
-        step_begin = _no_op
-    return make_step(model, params, arch_images, mode, dtype, device, step_begin)
-
-
-def _no_op():
-    pass
+    graphed = impl in GRAPH_IMPLS or step_begin is not None
+    return make_step(model, params, arch_images, mode, dtype, device, graphed, step_begin)
 
 
 def measure(backbone, args, mode: str, impl: str, dtype: str, device) -> dict:

@@ -282,9 +282,9 @@ def quiet_mmengine():
 
 # What each benchmarked implementation sets on the backbone: (attn_impl, conv_impl).
 # eager/compile: the paper's block as PyTorch ops; fused-attn: only the attention fused;
-# fused: everything the package fuses (the attention is fused by default on CUDA, the convs on
-# request); compile-fused: torch.compile of the fused backbone (the kernels stay opaque custom ops,
-# inductor fuses what lies between them).
+# fused: everything the package fuses (the backbone's default on CUDA); compile-fused: torch.compile
+# of the fused backbone (the kernels stay opaque custom ops, inductor fuses what lies between them);
+# *-graph: the same compiled with mode="reduce-overhead" (CUDA graphs).
 KERNEL_IMPLS = {
     "eager": ("reference", "reference"),
     "compile": ("reference", "reference"),

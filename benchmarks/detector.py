@@ -7,8 +7,8 @@ What is measured, for each dtype (fp32; bf16 = torch.autocast(bfloat16) over the
 losses, fp32 weights and AdamW state, as mmengine's AmpOptimWrapper(dtype='bfloat16') does minus
 its loss scaler, which bf16 does not need) and each backbone implementation (eager: the paper's
 block as PyTorch ops; compile: that eager backbone under torch.compile (default mode; the heads
-stay eager; compile time goes into first_call_s); fused-attn: only the attention fused, the
-default on CUDA; fused: fused attention and depthwise convolutions; compile-fused: the fused
+stay eager; compile time goes into first_call_s); fused-attn: only the attention fused; fused:
+fused attention and depthwise convolutions, the default on CUDA; compile-fused: the fused
 backbone under torch.compile; compile-graph and compile-fused-graph: the same two compiled with
 mode="reduce-overhead", which replays the backbone from CUDA graphs, one recorded per input size):
 - train: one full iteration as the runner does it: data preprocessor (normalise, pad to 32),
