@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import (copy_bandwidth_gbs, launch_costs, raise_recompile_limits,  # noqa: E402
+from benchmarks.common import (copy_bandwidth_gbs, fmt, launch_costs, raise_recompile_limits, ratio,  # noqa: E402
                                timing_device)
 
 STAGE_GRIDS = [(200, 320), (100, 160), (50, 80), (25, 40)]  # 1280x800 image: strides 4, 8, 16, 32
@@ -316,14 +316,6 @@ def profile_host(ctx):
     pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
 
 
-def fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
-
-
-def ratio(a, b):
-    return "-" if a is None or b is None else f"{a / b:.1f}x"
-
-
 def print_table(rows, copy_gbps, device_name):
     print(f"\n{device_name}; copy bandwidth {copy_gbps:.0f} GB/s (read + write); batch {BATCH}; ms are medians")
     header = (f"{'model':5} {'grid':>7} {'C':>4} {'hd':>3} {'dt':4} | {'mode':7} {'eager':>7} {'compile':>7} "
@@ -342,7 +334,7 @@ def print_table(rows, copy_gbps, device_name):
                   f"{r[f'{mode}_fused_gbps']:>6.0f} {100 * r[f'{mode}_fused_copy_fraction']:>4.0f}% "
                   f"{fmt(None if frac_graph is None else 100 * frac_graph, '.0f'):>6}% | "
                   f"{fmt(r.get(f'{mode}_fused_atomic_ms')):>7}")
-    print(f"\nGPU time per call (CUDA-graph replay of each implementation: no host launch cost), ms")
+    print("\nGPU time per call (CUDA-graph replay of each implementation: no host launch cost), ms")
     header = (f"{'model':5} {'grid':>7} {'dt':4} | {'mode':7} {'eager':>7} {'compile':>7} {'fused':>7} "
               f"{'vs eag':>6} {'vs cmp':>6}")
     print(header)

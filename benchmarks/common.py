@@ -338,6 +338,16 @@ def raise_recompile_limits(limit: int = 256) -> None:
         torch._dynamo.config.recompile_limit = limit
 
 
+def fmt(x, spec=".3f") -> str:
+    """A number for a text table, "-" for a missing one."""
+    return "-" if x is None else format(x, spec)
+
+
+def ratio(a, b) -> str:
+    """a / b as "1.5x", "-" when either is missing."""
+    return "-" if a is None or b is None else f"{a / b:.1f}x"
+
+
 def autocast(dtype: str, device, graphed: bool = False):
     """The benchmarks' dtypes: "fp32" runs as is, "bf16" is fp32 weights under torch.autocast(bfloat16).
     graphed: for CUDA-graph capture and replay, which need autocast's weight-cast cache off."""

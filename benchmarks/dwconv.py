@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import (copy_bandwidth_gbs, launch_costs, raise_recompile_limits,  # noqa: E402
+from benchmarks.common import (copy_bandwidth_gbs, fmt, launch_costs, raise_recompile_limits, ratio,  # noqa: E402
                                timing_device)
 
 STAGES = [(200, 320, 64), (100, 160, 128), (50, 80, 256), (25, 40, 512)]  # MLLA-T, 1280x800
@@ -250,14 +250,6 @@ def host_overhead(args):
     print("host us per call: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in costs.items()), flush=True)
     result.update(costs)
     return result
-
-
-def fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
-
-
-def ratio(a, b):
-    return "-" if a is None or b is None else f"{a / b:.1f}x"
 
 
 def print_table(rows, ctx):
