@@ -339,11 +339,13 @@ def build_runner(cfg: Config):
 
 
 def leave_process_group() -> None:
-    """Shut the distributed process group down before the interpreter does: left to exit, the
-    gloo backend's threads can abort the process after the work is done ('terminate called
-    without an active exception', seen once in CI on a finished two-process evaluation)."""
+    """Shut the distributed process group down before the interpreter does, once every rank is
+    done with it: a rank that tears its gloo threads down (explicitly or at exit) while another
+    rank still talks to it aborts ('terminate called without an active exception', seen twice
+    in CI at the end of a finished two-process evaluation), hence the barrier first."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
