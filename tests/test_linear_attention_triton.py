@@ -134,8 +134,8 @@ def test_atomic_mode_matches_reference(gen):
 
 @pytest.mark.parametrize("dot_mode, tol", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 3e-3)])
 def test_matrix_product_modes_compute_the_same_function(gen, dot_mode, tol):
-    """The opt-in tensor-core modes (the interpreter runs every mode in fp32; on a GPU the
-    tolerance is the mode's own rounding)."""
+    """Every product mode, forced for both directions (the interpreter runs every mode in fp32;
+    on a GPU the tolerance is the mode's own rounding)."""
     qk, v = make_inputs(gen, 1, 5, 6, 32, torch.float32)
     with launch_overrides(dot_mode=dot_mode, block_n=16, splits=2):
         out, grad_qk, grad_v = fused_with_grads(qk, v, (5, 6), 2, torch.ones_like(v))
