@@ -240,3 +240,33 @@ def test_attention_compile_worker_covers_its_share_of_the_cases(monkeypatch, cap
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [(p["model"], p["dtype"], p["stage"], p["mode"]) for p in printed] == cases[1::2]
     assert all(p["cold_compile_s"] > 0 for p in printed)
+
+
+def test_backbone_step_marks_each_step_and_resets_gradients():
+    """The timed step: the step marker (CUDA-graph trees need it) runs before every step, .grad
+    of the given parameters is cleared each time, and graphed steps run autocast without its
+    weight-cast cache, which capture requires."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    seen = []
+
+    def wrapped(x):
+        seen.append(torch.is_autocast_cache_enabled())
+        return (model(x),)
+    marks = []
+    step = backbone.make_step(wrapped, list(model.parameters()), torch.randn(2, 4), "train", "bf16", "cpu",
+                              graphed=True, step_begin=lambda: marks.append(1))
+    step()
+    first = model[0].weight.grad.clone()
+    step()
+    assert len(marks) == 2 and seen == [False, False]
+    assert torch.equal(model[0].weight.grad, first)  # cleared before the second step, not summed
+    plain = backbone.make_step(wrapped, list(model.parameters()), torch.randn(2, 4), "inference", "bf16", "cpu")
+    plain()
+    assert seen[-1] is True
+
+
+def test_graph_rows_refuse_the_cpu_with_a_clear_error():
+    from mlla_det.models.backbones.mlla import MLLA
+    tiny = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="fused-graph replays CUDA graphs: it needs a CUDA device"):
+        backbone.prepare(tiny, torch.randn(1, 3, 32, 32), "train", "fused-graph", "fp32", "cpu")
