@@ -17,7 +17,7 @@
 #   backbone-compile torch.compile of the eager and of the fused backbone, train, bf16 (~5 min:
 #                    the eager fp32 one compiled in 121 s on an H200)
 #   backbone-all     backbone.py T, every impl x mode x dtype in one run, compile caches warmed first by
-#                    four workers side by side (~8 min)
+#                    eight workers side by side (~8 min)
 #   detector-all     the same for detector.py (~8 min)
 #   backbone-graphs  backbone.py T, eager and fused, launched and replayed from CUDA graphs (make_graphed_callables),
 #                    train + inference, fp32 + bf16 (~4 min)
@@ -49,6 +49,24 @@ export MLLA_REFERENCE_DIR=$reference_dir
 
 stamp() { echo "== $1 ($(date +%T))"; }
 gpu_tests() { timeout 400 python3 -m pytest -m gpu -q -rf "$@"; }
+# compile_then_time SCRIPT NAME MODES COLD_IMPLS TIMED_IMPLS TAIL_LINES: benchmarks/SCRIPT.py (MLLA-T) for
+# MODES x fp32/bf16 in one timed run of TIMED_IMPLS, into $out/SCRIPT_NAME.{json,log}. First one worker
+# process per (COLD_IMPLS entry, mode, dtype), side by side, compiles the torch.compile graphs, so that
+# the timed run compiles from Inductor's on-disk caches; the workers' logs keep the cold compile times
+# (first_call_s, inflated by compiling side by side) and their rows, timed while others compile.
+compile_then_time() {
+  local script=benchmarks/$1.py name=$1_$2 modes=$3 cold=$4 timed=$5 lines=$6 impl mode dtype
+  for impl in $cold; do for mode in $modes; do for dtype in fp32 bf16; do
+    timeout 300 python3 "$script" --arch t --impls "$impl" --modes "$mode" --dtypes "$dtype" --warmup-ms 0 \
+      --rep-ms 1 --json "$out/${name}_cold_${impl}_${mode}_${dtype}.json" \
+      > "$out/${name}_cold_${impl}_${mode}_${dtype}.log" 2>&1 &
+  done; done; done
+  wait
+  grep -h -E "^\| +(train|inference)" "$out/${name}"_cold_*.log
+  # shellcheck disable=SC2086  # the lists are word lists
+  timeout 330 python3 "$script" --arch t --modes $modes --impls $timed --json "$out/$name.json" > "$out/$name.log" 2>&1
+  tail -n "$lines" "$out/$name.log"
+}
 
 for stage in "$@"; do
   stamp "$stage"
@@ -85,49 +103,21 @@ for stage in "$@"; do
       timeout 420 python3 benchmarks/backbone.py --arch t --impls eager compile fused-attn fused compile-fused --modes train \
         --dtypes bf16 --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
       tail -n 6 "$out/backbone_t_compile.log" ;;
-    backbone-all|detector-all)
-      # Every impl, mode and dtype in one timed run. torch.compile's graphs are compiled first by
-      # one worker process per (mode, dtype), side by side, so the timed run compiles from
-      # Inductor's on-disk caches; the workers' logs keep the cold compile times (first_call_s,
-      # inflated by running four at once).
-      script=benchmarks/${stage%-all}.py; name=${stage%-all}_t
-      compiled="compile compile-fused"; [ "$stage" = detector-all ] && compiled="compile"
-      for mode in train inference; do for dtype in fp32 bf16; do
-        timeout 300 python3 "$script" --arch t --impls $compiled --modes $mode --dtypes $dtype --warmup-ms 0 \
-          --rep-ms 1 --json "$out/${name}_cold_${mode}_${dtype}.json" > "$out/${name}_cold_${mode}_${dtype}.log" 2>&1 &
-      done; done
-      wait
-      grep -h -E "^\| +(train|inference)" "$out"/${name}_cold_*.log
-      timeout 330 python3 "$script" --arch t --impls eager fused-attn fused $compiled \
-        --json "$out/${name}_all.json" > "$out/${name}_all.log" 2>&1
-      tail -n 24 "$out/${name}_all.log" ;;
+    backbone-all)
+      compile_then_time backbone t_all "train inference" "compile compile-fused" \
+        "eager fused-attn fused compile compile-fused" 24 ;;
+    detector-all)
+      compile_then_time detector t_all "train inference" compile "eager fused-attn fused compile" 24 ;;
     backbone-graphs)
       timeout 330 python3 benchmarks/backbone.py --arch t --impls eager eager-graph fused fused-graph \
         --json "$out/backbone_t_graphs.json" > "$out/backbone_t_graphs.log" 2>&1
       tail -n 20 "$out/backbone_t_graphs.log" ;;
     backbone-compile-graphs)
-      for impl in compile compile-graph compile-fused compile-fused-graph; do for dtype in fp32 bf16; do
-        timeout 300 python3 benchmarks/backbone.py --arch t --impls $impl --modes train --dtypes $dtype --warmup-ms 0 \
-          --rep-ms 1 --json "$out/backbone_t_cold_${impl}_${dtype}.json" > "$out/backbone_t_cold_${impl}_${dtype}.log" 2>&1 &
-      done; done
-      wait
-      grep -h -E "^\| +train" "$out"/backbone_t_cold_*.log
-      timeout 330 python3 benchmarks/backbone.py --arch t --modes train --impls eager fused fused-graph compile \
-        compile-graph compile-fused compile-fused-graph --json "$out/backbone_t_compile_graphs.json" \
-        > "$out/backbone_t_compile_graphs.log" 2>&1
-      tail -n 18 "$out/backbone_t_compile_graphs.log" ;;
+      compile_then_time backbone t_compile_graphs train "compile compile-graph compile-fused compile-fused-graph" \
+        "eager fused fused-graph compile compile-graph compile-fused compile-fused-graph" 18 ;;
     detector-graphs)
-      # Mask R-CNN training with the backbone under torch.compile, default mode and reduce-overhead (CUDA
-      # graphs), beside eager, fused-attn and fused; compile caches warmed first by 6 workers side by side.
-      for impl in compile compile-graph compile-fused-graph; do for dtype in fp32 bf16; do
-        timeout 300 python3 benchmarks/detector.py --arch t --impls $impl --modes train --dtypes $dtype --warmup-ms 0 \
-          --rep-ms 1 --json "$out/detector_t_cold_${impl}_${dtype}.json" > "$out/detector_t_cold_${impl}_${dtype}.log" 2>&1 &
-      done; done
-      wait
-      grep -h -E "^\| +train" "$out"/detector_t_cold_*.log
-      timeout 300 python3 benchmarks/detector.py --arch t --modes train --impls eager fused-attn fused compile \
-        compile-graph compile-fused-graph --json "$out/detector_t_graphs.json" > "$out/detector_t_graphs.log" 2>&1
-      tail -n 16 "$out/detector_t_graphs.log" ;;
+      compile_then_time detector t_graphs train "compile compile-graph compile-fused-graph" \
+        "eager fused-attn fused compile compile-graph compile-fused-graph" 16 ;;
     profile)
       timeout 140 python3 benchmarks/backbone.py --arch t --profile --modes train \
         --impls eager fused-attn fused --profile-steps 3 --json "$out/backbone_t_profile.json" \
