@@ -438,11 +438,14 @@ def main(argv=None):
     if args.profile_host:
         profile_host(ctx)
     sweep_results = sweep(args, ctx) if args.sweep_budget_s > 0 else []
-    if args.sweep_only:
+
+    def write_results(**fields):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
-                               sweep=sweep_results), f, indent=1)
+                               copy_gbps=ctx["copy_gbps"], sweep=sweep_results, **fields), f, indent=1)
+    if args.sweep_only:
+        write_results()
         return 0
     rows = []
     for model in args.models:
@@ -456,12 +459,8 @@ def main(argv=None):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del ctx["sets_fwd"], ctx["sets_bwd"]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
-                           copy_gbps=ctx["copy_gbps"], compile_seconds=ctx["compile_spent"],
-                           compile_warmup_wall_s=warmup_wall, compile_workers=args.compile_workers, rows=rows,
-                           sweep=sweep_results), f, indent=1)
+    write_results(compile_seconds=ctx["compile_spent"], compile_warmup_wall_s=warmup_wall,
+                  compile_workers=args.compile_workers, rows=rows)
     print_table(rows, ctx["copy_gbps"], device_name)
     return 0
 

@@ -312,11 +312,15 @@ def main(argv=None):
     print(f"{ctx['device']}: copy {ctx['copy_gbps']:.0f} GB/s", flush=True)
     host = host_overhead(args)
     sweep_results = sweep(args) if args.sweep_budget_s > 0 else []
-    if args.sweep_only:
+    env = dict(device=ctx["device"], torch=torch.__version__, triton=ctx["triton"], copy_gbps=ctx["copy_gbps"],
+               compile=args.compile, host_ms_per_fwd_bwd=host)
+
+    def write_results(rows):
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(environment=dict(device=ctx["device"], torch=torch.__version__, triton=ctx["triton"]),
-                               sweep=sweep_results, rows=[]), f, indent=1)
+                json.dump(dict(environment=env, sweep=sweep_results, rows=rows), f, indent=1)
+    if args.sweep_only:
+        write_results([])
         return 0
     rows = []
     for dtype_name in args.dtypes:
@@ -328,11 +332,7 @@ def main(argv=None):
                       f"compile {fmt(row['fwd_bwd_compile_ms'])} fused {row['fwd_bwd_fused_ms']:.3f} ms", flush=True)
     print(f"compiling took {ctx['compile_spent']:.0f} s", flush=True)
     graph_times(rows, args)
-    if args.json:
-        env = dict(device=ctx["device"], torch=torch.__version__, triton=ctx["triton"], copy_gbps=ctx["copy_gbps"],
-                   compile=args.compile, host_ms_per_fwd_bwd=host)
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, sweep=sweep_results, rows=rows), f, indent=1)
+    write_results(rows)
     print(f"host ms per fwd+bwd (stage 4 bf16 cpe, back to back): {host}")
     print_table(rows, ctx)
     return 0
