@@ -54,8 +54,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-variants", action="store_true",
                         help="skip the fused variant with atomic (non-deterministic) reductions")
     parser.add_argument("--sweep-budget-s", type=float, default=0.0,
-                        help="first try launch configurations of the fused op at MLLA-T stage 1 for this long")
+                        help="first try launch configurations of the fused op for this long")
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    parser.add_argument("--sweep-stages", nargs="+", type=int, default=[1], choices=[1, 2, 3, 4],
+                        help="the MLLA-T stages the sweep runs at")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
     parser.add_argument("--compile-report", action="store_true",
                         help="no GPU needed: compile the four kernels for sm_90 at the default launch shapes and "
@@ -162,48 +164,58 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
     return row
 
 
+# Launch shapes tried per (dtype, stage): at stage 1 splitting N and the product modes matter most;
+# at stages 2-4 a head has 1-8 blocks per program and the question is how many programs to run.
 SWEEP_CONFIGS = {
-    "fp32": [dict(), dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee"), dict(programs_per_sm=6),
-             dict(programs_per_sm=8), dict(block_n=32), dict(num_warps_forward=8)],
-    "bf16": [dict(), dict(dot_mode_forward="ieee"), dict(dot_mode_forward="ieee", programs_per_sm=8),
-             dict(programs_per_sm=8), dict(block_n=32)],
+    ("fp32", 1): [dict(), dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee"), dict(programs_per_sm=2),
+                  dict(programs_per_sm=8), dict(block_n=32), dict(num_warps_backward=8)],
+    ("bf16", 1): [dict(), dict(programs_per_sm=2), dict(programs_per_sm=8), dict(block_n=32),
+                  dict(num_warps_backward=8)],
 }
+for _dtype in DTYPES:
+    for _stage in (2, 3, 4):
+        SWEEP_CONFIGS[_dtype, _stage] = [dict(), dict(programs_per_sm=1), dict(programs_per_sm=2),
+                                         dict(programs_per_sm=8), dict(block_n=32), dict(num_warps_backward=8)]
 
 
 def sweep(args, ctx):
-    """Launch configurations and matrix-product modes of the fused op at MLLA-T stage 1 (where
-    splitting N matters most): CUDA-graph times (device time without host overhead) and the
-    relative error of out / grad_qk / grad_v against float64 on one input set."""
+    """Launch configurations and matrix-product modes of the fused op at MLLA-T stages
+    (--sweep-stages): CUDA-graph times (device time without host overhead), the relative error of
+    out / grad_qk / grad_v against float64 on one input set, and the time of each kernel."""
     from mlla_kernels import linear_attention_reference
     from mlla_kernels.triton import launch_overrides, linear_attention_triton
-    hw, channels, heads = STAGE_GRIDS[0], MODELS["T"][0][0], MODELS["T"][1][0]
-    fused = lambda qk, v: linear_attention_triton(qk, v, hw, heads)  # noqa: E731
     results, start = [], time.perf_counter()
-    for dtype_name in args.dtypes:
-        sets = make_sets(BATCH, hw[0] * hw[1], channels, DTYPES[dtype_name], DEVICE, False)[:2]
-        sets_bwd = [(qk.detach().requires_grad_(), v.detach().requires_grad_(), g) for qk, v, g in sets]
-        qk, v, grad = sets_bwd[0]
-        qk64, v64 = qk.detach().double().requires_grad_(), v.detach().double().requires_grad_()
-        ref = linear_attention_reference(qk64, v64, hw, heads)
-        ref.backward(grad.double())
-        ref = ref.detach()
-        for config in SWEEP_CONFIGS[dtype_name]:
-            if time.perf_counter() - start > args.sweep_budget_s:
-                break
-            with launch_overrides(**config):
-                errs = _parity(fused, qk, v, grad, ref, qk64.grad, v64.grad)
-                try:
-                    fwd = ctx["do_bench_graph"](forward_runner(fused, sets), rep=40, return_mode="median")
-                    fwd_bwd = ctx["do_bench_graph"](forward_backward_runner(fused, sets_bwd), rep=40,
-                                                    return_mode="median")
-                except Exception as exc:  # a failed capture must not cost the rest of the run
-                    print(f"sweep {dtype_name} {config}: CUDA-graph timing failed: {exc!r}"[:300], flush=True)
-                    fwd = fwd_bwd = float("nan")
-            results.append(dict(dtype=dtype_name, **config, fwd_graph_ms=fwd, fwd_bwd_graph_ms=fwd_bwd,
-                                rel_err_out=errs[0], rel_err_grad_qk=errs[1], rel_err_grad_v=errs[2]))
-            print(f"sweep {dtype_name} {config or 'default'}: graph fwd {fwd:.4f} ms, fwd+bwd {fwd_bwd:.4f} ms; "
-                  f"rel err out {errs[0]:.1e} grad_qk {errs[1]:.1e} grad_v {errs[2]:.1e}", flush=True)
-        results.append(dict(dtype=dtype_name, kernel_us=kernel_times(fused, sets_bwd)))
+    for stage in args.sweep_stages:
+        hw, channels, heads = STAGE_GRIDS[stage - 1], MODELS["T"][0][stage - 1], MODELS["T"][1][stage - 1]
+        fused = lambda qk, v: linear_attention_triton(qk, v, hw, heads)  # noqa: E731
+        for dtype_name in args.dtypes:
+            sets = make_sets(BATCH, hw[0] * hw[1], channels, DTYPES[dtype_name], DEVICE, False)[:2]
+            sets_bwd = [(qk.detach().requires_grad_(), v.detach().requires_grad_(), g) for qk, v, g in sets]
+            qk, v, grad = sets_bwd[0]
+            qk64, v64 = qk.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+            ref = linear_attention_reference(qk64, v64, hw, heads)
+            ref.backward(grad.double())
+            ref = ref.detach()
+            for config in SWEEP_CONFIGS[dtype_name, stage]:
+                if time.perf_counter() - start > args.sweep_budget_s:
+                    break
+                with launch_overrides(**config):
+                    errs = _parity(fused, qk, v, grad, ref, qk64.grad, v64.grad)
+                    try:
+                        fwd = ctx["do_bench_graph"](forward_runner(fused, sets), rep=40, return_mode="median")
+                        fwd_bwd = ctx["do_bench_graph"](forward_backward_runner(fused, sets_bwd), rep=40,
+                                                        return_mode="median")
+                    except Exception as exc:  # a failed capture must not cost the rest of the run
+                        print(f"sweep {dtype_name} {config}: CUDA-graph timing failed: {exc!r}"[:300], flush=True)
+                        fwd = fwd_bwd = float("nan")
+                results.append(dict(stage=stage, dtype=dtype_name, **config, fwd_graph_ms=fwd,
+                                    fwd_bwd_graph_ms=fwd_bwd, rel_err_out=errs[0], rel_err_grad_qk=errs[1],
+                                    rel_err_grad_v=errs[2]))
+                print(f"sweep stage {stage} {dtype_name} {config or 'default'}: graph fwd {fwd:.4f} ms, "
+                      f"fwd+bwd {fwd_bwd:.4f} ms; rel err out {errs[0]:.1e} grad_qk {errs[1]:.1e} "
+                      f"grad_v {errs[2]:.1e}", flush=True)
+            print(f"kernel stage {stage} {dtype_name}:", end=" ", flush=True)
+            results.append(dict(stage=stage, dtype=dtype_name, kernel_us=kernel_times(fused, sets_bwd)))
     return results
 
 

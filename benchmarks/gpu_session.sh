@@ -5,8 +5,8 @@
 #   source .whl/prelude.sh && bash benchmarks/gpu_session.sh tests dwconv backbone
 # Stages (rough H100/H200 wall time):
 #   tests            all GPU tests, three pytest processes side by side (~3 min, compiles included)
-#   attention-sweep  launch shapes and product modes of the fused op at MLLA-T stage 1, per-kernel times, host
-#                    profile; no table (~1.5 min)
+#   attention-sweep  launch shapes and product modes of the fused op at MLLA-T stages 1, 3 and 4, per-kernel
+#                    times, host profile; no table (~4 min)
 #   tests-attention  the attention's GPU tests alone (~2 min)
 #   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
 #   attention        benchmarks/attention.py, MLLA-T and -B, the torch.compile graphs compiled by 8 workers
@@ -80,8 +80,8 @@ for stage in "$@"; do
       wait
       tail -n 6 "$out"/gpu_tests_*.log ;;
     attention-sweep)
-      timeout 200 python3 benchmarks/attention.py --json "$out/attention_sweep.json" --sweep-budget-s 150 \
-        --sweep-only --profile-host > "$out/attention_sweep.log" 2>&1
+      timeout 300 python3 benchmarks/attention.py --json "$out/attention_sweep.json" --sweep-budget-s 220 \
+        --sweep-stages 1 3 4 --sweep-only --profile-host > "$out/attention_sweep.log" 2>&1
       grep -E "^sweep|^kernel|^host" "$out/attention_sweep.log" ;;
     attention)
       timeout 370 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \

@@ -64,50 +64,78 @@ def input_grad_kernel(
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
-    """Program (bh, split) writes d(qk) (both halves) and dv for its tokens, in one pass."""
+    """Program (bh, split, side) writes, for its tokens, d(q) when side is 0, else d(k) and dv.
+
+    The two sides share nothing but the token positions; giving each its own program keeps
+    half the tiles live (the fp32 kernel spilled ~600 bytes per thread with both) and doubles
+    the programs where a stage has few tokens."""
     bh, split, batch, head = program_head(num_heads)
-    chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
-    qk_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
-    gqk_offsets = tile_offsets(stride_gqk_n, stride_gqk_c, BLOCK_N, DIM_PAD)
-    v_offsets = tile_offsets(stride_v_n, stride_v_c, BLOCK_N, DIM_PAD)
-    g_offsets = tile_offsets(stride_g_n, stride_g_c, BLOCK_N, DIM_PAD)
-    gv_offsets = tile_offsets(stride_gv_n, stride_gv_c, BLOCK_N, DIM_PAD)
     inv_n = 1.0 / (num_tokens * 1.0)
-    kv, kbar = load_mean_state(state_ptr, bh, inv_n, HEAD_DIM, DIM_PAD)
-    # v and k see dKV and dkbar through the 1/N of the mean.
-    dkv, dkbar = load_mean_state(grad_state_ptr, bh, inv_n, HEAD_DIM, DIM_PAD)
-
     batch64 = batch.to(tl.int64)
-    q_base = qk_ptr + batch64 * stride_qk_b + head * HEAD_DIM * stride_qk_c
-    k_base = q_base + num_heads * HEAD_DIM * stride_qk_c
-    v_base = v_ptr + batch64 * stride_v_b + head * HEAD_DIM * stride_v_c
-    g_base = grad_ptr + batch64 * stride_g_b + head * HEAD_DIM * stride_g_c
-    gq_base = grad_qk_ptr + batch64 * stride_gqk_b + head * HEAD_DIM * stride_gqk_c
-    gk_base = gq_base + num_heads * HEAD_DIM * stride_gqk_c
-    gv_base = grad_v_ptr + batch64 * stride_gv_b + head * HEAD_DIM * stride_gv_c
-
     start, end = token_run(split, tokens_per_split, num_tokens)
+    if tl.program_id(2) == 0:
+        kv, kbar = load_mean_state(state_ptr, bh, inv_n, HEAD_DIM, DIM_PAD)
+        _query_grad(qk_ptr + batch64 * stride_qk_b + head * HEAD_DIM * stride_qk_c,
+                    grad_ptr + batch64 * stride_g_b + head * HEAD_DIM * stride_g_c,
+                    grad_qk_ptr + batch64 * stride_gqk_b + head * HEAD_DIM * stride_gqk_c,
+                    kv, kbar, start, end, head, width, quarter_c,
+                    stride_qk_n, stride_qk_c, stride_g_n, stride_g_c, stride_gqk_n, stride_gqk_c,
+                    HEAD_DIM, DIM_PAD, BLOCK_N, DOT_MODE)
+    else:
+        # v and k see dKV and dkbar through the 1/N of the mean.
+        dkv, dkbar = load_mean_state(grad_state_ptr, bh, inv_n, HEAD_DIM, DIM_PAD)
+        key_column = (num_heads + head) * HEAD_DIM
+        _key_value_grad(qk_ptr + batch64 * stride_qk_b + key_column * stride_qk_c,
+                        v_ptr + batch64 * stride_v_b + head * HEAD_DIM * stride_v_c,
+                        grad_qk_ptr + batch64 * stride_gqk_b + key_column * stride_gqk_c,
+                        grad_v_ptr + batch64 * stride_gv_b + head * HEAD_DIM * stride_gv_c,
+                        dkv, dkbar, start, end, head, width, quarter_c,
+                        stride_qk_n, stride_qk_c, stride_v_n, stride_v_c, stride_gqk_n, stride_gqk_c,
+                        stride_gv_n, stride_gv_c, HEAD_DIM, DIM_PAD, BLOCK_N, DOT_MODE)
+
+
+@triton.jit
+def _query_grad(q_base, g_base, gq_base, kv, kbar, start, end, head, width, quarter_c,
+                stride_q_n, stride_q_c, stride_g_n, stride_g_c, stride_gq_n, stride_gq_c,
+                HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr):
+    chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
+    q_offsets = tile_offsets(stride_q_n, stride_q_c, BLOCK_N, DIM_PAD)
+    g_offsets = tile_offsets(stride_g_n, stride_g_c, BLOCK_N, DIM_PAD)
+    gq_offsets = tile_offsets(stride_gq_n, stride_gq_c, BLOCK_N, DIM_PAD)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         mask = (tokens < end)[:, None] & chan_ok[None, :]
         cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
         zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
-
-        # Query side.
-        q_lin, q, z = load_query_block(block_pointer(q_base, block_start, stride_qk_n), qk_offsets, mask, kbar)
+        q_lin, q, z = load_query_block(block_pointer(q_base, block_start, stride_q_n), q_offsets, mask, kbar)
         grad = load_tile(block_pointer(g_base, block_start, stride_g_n), g_offsets, mask)
         unnormalized = matmul(rope(q, cos, sin, BLOCK_N, DIM_PAD), kv, zeros, DOT_MODE)
         w = -tl.sum(unnormalized * grad, axis=1) * z * z
         drq = matmul(grad, tl.trans(kv), zeros, DOT_MODE) * z[:, None]
         dq = (unrope(drq, cos, sin, BLOCK_N, DIM_PAD) + w[:, None] * kbar[None, :]) * feature_map_grad(q_lin)
-        store_tile(block_pointer(gq_base, block_start, stride_gqk_n), gqk_offsets, mask, dq)
+        store_tile(block_pointer(gq_base, block_start, stride_gq_n), gq_offsets, mask, dq)
 
-        # Key and value side.
-        k_lin = load_tile(block_pointer(k_base, block_start, stride_qk_n), qk_offsets, mask)
+
+@triton.jit
+def _key_value_grad(k_base, v_base, gk_base, gv_base, dkv, dkbar, start, end, head, width, quarter_c,
+                    stride_k_n, stride_k_c, stride_v_n, stride_v_c, stride_gk_n, stride_gk_c,
+                    stride_gv_n, stride_gv_c,
+                    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr):
+    chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
+    k_offsets = tile_offsets(stride_k_n, stride_k_c, BLOCK_N, DIM_PAD)
+    v_offsets = tile_offsets(stride_v_n, stride_v_c, BLOCK_N, DIM_PAD)
+    gk_offsets = tile_offsets(stride_gk_n, stride_gk_c, BLOCK_N, DIM_PAD)
+    gv_offsets = tile_offsets(stride_gv_n, stride_gv_c, BLOCK_N, DIM_PAD)
+    for block_start in range(start, end, BLOCK_N):
+        tokens = block_start + tl.arange(0, BLOCK_N)
+        mask = (tokens < end)[:, None] & chan_ok[None, :]
+        cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
+        zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
+        k_lin = load_tile(block_pointer(k_base, block_start, stride_k_n), k_offsets, mask)
         rk = rope(tl.where(mask, feature_map(k_lin), 0.0), cos, sin, BLOCK_N, DIM_PAD)
         values = load_tile(block_pointer(v_base, block_start, stride_v_n), v_offsets, mask)
         drk = matmul(values, tl.trans(dkv), zeros, DOT_MODE)
         dk = (unrope(drk, cos, sin, BLOCK_N, DIM_PAD) + dkbar[None, :]) * feature_map_grad(k_lin)
-        store_tile(block_pointer(gk_base, block_start, stride_gqk_n), gqk_offsets, mask, dk)
+        store_tile(block_pointer(gk_base, block_start, stride_gk_n), gk_offsets, mask, dk)
         store_tile(block_pointer(gv_base, block_start, stride_gv_n), gv_offsets, mask,
                    matmul(rk, dkv, zeros, DOT_MODE))

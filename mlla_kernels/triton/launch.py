@@ -239,7 +239,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
                                          (*scalars, *qk.stride(), *grad_out.stride()),
                                          batch_heads, state_size, cfg, cfg.num_warps_backward, deterministic,
                                          v.device, **meta)
-        input_grad_kernel[(batch_heads, cfg.splits)](
+        input_grad_kernel[(batch_heads, cfg.splits, 2)](
             qk, v, grad_out, state, grad_state, grad_qk, grad_v, *scalars,
             *qk.stride(), *v.stride(), *grad_out.stride(), *grad_qk.stride(), *grad_v.stride(),
             BLOCK_N=cfg.block_n, num_warps=cfg.num_warps_backward, **meta)
