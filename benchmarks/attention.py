@@ -371,7 +371,7 @@ def compile_report():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mlla_kernels.triton.backward import grad_state_kernel, input_grad_kernel
+    from mlla_kernels.triton.backward import key_value_grad_kernel, query_grad_state_kernel
     from mlla_kernels.triton.forward import kv_state_kernel, output_kernel
     from mlla_kernels.triton.launch import _padded, dot_mode, launch_config
 
@@ -382,8 +382,8 @@ def compile_report():
         for dtype in ("fp32", "bf16"):
             for kernel, warps, direction in ((kv_state_kernel, cfg.num_warps_forward, "forward"),
                                              (output_kernel, cfg.num_warps_forward, "forward"),
-                                             (grad_state_kernel, cfg.num_warps_backward, "backward"),
-                                             (input_grad_kernel, cfg.num_warps_backward, "backward")):
+                                             (query_grad_state_kernel, cfg.num_warps_backward, "backward"),
+                                             (key_value_grad_kernel, cfg.num_warps_backward, "backward")):
                 consts = dict(HEAD_DIM=head_dim, DIM_PAD=_padded(head_dim),
                               BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(DTYPES[dtype], direction))
                 if "ATOMIC" in kernel.arg_names:

@@ -3,11 +3,12 @@ the normalizer from the inputs and the per-head state.
 
 With g = dout, per head (KV, kbar already scaled by 1/N), rq = rope(phi(q)), rk = rope(phi(k)):
     u_n = rq_n KV,  dz_n = u_n . g_n,  w_n = -dz_n z_n^2
-    dKV = sum_n z_n rq_n^T g_n,  dkbar = sum_n w_n phi(q_n)              (grad_state_kernel)
-    d rq_n = z_n g_n KV^T,  d phi(q_n) = unrope(d rq_n) + w_n kbar
+    dKV = sum_n z_n rq_n^T g_n,  dkbar = sum_n w_n phi(q_n)
+    d rq_n = z_n g_n KV^T,  d phi(q_n) = unrope(d rq_n) + w_n kbar       (query_grad_state_kernel)
     d rk_m = v_m dKV^T / N,  d phi(k_m) = unrope(d rk_m) + dkbar / N
-    dv_m = rk_m dKV / N,  and dq, dk pass through phi'(t) = 1 if t > 0 else exp(t)
-                                                                       (input_grad_kernel)
+    dv_m = rk_m dKV / N                                                  (key_value_grad_kernel)
+and dq, dk pass through phi'(t) = 1 if t > 0 else exp(t). The query side needs only the forward's
+state, so it is written by the pass that reduces dKV: q and dout are read once.
 """
 import triton
 import triton.language as tl
@@ -18,22 +19,27 @@ from ._common import (block_pointer, feature_map, feature_map_grad, load_mean_st
 
 
 @triton.jit
-def grad_state_kernel(
-    qk_ptr, grad_ptr, state_ptr, grad_state_ptr,
+def query_grad_state_kernel(
+    qk_ptr, grad_ptr, state_ptr, grad_qk_ptr, grad_state_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
     stride_qk_b, stride_qk_n, stride_qk_c, stride_g_b, stride_g_n, stride_g_c,
+    stride_gqk_b, stride_gqk_n, stride_gqk_c,
     stride_partial_bh, stride_partial_split,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    """Program (bh, split) sums dKV and dkbar over its tokens; layout as the forward state."""
+    """Program (bh, split) writes d(q) for its tokens and sums their dKV and dkbar (layout as the
+    forward state)."""
     bh, split, batch, head = program_head(num_heads)
     chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
     q_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     g_offsets = tile_offsets(stride_g_n, stride_g_c, BLOCK_N, DIM_PAD)
+    gq_offsets = tile_offsets(stride_gqk_n, stride_gqk_c, BLOCK_N, DIM_PAD)
     kv, kbar = load_mean_state(state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
-    q_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + head * HEAD_DIM * stride_qk_c
-    g_base = grad_ptr + batch.to(tl.int64) * stride_g_b + head * HEAD_DIM * stride_g_c
+    batch64 = batch.to(tl.int64)
+    q_base = qk_ptr + batch64 * stride_qk_b + head * HEAD_DIM * stride_qk_c
+    g_base = grad_ptr + batch64 * stride_g_b + head * HEAD_DIM * stride_g_c
+    gq_base = grad_qk_ptr + batch64 * stride_gqk_b + head * HEAD_DIM * stride_gqk_c
 
     dkv = tl.zeros((DIM_PAD, DIM_PAD), dtype=tl.float32)
     dkbar = tl.zeros((DIM_PAD,), dtype=tl.float32)
@@ -41,101 +47,58 @@ def grad_state_kernel(
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         mask = (tokens < end)[:, None] & chan_ok[None, :]
-        _, q, z = load_query_block(block_pointer(q_base, block_start, stride_qk_n), q_offsets, mask, kbar)
+        zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
+        q_lin, q, z = load_query_block(block_pointer(q_base, block_start, stride_qk_n), q_offsets, mask, kbar)
         cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
         rq = rope(q, cos, sin, BLOCK_N, DIM_PAD)
         grad = load_tile(block_pointer(g_base, block_start, stride_g_n), g_offsets, mask)
-        unnormalized = matmul(rq, kv, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
-        w = -tl.sum(unnormalized * grad, axis=1) * z * z
+        w = -tl.sum(matmul(rq, kv, zeros, DOT_MODE) * grad, axis=1) * z * z
         dkbar += tl.sum(w[:, None] * q, axis=0)
         dkv = matmul(tl.trans(rq * z[:, None]), grad, dkv, DOT_MODE)
+        drq = matmul(grad, tl.trans(kv), zeros, DOT_MODE) * z[:, None]
+        dq = (unrope(drq, cos, sin, BLOCK_N, DIM_PAD) + w[:, None] * kbar[None, :]) * feature_map_grad(q_lin)
+        store_tile(block_pointer(gq_base, block_start, stride_gqk_n), gq_offsets, mask, dq)
 
     out_ptr = grad_state_ptr + bh * stride_partial_bh + split * stride_partial_split
     store_state(out_ptr, dkv, dkbar, HEAD_DIM, DIM_PAD, ATOMIC)
 
 
 @triton.jit
-def input_grad_kernel(
-    qk_ptr, v_ptr, grad_ptr, state_ptr, grad_state_ptr, grad_qk_ptr, grad_v_ptr,
+def key_value_grad_kernel(
+    qk_ptr, v_ptr, grad_state_ptr, grad_qk_ptr, grad_v_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
     stride_qk_b, stride_qk_n, stride_qk_c, stride_v_b, stride_v_n, stride_v_c,
-    stride_g_b, stride_g_n, stride_g_c,
     stride_gqk_b, stride_gqk_n, stride_gqk_c, stride_gv_b, stride_gv_n, stride_gv_c,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
-    """Program (bh, split, side) writes, for its tokens, d(q) when side is 0, else d(k) and dv.
-
-    The two sides share nothing but the token positions; giving each its own program keeps
-    half the tiles live (the fp32 kernel spilled ~600 bytes per thread with both) and doubles
-    the programs where a stage has few tokens."""
+    """Program (bh, split) writes d(k) and dv for its tokens."""
     bh, split, batch, head = program_head(num_heads)
-    inv_n = 1.0 / (num_tokens * 1.0)
-    batch64 = batch.to(tl.int64)
-    start, end = token_run(split, tokens_per_split, num_tokens)
-    if tl.program_id(2) == 0:
-        kv, kbar = load_mean_state(state_ptr, bh, inv_n, HEAD_DIM, DIM_PAD)
-        _query_grad(qk_ptr + batch64 * stride_qk_b + head * HEAD_DIM * stride_qk_c,
-                    grad_ptr + batch64 * stride_g_b + head * HEAD_DIM * stride_g_c,
-                    grad_qk_ptr + batch64 * stride_gqk_b + head * HEAD_DIM * stride_gqk_c,
-                    kv, kbar, start, end, head, width, quarter_c,
-                    stride_qk_n, stride_qk_c, stride_g_n, stride_g_c, stride_gqk_n, stride_gqk_c,
-                    HEAD_DIM, DIM_PAD, BLOCK_N, DOT_MODE)
-    else:
-        # v and k see dKV and dkbar through the 1/N of the mean.
-        dkv, dkbar = load_mean_state(grad_state_ptr, bh, inv_n, HEAD_DIM, DIM_PAD)
-        key_column = (num_heads + head) * HEAD_DIM
-        _key_value_grad(qk_ptr + batch64 * stride_qk_b + key_column * stride_qk_c,
-                        v_ptr + batch64 * stride_v_b + head * HEAD_DIM * stride_v_c,
-                        grad_qk_ptr + batch64 * stride_gqk_b + key_column * stride_gqk_c,
-                        grad_v_ptr + batch64 * stride_gv_b + head * HEAD_DIM * stride_gv_c,
-                        dkv, dkbar, start, end, head, width, quarter_c,
-                        stride_qk_n, stride_qk_c, stride_v_n, stride_v_c, stride_gqk_n, stride_gqk_c,
-                        stride_gv_n, stride_gv_c, HEAD_DIM, DIM_PAD, BLOCK_N, DOT_MODE)
-
-
-@triton.jit
-def _query_grad(q_base, g_base, gq_base, kv, kbar, start, end, head, width, quarter_c,
-                stride_q_n, stride_q_c, stride_g_n, stride_g_c, stride_gq_n, stride_gq_c,
-                HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr):
     chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
-    q_offsets = tile_offsets(stride_q_n, stride_q_c, BLOCK_N, DIM_PAD)
-    g_offsets = tile_offsets(stride_g_n, stride_g_c, BLOCK_N, DIM_PAD)
-    gq_offsets = tile_offsets(stride_gq_n, stride_gq_c, BLOCK_N, DIM_PAD)
-    for block_start in range(start, end, BLOCK_N):
-        tokens = block_start + tl.arange(0, BLOCK_N)
-        mask = (tokens < end)[:, None] & chan_ok[None, :]
-        cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
-        zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
-        q_lin, q, z = load_query_block(block_pointer(q_base, block_start, stride_q_n), q_offsets, mask, kbar)
-        grad = load_tile(block_pointer(g_base, block_start, stride_g_n), g_offsets, mask)
-        unnormalized = matmul(rope(q, cos, sin, BLOCK_N, DIM_PAD), kv, zeros, DOT_MODE)
-        w = -tl.sum(unnormalized * grad, axis=1) * z * z
-        drq = matmul(grad, tl.trans(kv), zeros, DOT_MODE) * z[:, None]
-        dq = (unrope(drq, cos, sin, BLOCK_N, DIM_PAD) + w[:, None] * kbar[None, :]) * feature_map_grad(q_lin)
-        store_tile(block_pointer(gq_base, block_start, stride_gq_n), gq_offsets, mask, dq)
-
-
-@triton.jit
-def _key_value_grad(k_base, v_base, gk_base, gv_base, dkv, dkbar, start, end, head, width, quarter_c,
-                    stride_k_n, stride_k_c, stride_v_n, stride_v_c, stride_gk_n, stride_gk_c,
-                    stride_gv_n, stride_gv_c,
-                    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr):
-    chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
-    k_offsets = tile_offsets(stride_k_n, stride_k_c, BLOCK_N, DIM_PAD)
+    k_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
+    gk_offsets = tile_offsets(stride_gqk_n, stride_gqk_c, BLOCK_N, DIM_PAD)
     v_offsets = tile_offsets(stride_v_n, stride_v_c, BLOCK_N, DIM_PAD)
-    gk_offsets = tile_offsets(stride_gk_n, stride_gk_c, BLOCK_N, DIM_PAD)
     gv_offsets = tile_offsets(stride_gv_n, stride_gv_c, BLOCK_N, DIM_PAD)
+    # v and k see dKV and dkbar through the 1/N of the mean.
+    dkv, dkbar = load_mean_state(grad_state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
+    batch64 = batch.to(tl.int64)
+    key_column = (num_heads + head) * HEAD_DIM
+    k_base = qk_ptr + batch64 * stride_qk_b + key_column * stride_qk_c
+    gk_base = grad_qk_ptr + batch64 * stride_gqk_b + key_column * stride_gqk_c
+    v_base = v_ptr + batch64 * stride_v_b + head * HEAD_DIM * stride_v_c
+    gv_base = grad_v_ptr + batch64 * stride_gv_b + head * HEAD_DIM * stride_gv_c
+
+    start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         mask = (tokens < end)[:, None] & chan_ok[None, :]
         cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
         zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
-        k_lin = load_tile(block_pointer(k_base, block_start, stride_k_n), k_offsets, mask)
+        k_lin = load_tile(block_pointer(k_base, block_start, stride_qk_n), k_offsets, mask)
         rk = rope(tl.where(mask, feature_map(k_lin), 0.0), cos, sin, BLOCK_N, DIM_PAD)
         values = load_tile(block_pointer(v_base, block_start, stride_v_n), v_offsets, mask)
         drk = matmul(values, tl.trans(dkv), zeros, DOT_MODE)
         dk = (unrope(drk, cos, sin, BLOCK_N, DIM_PAD) + dkbar[None, :]) * feature_map_grad(k_lin)
-        store_tile(block_pointer(gk_base, block_start, stride_gk_n), gk_offsets, mask, dk)
+        store_tile(block_pointer(gk_base, block_start, stride_gqk_n), gk_offsets, mask, dk)
         store_tile(block_pointer(gv_base, block_start, stride_gv_n), gv_offsets, mask,
                    matmul(rk, dkv, zeros, DOT_MODE))

@@ -11,7 +11,7 @@ import triton
 
 from ..device import on_device
 from ..linear_attention import TRITON_DTYPES, check_inputs
-from .backward import grad_state_kernel, input_grad_kernel
+from .backward import key_value_grad_kernel, query_grad_state_kernel
 from .forward import kv_state_kernel, output_kernel
 
 SUPPORTED_DTYPES = TRITON_DTYPES
@@ -235,12 +235,12 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
     meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "backward"))
     with on_device(v.device):
-        grad_state = _reduce_over_tokens(grad_state_kernel, (qk, grad_out, state),
-                                         (*scalars, *qk.stride(), *grad_out.stride()),
+        grad_state = _reduce_over_tokens(query_grad_state_kernel, (qk, grad_out, state, grad_qk),
+                                         (*scalars, *qk.stride(), *grad_out.stride(), *grad_qk.stride()),
                                          batch_heads, state_size, cfg, cfg.num_warps_backward, deterministic,
                                          v.device, **meta)
-        input_grad_kernel[(batch_heads, cfg.splits, 2)](
-            qk, v, grad_out, state, grad_state, grad_qk, grad_v, *scalars,
-            *qk.stride(), *v.stride(), *grad_out.stride(), *grad_qk.stride(), *grad_v.stride(),
+        key_value_grad_kernel[(batch_heads, cfg.splits)](
+            qk, v, grad_state, grad_qk, grad_v, *scalars,
+            *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride(),
             BLOCK_N=cfg.block_n, num_warps=cfg.num_warps_backward, **meta)
     return grad_qk, grad_v
