@@ -166,22 +166,20 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 # Launch shapes tried per (dtype, stage): at stage 1 splitting N and the product modes matter most;
 # at stages 2-4 a head has 1-8 blocks per program and the question is how many programs to run.
-SWEEP_CONFIGS = {
-    ("fp32", 1): [dict(), dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee"), dict(programs_per_sm=2),
-                  dict(programs_per_sm=8), dict(block_n=32), dict(num_warps_backward=8)],
-    ("bf16", 1): [dict(), dict(programs_per_sm=2), dict(programs_per_sm=8), dict(block_n=32),
-                  dict(num_warps_backward=8)],
-}
-for _dtype in DTYPES:
-    for _stage in (2, 3, 4):
-        SWEEP_CONFIGS[_dtype, _stage] = [dict(), dict(programs_per_sm=1), dict(programs_per_sm=2),
-                                         dict(programs_per_sm=8), dict(block_n=32), dict(num_warps_backward=8)]
+_SWEEP_LAUNCH = {1: [dict(), dict(programs_per_sm=2), dict(programs_per_sm=6), dict(programs_per_sm=8),
+                     dict(block_n=32)]}
+_SWEEP_LAUNCH.update({stage: [dict(), dict(programs_per_sm=2), dict(programs_per_sm=8), dict(block_n=32)]
+                      for stage in (2, 3, 4)})
+_SWEEP_FP32_MODES = [dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee")]
+SWEEP_CONFIGS = {(dtype, stage): launch + (_SWEEP_FP32_MODES if dtype == "fp32" else [])
+                 for dtype in DTYPES for stage, launch in _SWEEP_LAUNCH.items()}
 
 
 def sweep(args, ctx):
     """Launch configurations and matrix-product modes of the fused op at MLLA-T stages
     (--sweep-stages): CUDA-graph times (device time without host overhead), the relative error of
-    out / grad_qk / grad_v against float64 on one input set, and the time of each kernel."""
+    out / grad_qk / grad_v against float64 on one input set, and the time of each kernel
+    (torch.profiler, plain calls)."""
     from mlla_kernels import linear_attention_reference
     from mlla_kernels.triton import launch_overrides, linear_attention_triton
     results, start = [], time.perf_counter()
@@ -208,14 +206,13 @@ def sweep(args, ctx):
                     except Exception as exc:  # a failed capture must not cost the rest of the run
                         print(f"sweep {dtype_name} {config}: CUDA-graph timing failed: {exc!r}"[:300], flush=True)
                         fwd = fwd_bwd = float("nan")
+                    print(f"sweep stage {stage} {dtype_name} {config or 'default'}: graph fwd {fwd:.4f} ms, "
+                          f"fwd+bwd {fwd_bwd:.4f} ms; rel err out {errs[0]:.1e} grad_qk {errs[1]:.1e} "
+                          f"grad_v {errs[2]:.1e}", flush=True)
+                    kernel_us = kernel_times(fused, sets_bwd)
                 results.append(dict(stage=stage, dtype=dtype_name, **config, fwd_graph_ms=fwd,
                                     fwd_bwd_graph_ms=fwd_bwd, rel_err_out=errs[0], rel_err_grad_qk=errs[1],
-                                    rel_err_grad_v=errs[2]))
-                print(f"sweep stage {stage} {dtype_name} {config or 'default'}: graph fwd {fwd:.4f} ms, "
-                      f"fwd+bwd {fwd_bwd:.4f} ms; rel err out {errs[0]:.1e} grad_qk {errs[1]:.1e} "
-                      f"grad_v {errs[2]:.1e}", flush=True)
-            print(f"kernel stage {stage} {dtype_name}:", end=" ", flush=True)
-            results.append(dict(stage=stage, dtype=dtype_name, kernel_us=kernel_times(fused, sets_bwd)))
+                                    rel_err_grad_v=errs[2], kernel_us=kernel_us))
     return results
 
 
@@ -235,7 +232,8 @@ def kernel_times(fused, sets_bwd, steps=10):
         if device_us and event.count:
             times[event.key[:60]] = device_us / steps
     times = dict(sorted(times.items(), key=lambda kv: -kv[1])[:8])
-    print("kernel us per fwd+bwd: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()), flush=True)
+    print("  kernel us per fwd+bwd: " + ", ".join(f"{k.split('(')[0][:40]} {v:.1f}" for k, v in times.items()),
+          flush=True)
     return times
 
 

@@ -82,7 +82,7 @@ for stage in "$@"; do
     attention-sweep)
       timeout 300 python3 benchmarks/attention.py --json "$out/attention_sweep.json" --sweep-budget-s 220 \
         --sweep-stages 1 3 4 --sweep-only --profile-host > "$out/attention_sweep.log" 2>&1
-      grep -E "^sweep|^kernel|^host" "$out/attention_sweep.log" ;;
+      grep -E "^sweep|^  kernel|^host" "$out/attention_sweep.log" ;;
     attention)
       timeout 370 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \
         --compile-budget-s 150 > "$out/attention.log" 2>&1

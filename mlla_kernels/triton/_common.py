@@ -31,8 +31,9 @@ def feature_map(x):
 
 
 @triton.jit
-def feature_map_grad(x):
-    return tl.where(x > 0, 1.0, tl.exp(x))
+def feature_map_grad(x, phi):
+    """phi'(t) from t and phi(t): 1 above zero, exp(t) = phi(t) below (no second exponential)."""
+    return tl.where(x > 0, 1.0, phi)
 
 
 @triton.jit
@@ -113,6 +114,18 @@ def tile_offsets(stride_n, stride_c, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexp
 
 
 @triton.jit
+def block_mask(tokens, end, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """(BLOCK_N, DIM_PAD) mask of a block's real tokens and channels. Without padded channels it is
+    built from the token test alone, so the compiler sees it constant along a row and loads and
+    stores rows with vector instructions (a per-channel test, even an always-true one, makes it
+    load element by element)."""
+    token_ok = (tokens < end)[:, None]
+    if HEAD_DIM == DIM_PAD:
+        return tl.broadcast_to(token_ok, (tokens.shape[0], DIM_PAD))
+    return token_ok & (tl.arange(0, DIM_PAD) < HEAD_DIM)[None, :]
+
+
+@triton.jit
 def block_pointer(base_ptr, block_start, stride_n):
     return base_ptr + tl.cast(block_start, tl.int64) * stride_n
 
@@ -172,11 +185,43 @@ def store_state(state_ptr, kv, ksum, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constex
 
 
 @triton.jit
-def matmul(a, b, acc, DOT_MODE: tl.constexpr):
-    """acc + a @ b with fp32 accumulation on fp32 operands.
+def split_tf32(x):
+    """x = hi + lo exactly, hi rounded to the nearest tf32 value (10 mantissa bits): adding half of
+    the lowest kept bit to the bit pattern then clearing the 13 dropped bits rounds the magnitude."""
+    hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return hi, x - hi
 
-    DOT_MODE "ieee": exact fp32 products on the FMA units; "tf32" / "tf32x3": tensor cores on
-    tf32-rounded operands, one or three products (launch.dot_mode picks per dtype; the
-    interpreter ignores the mode and multiplies in fp32).
+
+@triton.jit
+def dot_operand(x, DOT_MODE: tl.constexpr):
+    """What matmul_parts takes for x: its tf32 (hi, lo) split in "tf32x3" mode, else (x, x) with the
+    second unused. Kernels split an operand once where it is used twice or does not change in
+    their loop."""
+    if DOT_MODE == "tf32x3":
+        return split_tf32(x)
+    return x, x
+
+
+@triton.jit
+def matmul_parts(a_hi, a_lo, b_hi, b_lo, acc, DOT_MODE: tl.constexpr):
+    """acc + a @ b from dot_operand's parts, with fp32 accumulation.
+
+    DOT_MODE "ieee": exact fp32 products on the FMA units; "tf32": tensor cores on operands cut to
+    tf32's 10 mantissa bits; "tf32x3": lo*hi + hi*lo + hi*hi on tensor cores (fp32-level error).
+    The split is written here rather than left to tl.dot's own tf32x3, whose conversion costs ~6
+    instructions per element and is redone for every product, loop-invariant operands included.
+    launch.dot_mode picks the mode per dtype; the interpreter multiplies in fp32 in every mode.
     """
-    return tl.dot(a, b, acc, input_precision=DOT_MODE)
+    if DOT_MODE == "tf32x3":
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    return tl.dot(a_hi, b_hi, acc, input_precision=DOT_MODE)
+
+
+@triton.jit
+def matmul(a, b, acc, DOT_MODE: tl.constexpr):
+    """acc + a @ b for operands used once (see matmul_parts)."""
+    a_hi, a_lo = dot_operand(a, DOT_MODE)
+    b_hi, b_lo = dot_operand(b, DOT_MODE)
+    return matmul_parts(a_hi, a_lo, b_hi, b_lo, acc, DOT_MODE)

@@ -13,9 +13,9 @@ state, so it is written by the pass that reduces dKV: q and dout are read once.
 import triton
 import triton.language as tl
 
-from ._common import (block_pointer, feature_map, feature_map_grad, load_mean_state, load_query_block, load_tile,
-                      matmul, program_head, rope, rope_cos_sin, store_state, store_tile, tile_offsets, token_run,
-                      unrope)
+from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, load_mean_state, load_query_block,
+                      load_tile, matmul_parts, program_head, rope, rope_cos_sin, store_state, store_tile, tile_offsets,
+                      token_run, unrope)
 
 
 @triton.jit
@@ -31,11 +31,11 @@ def query_grad_state_kernel(
     """Program (bh, split) writes d(q) for its tokens and sums their dKV and dkbar (layout as the
     forward state)."""
     bh, split, batch, head = program_head(num_heads)
-    chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
     q_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     g_offsets = tile_offsets(stride_g_n, stride_g_c, BLOCK_N, DIM_PAD)
     gq_offsets = tile_offsets(stride_gqk_n, stride_gqk_c, BLOCK_N, DIM_PAD)
     kv, kbar = load_mean_state(state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
+    kv_hi, kv_lo = dot_operand(kv, DOT_MODE)
     batch64 = batch.to(tl.int64)
     q_base = qk_ptr + batch64 * stride_qk_b + head * HEAD_DIM * stride_qk_c
     g_base = grad_ptr + batch64 * stride_g_b + head * HEAD_DIM * stride_g_c
@@ -46,17 +46,20 @@ def query_grad_state_kernel(
     start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
-        mask = (tokens < end)[:, None] & chan_ok[None, :]
+        mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
         zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
         q_lin, q, z = load_query_block(block_pointer(q_base, block_start, stride_qk_n), q_offsets, mask, kbar)
         cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
         rq = rope(q, cos, sin, BLOCK_N, DIM_PAD)
         grad = load_tile(block_pointer(g_base, block_start, stride_g_n), g_offsets, mask)
-        w = -tl.sum(matmul(rq, kv, zeros, DOT_MODE) * grad, axis=1) * z * z
+        rq_hi, rq_lo = dot_operand(rq, DOT_MODE)
+        w = -tl.sum(matmul_parts(rq_hi, rq_lo, kv_hi, kv_lo, zeros, DOT_MODE) * grad, axis=1) * z * z
         dkbar += tl.sum(w[:, None] * q, axis=0)
-        dkv = matmul(tl.trans(rq * z[:, None]), grad, dkv, DOT_MODE)
-        drq = matmul(grad, tl.trans(kv), zeros, DOT_MODE) * z[:, None]
-        dq = (unrope(drq, cos, sin, BLOCK_N, DIM_PAD) + w[:, None] * kbar[None, :]) * feature_map_grad(q_lin)
+        # (z rq)^T g = rq^T (z g) and z (g KV^T) = (z g) KV^T: one operand, split once, serves both.
+        scaled_grad_hi, scaled_grad_lo = dot_operand(grad * z[:, None], DOT_MODE)
+        dkv = matmul_parts(tl.trans(rq_hi), tl.trans(rq_lo), scaled_grad_hi, scaled_grad_lo, dkv, DOT_MODE)
+        drq = matmul_parts(scaled_grad_hi, scaled_grad_lo, tl.trans(kv_hi), tl.trans(kv_lo), zeros, DOT_MODE)
+        dq = (unrope(drq, cos, sin, BLOCK_N, DIM_PAD) + w[:, None] * kbar[None, :]) * feature_map_grad(q_lin, q)
         store_tile(block_pointer(gq_base, block_start, stride_gqk_n), gq_offsets, mask, dq)
 
     out_ptr = grad_state_ptr + bh * stride_partial_bh + split * stride_partial_split
@@ -74,13 +77,13 @@ def key_value_grad_kernel(
 ):
     """Program (bh, split) writes d(k) and dv for its tokens."""
     bh, split, batch, head = program_head(num_heads)
-    chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
     k_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     gk_offsets = tile_offsets(stride_gqk_n, stride_gqk_c, BLOCK_N, DIM_PAD)
     v_offsets = tile_offsets(stride_v_n, stride_v_c, BLOCK_N, DIM_PAD)
     gv_offsets = tile_offsets(stride_gv_n, stride_gv_c, BLOCK_N, DIM_PAD)
     # v and k see dKV and dkbar through the 1/N of the mean.
     dkv, dkbar = load_mean_state(grad_state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
+    dkv_hi, dkv_lo = dot_operand(dkv, DOT_MODE)
     batch64 = batch.to(tl.int64)
     key_column = (num_heads + head) * HEAD_DIM
     k_base = qk_ptr + batch64 * stride_qk_b + key_column * stride_qk_c
@@ -91,14 +94,17 @@ def key_value_grad_kernel(
     start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
-        mask = (tokens < end)[:, None] & chan_ok[None, :]
+        mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
         cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
         zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
         k_lin = load_tile(block_pointer(k_base, block_start, stride_qk_n), k_offsets, mask)
-        rk = rope(tl.where(mask, feature_map(k_lin), 0.0), cos, sin, BLOCK_N, DIM_PAD)
+        k = feature_map(k_lin)
+        rk = rope(tl.where(mask, k, 0.0), cos, sin, BLOCK_N, DIM_PAD)
         values = load_tile(block_pointer(v_base, block_start, stride_v_n), v_offsets, mask)
-        drk = matmul(values, tl.trans(dkv), zeros, DOT_MODE)
-        dk = (unrope(drk, cos, sin, BLOCK_N, DIM_PAD) + dkbar[None, :]) * feature_map_grad(k_lin)
+        values_hi, values_lo = dot_operand(values, DOT_MODE)
+        drk = matmul_parts(values_hi, values_lo, tl.trans(dkv_hi), tl.trans(dkv_lo), zeros, DOT_MODE)
+        dk = (unrope(drk, cos, sin, BLOCK_N, DIM_PAD) + dkbar[None, :]) * feature_map_grad(k_lin, k)
         store_tile(block_pointer(gk_base, block_start, stride_gqk_n), gk_offsets, mask, dk)
+        rk_hi, rk_lo = dot_operand(rk, DOT_MODE)
         store_tile(block_pointer(gv_base, block_start, stride_gv_n), gv_offsets, mask,
-                   matmul(rk, dkv, zeros, DOT_MODE))
+                   matmul_parts(rk_hi, rk_lo, dkv_hi, dkv_lo, zeros, DOT_MODE))

@@ -6,8 +6,9 @@ channel) followed by sum_m phi(k_m) (d). The output pass scales both by 1/N.
 import triton
 import triton.language as tl
 
-from ._common import (block_pointer, feature_map, load_mean_state, load_query_block, load_tile, matmul,
-                      program_head, rope, rope_cos_sin, store_state, store_tile, tile_offsets, token_run)
+from ._common import (block_mask, block_pointer, dot_operand, feature_map, load_mean_state, load_query_block, load_tile, matmul,
+                      matmul_parts, program_head, rope, rope_cos_sin, store_state, store_tile, tile_offsets,
+                      token_run)
 
 
 @triton.jit
@@ -25,7 +26,6 @@ def kv_state_kernel(
     ATOMIC adds straight into a zeroed state.
     """
     bh, split, batch, head = program_head(num_heads)
-    chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
     k_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     v_offsets = tile_offsets(stride_v_n, stride_v_c, BLOCK_N, DIM_PAD)
     k_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + (num_heads + head) * HEAD_DIM * stride_qk_c
@@ -36,7 +36,7 @@ def kv_state_kernel(
     start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
-        mask = (tokens < end)[:, None] & chan_ok[None, :]
+        mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
         k = tl.where(mask, feature_map(load_tile(block_pointer(k_base, block_start, stride_qk_n), k_offsets, mask)),
                      0.0)
         ksum += tl.sum(k, axis=0)
@@ -58,19 +58,20 @@ def output_kernel(
 ):
     """out_n = (rope(phi(q_n)) KV) / (phi(q_n) . kbar + eps) for program (bh, split)'s tokens."""
     bh, split, batch, head = program_head(num_heads)
-    chan_ok = tl.arange(0, DIM_PAD) < HEAD_DIM
     q_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     o_offsets = tile_offsets(stride_out_n, stride_out_c, BLOCK_N, DIM_PAD)
     kv, kbar = load_mean_state(state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
+    kv_hi, kv_lo = dot_operand(kv, DOT_MODE)
     q_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + head * HEAD_DIM * stride_qk_c
     o_base = out_ptr + batch.to(tl.int64) * stride_out_b + head * HEAD_DIM * stride_out_c
 
     start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
-        mask = (tokens < end)[:, None] & chan_ok[None, :]
+        mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
         _, q, z = load_query_block(block_pointer(q_base, block_start, stride_qk_n), q_offsets, mask, kbar)
         cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
-        unnormalized = matmul(rope(q, cos, sin, BLOCK_N, DIM_PAD), kv,
-                              tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32), DOT_MODE)
+        rq_hi, rq_lo = dot_operand(rope(q, cos, sin, BLOCK_N, DIM_PAD), DOT_MODE)
+        unnormalized = matmul_parts(rq_hi, rq_lo, kv_hi, kv_lo, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32),
+                                    DOT_MODE)
         store_tile(block_pointer(o_base, block_start, stride_out_n), o_offsets, mask, unnormalized * z[:, None])
