@@ -17,7 +17,7 @@ import triton.language as tl
 
 from mlla_kernels import linear_attention, linear_attention_reference
 from mlla_kernels.triton import launch_overrides, linear_attention_triton
-from mlla_kernels.triton._common import cos_sin_reduced, rope_cos_sin
+from mlla_kernels.triton._common import cos_sin_reduced, rope_cos_sin, split_tf32
 from mlla_kernels.triton.launch import attention_backward, attention_forward
 
 ON_GPU = torch.cuda.is_available()
@@ -484,3 +484,24 @@ def test_rope_cos_sin_polynomials_match_the_library_in_float64():
     # fp32 theta carries ~1 ulp, i.e. ~3e-5 rad at 400 rad; the reduction adds none of its own.
     assert (cos.double().cpu() - exact.cos()).abs().max() < 1e-4
     assert (sin.double().cpu() - exact.sin()).abs().max() < 1e-4
+
+
+@triton.jit
+def _split_tf32_kernel(x_ptr, hi_ptr, lo_ptr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    hi, lo = split_tf32(tl.load(x_ptr + offsets))
+    tl.store(hi_ptr + offsets, hi)
+    tl.store(lo_ptr + offsets, lo)
+
+
+def test_tf32_split_is_exact_and_rounds_to_nearest(gen):
+    """The tf32x3 products rest on x = hi + lo with hi on tf32's grid (low 13 bits clear) and the
+    nearest such value (|lo| at most half of hi's last bit), over signs and many magnitudes."""
+    x = torch.randn(4096, generator=gen) * torch.exp2(torch.randint(-60, 60, (4096,), generator=gen).float())
+    x = x.to(DEVICE)
+    hi, lo = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    _split_tf32_kernel[(4096 // 256,)](x, hi, lo, BLOCK=256)
+    assert torch.equal(hi + lo, x)
+    assert (hi.view(torch.int32) & 0x1FFF).eq(0).all()
+    half_ulp = torch.exp2(torch.floor(torch.log2(hi.abs())) - 11)
+    assert (lo.abs() <= half_ulp).all()
