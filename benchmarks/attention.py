@@ -170,7 +170,7 @@ _SWEEP_LAUNCH = {1: [dict(), dict(programs_per_sm=2), dict(programs_per_sm=6), d
                      dict(block_n=32)]}
 _SWEEP_LAUNCH.update({stage: [dict(), dict(programs_per_sm=2), dict(programs_per_sm=8), dict(block_n=32)]
                       for stage in (2, 3, 4)})
-_SWEEP_FP32_MODES = [dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee")]
+_SWEEP_FP32_MODES = [dict(dot_mode_output="ieee"), dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee")]
 SWEEP_CONFIGS = {(dtype, stage): launch + (_SWEEP_FP32_MODES if dtype == "fp32" else [])
                  for dtype in DTYPES for stage, launch in _SWEEP_LAUNCH.items()}
 
@@ -378,12 +378,12 @@ def compile_report():
     for head_dim in (16, 32, 64):
         cfg = launch_config(64000, 4, head_dim, torch.device("cpu"))
         for dtype in ("fp32", "bf16"):
-            for kernel, warps, direction in ((kv_state_kernel, cfg.num_warps_forward, "forward"),
-                                             (output_kernel, cfg.num_warps_forward, "forward"),
+            for kernel, warps, pass_name in ((kv_state_kernel, cfg.num_warps_forward, "state"),
+                                             (output_kernel, cfg.num_warps_forward, "output"),
                                              (query_grad_state_kernel, cfg.num_warps_backward, "backward"),
                                              (key_value_grad_kernel, cfg.num_warps_backward, "backward")):
                 consts = dict(HEAD_DIM=head_dim, DIM_PAD=_padded(head_dim),
-                              BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(DTYPES[dtype], direction))
+                              BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(DTYPES[dtype], pass_name))
                 if "ATOMIC" in kernel.arg_names:
                     consts["ATOMIC"] = False
                 signature = {name: "constexpr" if name in consts else

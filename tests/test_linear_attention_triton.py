@@ -146,22 +146,23 @@ def test_matrix_product_modes_compute_the_same_function(gen, dot_mode, tol):
             pass
 
 
-def test_default_product_mode_follows_the_input_dtype_and_direction(monkeypatch):
+def test_default_product_mode_follows_the_input_dtype_and_pass(monkeypatch):
     from mlla_kernels.triton import launch
-    assert launch.dot_mode(torch.float32, "forward") == "ieee"
-    assert launch.dot_mode(torch.float32, "backward") == "tf32x3"
+    assert [launch.dot_mode(torch.float32, name) for name in launch.PASSES] == ["ieee", "tf32x3", "tf32x3"]
     for dtype in (torch.bfloat16, torch.float16):
-        assert launch.dot_mode(dtype, "forward") == launch.dot_mode(dtype, "backward") == "tf32"
+        assert {launch.dot_mode(dtype, name) for name in launch.PASSES} == {"tf32"}
     with launch_overrides(dot_mode="ieee"):
-        assert launch.dot_mode(torch.bfloat16, "forward") == launch.dot_mode(torch.bfloat16, "backward") == "ieee"
-    with launch_overrides(dot_mode="tf32", dot_mode_backward="tf32x3"):  # the direction's own wins
-        assert launch.dot_mode(torch.float32, "forward") == "tf32"
+        assert {launch.dot_mode(torch.bfloat16, name) for name in launch.PASSES} == {"ieee"}
+    with launch_overrides(dot_mode="tf32", dot_mode_backward="tf32x3"):  # the pass's own wins
+        assert launch.dot_mode(torch.float32, "state") == launch.dot_mode(torch.float32, "output") == "tf32"
         assert launch.dot_mode(torch.float32, "backward") == "tf32x3"
+    with launch_overrides(dot_mode_forward="tf32", dot_mode_output="ieee"):
+        assert [launch.dot_mode(torch.float32, name) for name in launch.PASSES] == ["tf32", "ieee", "tf32x3"]
     with pytest.raises(ValueError, match="dot_mode_forward must be one of"):
         with launch_overrides(dot_mode_forward="fp16"):
             pass
     monkeypatch.setattr(launch, "_DOT_MODE_FORCED", "tf32x3")
-    assert launch.dot_mode(torch.float32, "forward") == "tf32x3"
+    assert launch.dot_mode(torch.float32, "state") == "tf32x3"
 
 
 def test_split_and_block_choices_agree(gen):

@@ -16,9 +16,10 @@ def linear_attention_triton(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_hea
     tensor of the inputs' dtype (fp32, fp16 or bf16; all arithmetic in fp32). Differentiable.
 
     The small matrix products keep fp32-level error for fp32 inputs (~5e-7 relative against
-    float64 at MLLA-T stage 1 on an H200): exact fp32 products in the forward, three tf32 tensor-core
-    products per fp32 one in the backward; fp16/bf16 inputs, whose own rounding is coarser, get one
-    tf32 product; MLLA_DOT_MODE=ieee|tf32|tf32x3 forces one mode (launch.dot_mode).
+    float64 at MLLA-T stage 1 on an H200): exact fp32 products in the pass that reduces the state,
+    three tf32 tensor-core products per fp32 one in the output pass and the backward; fp16/bf16
+    inputs, whose own rounding is coarser, get one tf32 product; MLLA_DOT_MODE=ieee|tf32|tf32x3
+    forces one mode (launch.dot_mode).
 
     deterministic (default True): the reductions over tokens, split across many programs, write
     one partial per program and torch.sum adds them in a fixed order, so results are bitwise

@@ -20,16 +20,17 @@ PROGRAMS_PER_SM = 4
 # How the small matrix products (BLOCK_N x d x d per block) run: "ieee" (exact fp32 products on
 # the FMA units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or
 # "tf32" (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are
-# phi(x) after RoPE in fp32 whatever the input dtype. Defaults per input dtype, (forward,
-# backward): fp32 keeps fp32 accuracy with ieee in the forward (its kernels then need ~170
-# registers instead of 255, so more programs fit per SM: 0.081 vs 0.095 ms at MLLA-T stage 1 on
-# an H200) and tf32x3 in the backward (0.32 vs 0.44 ms fwd+bwd there); 16-bit inputs carry 8-11
-# mantissa bits, so tf32's rounding is below their own. MLLA_DOT_MODE forces one mode for every
-# dtype and direction.
+# phi(x) after RoPE in fp32 whatever the input dtype. Defaults per input dtype and pass (state,
+# output, backward), from the H200 sweeps (NOTES.md v6, v7, v9): fp32 keeps fp32 accuracy with
+# ieee in the state pass (~170 registers instead of 255 with tf32x3, so a third program fits per
+# SM: 38 vs 54 us at MLLA-T stage 1) and tf32x3 in the output pass (29 vs 38 us) and the backward
+# (0.27 vs 0.47 ms fwd+bwd); 16-bit inputs carry 8-11 mantissa bits, so tf32's rounding is below
+# their own. MLLA_DOT_MODE forces one mode for every dtype and pass.
 DOT_MODES = ("ieee", "tf32", "tf32x3")
-DIRECTIONS = ("forward", "backward")
-DEFAULT_DOT_MODES = {torch.float32: ("ieee", "tf32x3"), torch.float16: ("tf32", "tf32"),
-                     torch.bfloat16: ("tf32", "tf32")}
+PASSES = ("state", "output", "backward")
+FORWARD_PASSES = ("state", "output")
+DEFAULT_DOT_MODES = {torch.float32: ("ieee", "tf32x3", "tf32x3"), torch.float16: ("tf32", "tf32", "tf32"),
+                     torch.bfloat16: ("tf32", "tf32", "tf32")}
 _DOT_MODE_FORCED = os.environ.get("MLLA_DOT_MODE") or None
 if _DOT_MODE_FORCED is not None and _DOT_MODE_FORCED not in DOT_MODES:
     raise ValueError(f"MLLA_DOT_MODE must be one of {DOT_MODES}, got {_DOT_MODE_FORCED!r}")
@@ -50,10 +51,11 @@ _overrides: dict = {}
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
     """Force block_n / splits / programs_per_sm / num_warps (both directions) / num_warps_forward /
-    num_warps_backward / dot_mode (both directions) / dot_mode_forward / dot_mode_backward: tests
+    num_warps_backward / dot_mode (every pass) / dot_mode_forward (both forward passes) /
+    dot_mode_state / dot_mode_output / dot_mode_backward: tests
     use it to get many splits and partial blocks from a few dozen tokens under the interpreter,
     the benchmark to sweep launch shapes."""
-    mode_keys = {"dot_mode", "dot_mode_forward", "dot_mode_backward"}
+    mode_keys = {"dot_mode", "dot_mode_forward", *(f"dot_mode_{name}" for name in PASSES)}
     unknown = set(kwargs) - mode_keys - {"block_n", "splits", "num_warps", "num_warps_forward",
                                          "num_warps_backward", "programs_per_sm"}
     if unknown:
@@ -151,11 +153,12 @@ def _geometry(v: torch.Tensor, num_heads: int):
     return batch, num_tokens, channels, head_dim, _padded(head_dim)
 
 
-def dot_mode(dtype: torch.dtype, direction: str) -> str:
-    """The product mode of the `direction` ("forward" or "backward") kernels for inputs of this
-    dtype (override of the direction > override of both > MLLA_DOT_MODE > default)."""
-    return (_overrides.get(f"dot_mode_{direction}") or _overrides.get("dot_mode") or _DOT_MODE_FORCED
-            or DEFAULT_DOT_MODES[dtype][DIRECTIONS.index(direction)])
+def dot_mode(dtype: torch.dtype, pass_name: str) -> str:
+    """The product mode of one pass ("state", "output" or "backward") for inputs of this dtype:
+    override of the pass > dot_mode_forward (forward passes) > dot_mode > MLLA_DOT_MODE > default."""
+    forward = _overrides.get("dot_mode_forward") if pass_name in FORWARD_PASSES else None
+    return (_overrides.get(f"dot_mode_{pass_name}") or forward or _overrides.get("dot_mode") or _DOT_MODE_FORCED
+            or DEFAULT_DOT_MODES[dtype][PASSES.index(pass_name)])
 
 
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
@@ -202,14 +205,14 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, out)
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "forward"))
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad)
     with on_device(v.device):
         state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
                                     batch_heads, state_size, cfg, cfg.num_warps_forward, deterministic, v.device,
-                                    **meta)
+                                    DOT_MODE=dot_mode(v.dtype, "state"), **meta)
         output_kernel[(batch_heads, cfg.splits)](
             qk, state, out, *scalars, *qk.stride(), *out.stride(),
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps_forward, **meta)
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps_forward, DOT_MODE=dot_mode(v.dtype, "output"), **meta)
     return out, state.view(batch, num_heads, state_size)
 
 
