@@ -183,8 +183,9 @@ def graph_times(rows, args):
             return
 
 
-SWEEP_FWD = [dict(block_n=32, tile_w=8, num_warps=4), dict(block_n=64, tile_w=8, num_warps=8),
-             dict(block_n=64, tile_w=16, num_warps=4), dict(block_n=16, tile_w=8, num_warps=2)]
+SWEEP_FWD = [dict(), dict(fwd_block_n=32, fwd_tile_w=8, fwd_num_warps=4), dict(fwd_block_n=16, fwd_tile_w=16,
+                                                                                 fwd_num_warps=2),
+             dict(fwd_block_n=16, fwd_tile_w=8, fwd_num_warps=1), dict(fwd_block_n=8, fwd_tile_w=8, fwd_num_warps=1)]
 SWEEP_BWD = [dict(), dict(bwd_num_warps=8, wgrad_programs_per_sm=2), dict(wgrad_programs_per_sm=2),
              dict(wgrad_programs_per_sm=8), dict(bwd_num_warps=2, wgrad_programs_per_sm=8),
              dict(block_n=16, num_warps=2), dict(wgrad_block_n=32, wgrad_tile_w=16)]

@@ -190,8 +190,8 @@ def test_small_tiles_cover_edges_and_channel_blocks(epilogue, block_n, tile_w):
     weight-grad program."""
     batch, height, width, channels = 2, 4, 7, 24
     x, weight, bias, addend = make_inputs(batch, height, width, channels, torch.float32, epilogue, seed=17)
-    tiles = dict(block_n=block_n, tile_w=tile_w, block_c=16, wgrad_block_n=block_n, wgrad_tile_w=tile_w,
-                 wgrad_programs_per_sm=3)
+    tiles = dict(fwd_block_n=block_n, fwd_tile_w=tile_w, block_n=block_n, tile_w=tile_w, block_c=16,
+                 wgrad_block_n=block_n, wgrad_tile_w=tile_w, wgrad_programs_per_sm=3)
     out = kernels.dwconv3x3_forward(x.detach(), weight.detach(), bias.detach(),
                                     None if addend is None else addend.detach(), height, width, epilogue, **tiles)
     grad_out = torch.randn_like(out)

@@ -180,9 +180,10 @@ def test_split_and_block_choices_agree(gen):
 def test_launch_geometry_covers_every_token_once(num_tokens, batch_heads, head_dim):
     from mlla_kernels.triton.launch import launch_config
     for device in (torch.device("cpu"), DEVICE):
-        cfg = launch_config(num_tokens, batch_heads, head_dim, device)
-        assert cfg.block_n >= 16 and cfg.tokens_per_split % cfg.block_n == 0
-        assert (cfg.splits - 1) * cfg.tokens_per_split < num_tokens <= cfg.splits * cfg.tokens_per_split
+        for direction in ("forward", "backward"):
+            cfg = launch_config(num_tokens, batch_heads, head_dim, device, direction)
+            assert cfg.block_n >= 16 and cfg.tokens_per_split % cfg.block_n == 0
+            assert (cfg.splits - 1) * cfg.tokens_per_split < num_tokens <= cfg.splits * cfg.tokens_per_split
 
 
 def test_golden_data(reference_dir):

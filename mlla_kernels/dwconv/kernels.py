@@ -296,17 +296,19 @@ def _patch(height: int, width: int, block_n: int, tile_w: int):
     return block_n, tile_w, tiles_w, tiles_w * _cdiv(height, block_n // tile_w)
 
 
-# GPU defaults. Forward and grad-input patches: 4 x 8 pixels x 64 channels, 4 warps (16 elements a
-# thread per tap; the compiler hoists the 9 tap loads, so 64-token patches push the forward past
-# 160 registers). Weight-grad patches: 2 x 8 pixels, 10 register accumulators (9 taps + bias).
-# Backward at 4 warps with 2 weight-grad programs per SM: in the H200 sweeps (CUDA-graph timed,
-# NOTES.md dwconv v3/v4) 10-45% faster than 8 warps (and than 4 or more programs per SM) at the
-# MLLA-T stages, fp32 and bf16.
-GPU_DEFAULTS = dict(block_n=32, tile_w=8, block_c=64, num_warps=4, bwd_num_warps=4, wgrad_block_n=16,
-                    wgrad_tile_w=8, wgrad_programs_per_sm=2)
+# GPU defaults. Forward patches: 2 x 8 pixels x 64 channels, 2 warps: in two H200 sweeps
+# (CUDA-graph timed, NOTES.md dwconv v5) 7-38% faster than 4 x 8 pixels at 4 warps at every MLLA-T
+# stage, fp32 and bf16. Grad-input patches (and the SiLU-grad kernel's): 4 x 8 pixels, 4 warps
+# (16 tokens were faster at some stages and slower at others). Weight-grad patches: 2 x 8 pixels,
+# 10 register accumulators (9 taps + bias). Backward at 4 warps with 2 weight-grad programs per
+# SM: in the H200 sweeps (NOTES.md dwconv v3/v4) 10-45% faster than 8 warps (and than 4 or more
+# programs per SM) at the MLLA-T stages, fp32 and bf16.
+GPU_DEFAULTS = dict(fwd_block_n=16, fwd_tile_w=8, fwd_num_warps=2, block_n=32, tile_w=8, block_c=64, num_warps=4,
+                    bwd_num_warps=4, wgrad_block_n=16, wgrad_tile_w=8, wgrad_programs_per_sm=2)
 # The interpreter pays per program and per loop trip, so it gets the biggest patches.
-_INTERPRETER_DEFAULTS = dict(block_n=128, tile_w=128, block_c=128, num_warps=4, bwd_num_warps=4,
-                             wgrad_block_n=128, wgrad_tile_w=128, wgrad_programs_per_sm=2)
+_INTERPRETER_DEFAULTS = dict(fwd_block_n=128, fwd_tile_w=128, fwd_num_warps=4, block_n=128, tile_w=128,
+                             block_c=128, num_warps=4, bwd_num_warps=4, wgrad_block_n=128, wgrad_tile_w=128,
+                             wgrad_programs_per_sm=2)
 
 
 def _config(height: int, width: int, channels: int, batch: int, device: torch.device, overrides) -> dict:
@@ -317,6 +319,8 @@ def _config(height: int, width: int, channels: int, batch: int, device: torch.de
         cfg.update({k: v for k, v in overrides.items() if v is not None})
         cfg["block_c"] = min(cfg["block_c"], _pow2_at_least(channels))
         cfg["channel_blocks"] = _cdiv(channels, cfg["block_c"])
+        cfg["fwd_block_n"], cfg["fwd_tile_w"], cfg["fwd_tiles_w"], cfg["fwd_tiles_per_batch"] = _patch(
+            height, width, cfg["fwd_block_n"], cfg["fwd_tile_w"])
         cfg["block_n"], cfg["tile_w"], cfg["tiles_w"], cfg["tiles_per_batch"] = _patch(
             height, width, cfg["block_n"], cfg["tile_w"])
         cfg["wgrad_block_n"], cfg["wgrad_tile_w"], cfg["wg_tiles_w"], cfg["wg_tiles_per_batch"] = _patch(
@@ -418,22 +422,22 @@ def _launch(fn, grid, args, num_warps, **constexprs):
 def dwconv3x3_forward(x, weight, bias, addend, height: int, width: int, epilogue: str, **overrides) -> torch.Tensor:
     """(B, N, C) tokens -> epilogue(conv3x3_depthwise(x) + bias), (B, N, C) contiguous in x.dtype.
 
-    overrides (tests, benchmarks): block_n, tile_w, block_c, num_warps.
+    overrides (tests, benchmarks): fwd_block_n, fwd_tile_w, block_c, fwd_num_warps.
     """
     with on_device(x.device):
         batch, n_tokens, channels = x.shape
         cfg = _config(height, width, channels, batch, x.device, overrides)
         out = _new_buffer((batch, n_tokens, channels), x.dtype, x.device)
         add = addend if addend is not None else x
-        _launch(_dwconv3x3_fwd_kernel, (batch * cfg["tiles_per_batch"], cfg["channel_blocks"]), (
+        _launch(_dwconv3x3_fwd_kernel, (batch * cfg["fwd_tiles_per_batch"], cfg["channel_blocks"]), (
             x, weight, bias if bias is not None else weight, add, out,
-            n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
+            n_tokens, channels, height, width, cfg["fwd_tiles_w"], cfg["fwd_tiles_per_batch"],
             x.stride(0), x.stride(1), x.stride(2),
             weight.stride(0), weight.stride(2), weight.stride(3),
             add.stride(0), add.stride(1), add.stride(2)),
-            cfg["num_warps"], EPILOGUE=EPILOGUE_CODES[epilogue], HAS_BIAS=bias is not None,
+            cfg["fwd_num_warps"], EPILOGUE=EPILOGUE_CODES[epilogue], HAS_BIAS=bias is not None,
             IDX64=_needs_int64(n_tokens, width, x, add, out),
-            BLOCK_N=cfg["block_n"], TILE_W=cfg["tile_w"], BLOCK_C=cfg["block_c"], ACC=_acc_dtype(x.dtype))
+            BLOCK_N=cfg["fwd_block_n"], TILE_W=cfg["fwd_tile_w"], BLOCK_C=cfg["block_c"], ACC=_acc_dtype(x.dtype))
         return out
 
 

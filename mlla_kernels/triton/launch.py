@@ -15,8 +15,14 @@ from .backward import key_value_grad_kernel, query_grad_state_kernel
 from .forward import kv_state_kernel, output_kernel
 
 SUPPORTED_DTYPES = TRITON_DTYPES
-# Programs to aim for per SM in a pass: enough to hide memory latency with several resident.
+# Programs to aim for per SM in a pass: enough to hide memory latency with several resident. The
+# backward's kernels hold 255 registers a thread (two programs resident per SM): where 4 programs
+# per SM would leave each fewer than MIN_BLOCKS_PER_PROGRAM blocks (MLLA-T stages 3-4), the
+# backward runs 2 per SM with twice the blocks each, which the v9 sweep on an H200 timed 7-9%
+# faster there (the forward was not faster, nor either direction at stages 1-2).
 PROGRAMS_PER_SM = 4
+BACKWARD_FEW_BLOCKS_PROGRAMS_PER_SM = 2
+MIN_BLOCKS_PER_PROGRAM = 4
 # How the small matrix products (BLOCK_N x d x d per block) run: "ieee" (exact fp32 products on
 # the FMA units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or
 # "tf32" (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are
@@ -27,6 +33,7 @@ PROGRAMS_PER_SM = 4
 # (0.27 vs 0.47 ms fwd+bwd); 16-bit inputs carry 8-11 mantissa bits, so tf32's rounding is below
 # their own. MLLA_DOT_MODE forces one mode for every dtype and pass.
 DOT_MODES = ("ieee", "tf32", "tf32x3")
+DIRECTIONS = ("forward", "backward")
 PASSES = ("state", "output", "backward")
 FORWARD_PASSES = ("state", "output")
 DEFAULT_DOT_MODES = {torch.float32: ("ieee", "tf32x3", "tf32x3"), torch.float16: ("tf32", "tf32", "tf32"),
@@ -41,8 +48,7 @@ class LaunchConfig:
     block_n: int          # tokens per block; >= 16 for tl.dot
     splits: int           # programs per (batch, head) along the tokens
     tokens_per_split: int  # a multiple of block_n
-    num_warps_forward: int
-    num_warps_backward: int
+    num_warps: int
 
 
 _overrides: dict = {}
@@ -81,41 +87,49 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device) -> LaunchConfig:
-    # Called twice per forward+backward on the host's critical path: remember the answers.
-    key = (num_tokens, batch_heads, head_dim, device.type, device.index, tuple(sorted(_overrides.items())))
+def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device,
+                  direction: str) -> LaunchConfig:
+    """Tile, split and warp counts of one direction ("forward" or "backward") at this shape."""
+    # Called once per direction on the host's critical path: remember the answers.
+    key = (num_tokens, batch_heads, head_dim, device.type, device.index, direction,
+           tuple(sorted(_overrides.items())))
     cfg = _launch_configs.get(key)
     if cfg is None:
-        cfg = _launch_configs[key] = _new_launch_config(num_tokens, batch_heads, head_dim, device)
+        cfg = _launch_configs[key] = _new_launch_config(num_tokens, batch_heads, head_dim, device, direction)
     return cfg
 
 
 _launch_configs: dict = {}
 
 
-def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device) -> LaunchConfig:
+def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device,
+                       direction: str) -> LaunchConfig:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     # Tile shapes from the compiler's register reports and the H200 sweeps (NOTES.md v3, v5, v6):
     # d = 64 spills at 32 tokens, so 16 there with 8 warps; at d <= 32, 64-token tiles and 4 warps
     # in both directions (fewest instructions per token; 8 warps or 32 tokens were slower at
-    # stage 1 in the sweeps, the few hundred bytes the backward spills at 64 tokens included).
+    # every stage in the sweeps).
     wide_head = triton.next_power_of_2(head_dim) > 32
     block_n = _overrides.get("block_n") or (16 if wide_head else 64)
-    num_warps = _overrides.get("num_warps") or (8 if wide_head else 4)
-    num_warps_forward = _overrides.get("num_warps_forward") or num_warps
-    num_warps_backward = _overrides.get("num_warps_backward") or num_warps
+    num_warps = (_overrides.get(f"num_warps_{direction}") or _overrides.get("num_warps")
+                 or (8 if wide_head else 4))
     blocks = triton.cdiv(num_tokens, block_n)
     if "splits" in _overrides:
         splits = _overrides["splits"]
     elif device.type == "cuda":
         # Fill the GPU even when B * heads is small and N large (stage 1: 4 heads, 64k tokens).
-        programs_per_sm = _overrides.get("programs_per_sm") or PROGRAMS_PER_SM
-        splits = triton.cdiv(programs_per_sm * _sm_count(device.index or 0), batch_heads)
+        programs = _overrides.get("programs_per_sm") or PROGRAMS_PER_SM
+        splits = triton.cdiv(programs * _sm_count(device.index or 0), batch_heads)
+        if (direction == "backward" and "programs_per_sm" not in _overrides
+                and blocks < MIN_BLOCKS_PER_PROGRAM * splits):
+            splits = triton.cdiv(BACKWARD_FEW_BLOCKS_PROGRAMS_PER_SM * _sm_count(device.index or 0), batch_heads)
     else:
         splits = 2
     splits = max(1, min(splits, blocks))
     blocks_per_split = triton.cdiv(blocks, splits)
     splits = triton.cdiv(blocks, blocks_per_split)
-    return LaunchConfig(block_n, splits, blocks_per_split * block_n, num_warps_forward, num_warps_backward)
+    return LaunchConfig(block_n, splits, blocks_per_split * block_n, num_warps)
 
 
 def _padded(n: int) -> int:
@@ -162,15 +176,14 @@ def dot_mode(dtype: torch.dtype, pass_name: str) -> str:
 
 
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
-                        cfg: LaunchConfig, num_warps: int, deterministic: bool, device: torch.device,
-                        **meta) -> torch.Tensor:
+                        cfg: LaunchConfig, deterministic: bool, device: torch.device, **meta) -> torch.Tensor:
     """Run a (batch_heads, splits) reduction kernel; return the (batch_heads, state_size) sums.
 
     Deterministic: each split writes its own partial and torch.sum adds them in a fixed order.
     Otherwise the splits add into one zeroed buffer with fp32 atomics (order varies run to run).
     """
     grid = (batch_heads, cfg.splits)
-    common = dict(BLOCK_N=cfg.block_n, num_warps=num_warps, **meta)
+    common = dict(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
     if cfg.splits == 1 or not deterministic:
         alloc = torch.empty if cfg.splits == 1 else torch.zeros
         state = alloc((batch_heads, state_size), dtype=torch.float32, device=device)
@@ -201,18 +214,18 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     batch, num_tokens, channels, head_dim, dim_pad = _geometry(v, num_heads)
     batch_heads = batch * num_heads
     state_size = head_dim * head_dim + head_dim
-    cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
+    cfg = launch_config(num_tokens, batch_heads, head_dim, v.device, "forward")
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, out)
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
     meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad)
     with on_device(v.device):
         state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
-                                    batch_heads, state_size, cfg, cfg.num_warps_forward, deterministic, v.device,
+                                    batch_heads, state_size, cfg, deterministic, v.device,
                                     DOT_MODE=dot_mode(v.dtype, "state"), **meta)
         output_kernel[(batch_heads, cfg.splits)](
             qk, state, out, *scalars, *qk.stride(), *out.stride(),
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps_forward, DOT_MODE=dot_mode(v.dtype, "output"), **meta)
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, DOT_MODE=dot_mode(v.dtype, "output"), **meta)
     return out, state.view(batch, num_heads, state_size)
 
 
@@ -231,7 +244,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     state = state.reshape(batch_heads, state_size)
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError("state must be the contiguous fp32 tensor the forward returned")
-    cfg = launch_config(num_tokens, batch_heads, head_dim, v.device)
+    cfg = launch_config(num_tokens, batch_heads, head_dim, v.device, "backward")
     grad_qk = _output_buffer(grad_qk, (batch, num_tokens, 2 * channels), qk, "grad_qk")
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, grad_out, grad_qk, grad_v)
@@ -240,10 +253,10 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     with on_device(v.device):
         grad_state = _reduce_over_tokens(query_grad_state_kernel, (qk, grad_out, state, grad_qk),
                                          (*scalars, *qk.stride(), *grad_out.stride(), *grad_qk.stride()),
-                                         batch_heads, state_size, cfg, cfg.num_warps_backward, deterministic,
+                                         batch_heads, state_size, cfg, deterministic,
                                          v.device, **meta)
         key_value_grad_kernel[(batch_heads, cfg.splits)](
             qk, v, grad_state, grad_qk, grad_v, *scalars,
             *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride(),
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps_backward, **meta)
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
     return grad_qk, grad_v
