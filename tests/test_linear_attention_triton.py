@@ -450,11 +450,12 @@ def test_strides_beyond_int32_block_offsets_are_refused():
 
 
 @triton.jit
-def _cos_sin_reduced_kernel(angle_ptr, cos_ptr, sin_ptr, BLOCK: tl.constexpr):
+def _pair_of_elementwise_kernel(x_ptr, first_ptr, second_ptr, FN: tl.constexpr, BLOCK: tl.constexpr):
+    """(first, second) = FN(x) for a device helper that returns two tiles."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cos, sin = cos_sin_reduced(tl.load(angle_ptr + offsets))
-    tl.store(cos_ptr + offsets, cos)
-    tl.store(sin_ptr + offsets, sin)
+    first, second = FN(tl.load(x_ptr + offsets))
+    tl.store(first_ptr + offsets, first)
+    tl.store(second_ptr + offsets, second)
 
 
 @triton.jit
@@ -472,7 +473,7 @@ def test_rope_cos_sin_polynomials_match_the_library_in_float64():
     path at positions up to 400 (reduction included), against float64 cos/sin."""
     angles = torch.linspace(-math.pi, math.pi, 4096, dtype=torch.float32, device=DEVICE)
     cos, sin = torch.full_like(angles, float("nan")), torch.full_like(angles, float("nan"))
-    _cos_sin_reduced_kernel[(4096 // 256,)](angles, cos, sin, BLOCK=256)
+    _pair_of_elementwise_kernel[(4096 // 256,)](angles, cos, sin, FN=cos_sin_reduced, BLOCK=256)
     exact = angles.double()
     # Truncation < 6e-8; fp32 rounding in the polynomials and the double-angle step adds ~3 ulps.
     assert (cos.double() - exact.cos()).abs().max() < 5e-7 and (sin.double() - exact.sin()).abs().max() < 5e-7
@@ -488,21 +489,13 @@ def test_rope_cos_sin_polynomials_match_the_library_in_float64():
     assert (sin.double().cpu() - exact.sin()).abs().max() < 1e-4
 
 
-@triton.jit
-def _split_tf32_kernel(x_ptr, hi_ptr, lo_ptr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    hi, lo = split_tf32(tl.load(x_ptr + offsets))
-    tl.store(hi_ptr + offsets, hi)
-    tl.store(lo_ptr + offsets, lo)
-
-
 def test_tf32_split_is_exact_and_rounds_to_nearest(gen):
     """The tf32x3 products rest on x = hi + lo with hi on tf32's grid (low 13 bits clear) and the
     nearest such value (|lo| at most half of hi's last bit), over signs and many magnitudes."""
     x = torch.randn(4096, generator=gen) * torch.exp2(torch.randint(-60, 60, (4096,), generator=gen).float())
     x = x.to(DEVICE)
     hi, lo = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-    _split_tf32_kernel[(4096 // 256,)](x, hi, lo, BLOCK=256)
+    _pair_of_elementwise_kernel[(4096 // 256,)](x, hi, lo, FN=split_tf32, BLOCK=256)
     assert torch.equal(hi + lo, x)
     assert (hi.view(torch.int32) & 0x1FFF).eq(0).all()
     half_ulp = torch.exp2(torch.floor(torch.log2(hi.abs())) - 11)
