@@ -13,9 +13,9 @@ state, so it is written by the pass that reduces dKV: q and dout are read once.
 import triton
 import triton.language as tl
 
-from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, load_mean_state, load_query_block,
-                      load_tile, matmul_parts, program_head, rope, rope_cos_sin, store_state, store_tile, tile_offsets,
-                      token_run, unrope)
+from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, load_mean_state,
+                      load_query_block, load_tile, matmul_parts, program_head, rope, rope_cos_sin, store_state,
+                      store_tile, tile_offsets, token_run, unrope)
 
 
 @triton.jit

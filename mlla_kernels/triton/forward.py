@@ -6,9 +6,9 @@ channel) followed by sum_m phi(k_m) (d). The output pass scales both by 1/N.
 import triton
 import triton.language as tl
 
-from ._common import (block_mask, block_pointer, dot_operand, feature_map, load_mean_state, load_query_block, load_tile, matmul,
-                      matmul_parts, program_head, rope, rope_cos_sin, store_state, store_tile, tile_offsets,
-                      token_run)
+from ._common import (block_mask, block_pointer, dot_operand, feature_map, load_mean_state, load_query_block,
+                      load_tile, matmul, matmul_parts, program_head, rope, rope_cos_sin, store_state, store_tile,
+                      tile_offsets, token_run)
 
 
 @triton.jit
