@@ -6,12 +6,12 @@
 # Stages (rough H100/H200 wall time):
 #   tests            all GPU tests, three pytest processes side by side (~3 min, compiles included)
 #   attention-sweep  launch shapes and product modes of the fused op at MLLA-T stages 1, 3 and 4, per-kernel
-#                    times, host profile; no table (~4 min)
+#                    times, host profile; no table (~1 min)
 #   tests-attention  the attention's GPU tests alone (~2 min)
 #   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
 #   attention        benchmarks/attention.py, MLLA-T and -B, the torch.compile graphs compiled by 8 workers
 #                    side by side first (~2.5 min)
-#   dwconv-sweep     launch shapes of the dwconv kernels at the four MLLA-T stages, CUDA-graph timed (~2.5 min)
+#   dwconv-sweep     launch shapes of the dwconv kernels at the four MLLA-T stages, CUDA-graph timed (~1 min)
 #   dwconv           benchmarks/dwconv.py, fwd+bwd compiled once per conv (~2 min)
 #   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
 #   backbone-compile torch.compile of the eager and of the fused backbone, train, bf16 (~5 min:
