@@ -30,7 +30,7 @@ MIN_BLOCKS_PER_PROGRAM = 4
 # output, backward), from the H200 sweeps (NOTES.md v6, v7, v9): fp32 keeps fp32 accuracy with
 # ieee in the state pass (~170 registers instead of 255 with tf32x3, so a third program fits per
 # SM: 38 vs 54 us at MLLA-T stage 1) and tf32x3 in the output pass (29 vs 38 us) and the backward
-# (0.27 vs 0.47 ms fwd+bwd); 16-bit inputs carry 8-11 mantissa bits, so tf32's rounding is below
+# (0.26 vs 0.44 ms fwd+bwd); 16-bit inputs carry 8-11 mantissa bits, so tf32's rounding is below
 # their own. MLLA_DOT_MODE forces one mode for every dtype and pass.
 DOT_MODES = ("ieee", "tf32", "tf32x3")
 DIRECTIONS = ("forward", "backward")
