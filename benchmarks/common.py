@@ -357,11 +357,12 @@ def autocast(dtype: str, device, graphed: bool = False):
 
 
 def add_speedups(rows) -> None:
-    """vs_eager / vs_compile: the eager / compile row's time over this row's (same mode, dtype)."""
+    """vs_eager / vs_compile: the eager / compile row's time over this row's (same mode, dtype and,
+    where rows carry one, round)."""
     for base_impl in ("eager", "compile"):
-        base_ms = {(r["mode"], r["dtype"]): r.get("ms") for r in rows if r["impl"] == base_impl}
+        base_ms = {(r["mode"], r["dtype"], r.get("round")): r.get("ms") for r in rows if r["impl"] == base_impl}
         for row in rows:
-            base = base_ms.get((row["mode"], row["dtype"]))
+            base = base_ms.get((row["mode"], row["dtype"], row.get("round")))
             if base and row.get("ms"):
                 row[f"vs_{base_impl}"] = base / row["ms"]
 

@@ -10,7 +10,12 @@ block as PyTorch ops; compile: that eager backbone under torch.compile (default 
 stay eager; compile time goes into first_call_s); fused-attn: only the attention fused; fused:
 fused attention and depthwise convolutions, the default on CUDA; compile-fused: the fused
 backbone under torch.compile; compile-graph and compile-fused-graph: the same two compiled with
-mode="reduce-overhead", which replays the backbone from CUDA graphs, one recorded per input size):
+mode="reduce-overhead", which replays them from CUDA graphs, one recorded per input size). What the
+compiled impls compile is --compile-scopes (one row each): "backbone" alone (default),
+"backbone-neck" (extract_feat: backbone and FPN), or "features": the whole part whose shapes the
+batch's padded size fixes, i.e. extract_feat, the RPN head's convolutions and the box head's FC
+layers on the 512 sampled RoIs per image. Target assignment, sampling, RoIAlign, the mask head
+(its RoI count varies), losses and AdamW stay eager.
 - train: one full iteration as the runner does it: data preprocessor (normalise, pad to 32),
   forward with losses (RPN, bbox, mask), backward, AdamW step with the config's optimizer wrapper
   (lr 1e-4, weight decay 0.05, none on norms). Batch: 2 synthetic images of 800x1216 and 800x1184
@@ -25,6 +30,7 @@ whose time (kernel JIT, cuDNN autotuning) is reported as first_call_s; peak memo
 torch.cuda.reset_peak_memory_stats, weights, optimizer state and inputs included.
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, compile_backbone,  # noqa: E402
+from benchmarks.common import (ARCHS, COMPILE_MODES, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench,  # noqa: E402
                                build_detector, collect_rows, default_impls_without_compile, detector_config,
-                               environment, error_text, free_memory, peak_memory_mb, print_speed_table,
+                               environment, error_text, free_memory, peak_memory_mb, print_speed_table, print_table,
                                quiet_mmengine, set_kernel_impls, synchronize, timing_device, write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
@@ -44,6 +50,35 @@ DTYPES = ("fp32", "bf16")
 MODES = ("train", "inference")
 TRAIN_SIZES = ((800, 1216), (800, 1184))
 INFER_SIZE = (800, 1216)
+# The callables a compiled impl compiles, as "submodule.method" paths from the detector.
+COMPILE_SCOPES = {
+    "backbone": ("backbone.forward",),
+    "backbone-neck": ("extract_feat",),
+    "features": ("extract_feat", "rpn_head.forward", "roi_head.bbox_head.forward"),
+}
+
+
+def compile_scope(model, scope: str, impl: str):
+    """torch.compile each callable of COMPILE_SCOPES[scope] in impl's mode, in place (an instance
+    attribute shadows the method); returns the marker to call at the start of every step (CUDA-graph
+    replays: the previous step's outputs may then be overwritten) or None. uncompile_scope undoes it."""
+    mode = COMPILE_MODES[impl]
+    for path in COMPILE_SCOPES[scope]:
+        owner, method = _scope_owner(model, path)
+        setattr(owner, method, torch.compile(getattr(owner, method), mode=mode))
+    return torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None
+
+
+def uncompile_scope(model, scope: str) -> None:
+    for path in COMPILE_SCOPES[scope]:
+        owner, method = _scope_owner(model, path)
+        if method in vars(owner):
+            delattr(owner, method)
+
+
+def _scope_owner(model, path: str):
+    module_path, _, method = path.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), method
 
 
 def elliptic_mask(height: int, width: int, box) -> np.ndarray:
@@ -89,7 +124,7 @@ def synthetic_batch(sizes, num_instances: int, num_classes: int, seed: int, devi
 
 def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device, step_begin=None):
     """model.train_step with the forward and losses under autocast (AmpOptimWrapper's split);
-    step_begin, if given, runs first (compile_backbone's marker)."""
+    step_begin, if given, runs first (compile_scope's marker)."""
     def step():
         if step_begin is not None:
             step_begin()
@@ -139,20 +174,23 @@ class Bench:
         with quiet_mmengine():
             self.optim_wrapper = build_optim_wrapper(self.model, cfg.optim_wrapper)
         self.num_classes = cfg.model.roi_head.bbox_head.num_classes
-        self.eager_backbone = self.model.backbone
+        self.scope = None  # what is compiled now
 
-    def use_backbone(self, impl: str) -> None:
-        """The eager backbone, or (compiled impls) a fresh torch.compile of it, so that each
-        configuration's compile time is its own."""
-        self.model.backbone = self.eager_backbone
-        self.step_begin = None
+    def use_backbone(self, impl: str, scope: str = None) -> None:
+        """The eager model, or (compiled impls) a fresh torch.compile of the scope's callables, so
+        that each configuration's compile time is its own."""
+        if self.scope is not None:
+            uncompile_scope(self.model, self.scope)
+        self.step_begin, self.scope = None, None
         set_kernel_impls(self.model, impl)
         if impl in COMPILED_IMPLS:
+            scope = scope or self.args.compile_scopes[0]
             torch._dynamo.reset()
-            self.model.backbone, self.step_begin = compile_backbone(self.eager_backbone, impl)
+            self.step_begin = compile_scope(self.model, scope, impl)
+            self.scope = scope
 
-    def step(self, mode: str, impl: str, dtype: str, seed: int):
-        self.use_backbone(impl)
+    def step(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None):
+        self.use_backbone(impl, scope)
         if mode == "train":
             self.model.train()
             batch = synthetic_batch(self.args.train_sizes, self.args.instances, self.num_classes, seed,
@@ -164,13 +202,17 @@ class Bench:
                                 self.device, with_targets=False)
         return make_inference_step(self.model, batch, dtype, self.device, self.step_begin), len(batch["inputs"])
 
-    def measure(self, mode: str, impl: str, dtype: str, seed: int) -> dict:
+    def measure(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None, round_: int = None) -> dict:
         args = self.args
         row = {"arch": args.arch.upper(), "mode": mode, "impl": impl, "dtype": dtype}
+        if impl in COMPILED_IMPLS:
+            row["compiled"] = scope
+        if round_ is not None:
+            row["round"] = round_
         step = None
         try:
             free_memory(self.device)
-            step, num_images = self.step(mode, impl, dtype, seed)
+            step, num_images = self.step(mode, impl, dtype, seed, scope)
             sizes = args.train_sizes if mode == "train" else [args.infer_size] * num_images
             row["images"] = " + ".join(f"{h}x{w}" for h, w in sizes)
             start = time.perf_counter()
@@ -194,6 +236,37 @@ class Bench:
 
 
 
+def configurations(args) -> list:
+    """(mode, impl, dtype, seed, scope, round) to measure, in order: each round runs every impl
+    once (a compiled impl once per scope). One seed per (mode, dtype): every impl trains on the
+    same batch."""
+    rounds = range(args.rounds) if args.rounds > 1 else [None]
+    configs = []
+    for round_ in rounds:
+        for seed, (mode, dtype) in enumerate((m, d) for m in args.modes for d in args.dtypes):
+            for impl in args.impls:
+                for scope in (args.compile_scopes if impl in COMPILED_IMPLS else [None]):
+                    configs.append((mode, impl, dtype, seed, scope, round_))
+    return configs
+
+
+def summarize_rounds(rows) -> list:
+    """One row per configuration: its median / min / max time over the rounds and the median of
+    its same-round ratios to eager."""
+    groups = {}
+    for row in rows:
+        if "ms" in row:
+            groups.setdefault((row["mode"], row["impl"], row.get("compiled"), row["dtype"]), []).append(row)
+    summary = []
+    for (mode, impl, scope, dtype), group in groups.items():
+        times = [r["ms"] for r in group]
+        ratios = [r["vs_eager"] for r in group if "vs_eager" in r]
+        summary.append({"mode": mode, "impl": impl, "compiled": scope, "dtype": dtype, "rounds": len(group),
+                        "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                        "median_vs_eager": statistics.median(ratios) if ratios else None})
+    return summary
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -201,6 +274,11 @@ def parse_args(argv=None):
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--compile-scopes", nargs="+", choices=tuple(COMPILE_SCOPES), default=["backbone"],
+                        help="what the compiled impls compile (see above); one row per scope")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every configuration this many times, interleaved (eager, then the others, "
+                             "then again); the summary gives each one's median and the median same-round ratio")
     parser.add_argument("--instances", type=int, default=8, help="objects per training image")
     parser.add_argument("--infer-batch", type=int, default=1, help="images per inference call")
     parser.add_argument("--warmup-ms", type=float, default=300.0)
@@ -226,13 +304,16 @@ def main(argv=None) -> int:
     print(f"# Mask R-CNN MLLA-{args.arch.upper()} | {env['device']} | torch {env['torch']} | "
           f"triton {env['triton']}", flush=True)
     bench_ = Bench(args, device)
-    configs = [(mode, impl, dtype, seed) for seed, (mode, dtype, impl) in
-               enumerate((m, d, i) for m in args.modes for d in args.dtypes for i in args.impls)]
-    rows = collect_rows(configs, bench_.measure, env, args.json)
-    print_speed_table(rows, ["mode", "impl", "dtype", "images", "ms", "images_per_s", "vs_eager", "vs_compile",
-                             "peak_mem_MB", "first_call_s"],
+    rows = collect_rows(configurations(args), bench_.measure, env, args.json)
+    columns = ["mode", "impl", "compiled", "dtype", "images", "ms", "images_per_s", "vs_eager", "vs_compile",
+               "peak_mem_MB", "first_call_s"]
+    print_speed_table(rows, columns[:1] + (["round"] if args.rounds > 1 else []) + columns[1:],
                       title=f"\n## Mask R-CNN MLLA-{args.arch.upper()} ({env['device']}); train = one iteration "
                             f"incl. AdamW step")
+    if args.rounds > 1:
+        print_table(summarize_rounds(rows), ["mode", "impl", "compiled", "dtype", "rounds", "median_ms", "min_ms",
+                                             "max_ms", "median_vs_eager"],
+                    title=f"\n## Over {args.rounds} interleaved rounds (ratios within a round)")
     if args.json:
         write_json(args.json, rows)
         print(f"wrote {args.json}")

@@ -26,6 +26,8 @@
 #                    fused-graph (~8 min)
 #   detector-graphs  detector.py T, train: the backbone compiled in default and reduce-overhead (CUDA-graph) mode
 #                    beside eager, fused-attn and fused (~7 min)
+#   detector-scopes  detector.py T, train, bf16: eager and compile-fused-graph with each --compile-scopes,
+#                    three interleaved rounds (~6 min)
 #   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)
 #   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
 #   detector-compile detector.py T with the backbone under torch.compile, train (~4 min)
@@ -118,6 +120,16 @@ for stage in "$@"; do
     detector-graphs)
       compile_then_time detector t_graphs train "compile compile-graph compile-fused-graph" \
         "eager fused-attn fused compile compile-graph compile-fused-graph" 16 ;;
+    detector-scopes)
+      for scope in backbone backbone-neck features; do
+        timeout 300 python3 benchmarks/detector.py --arch t --impls compile-fused-graph --modes train --dtypes bf16 \
+          --compile-scopes "$scope" --warmup-ms 0 --rep-ms 1 > "$out/detector_scopes_cold_$scope.log" 2>&1 &
+      done
+      wait
+      timeout 330 python3 benchmarks/detector.py --arch t --impls eager compile-fused-graph --modes train \
+        --dtypes bf16 --compile-scopes backbone backbone-neck features --rounds 3 \
+        --json "$out/detector_t_scopes.json" > "$out/detector_t_scopes.log" 2>&1
+      tail -n 8 "$out/detector_t_scopes.log" ;;
     profile)
       timeout 140 python3 benchmarks/backbone.py --arch t --profile --modes train \
         --impls eager fused-attn fused --profile-steps 3 --json "$out/backbone_t_profile.json" \

@@ -72,6 +72,23 @@ def test_backbone_profile_labels_attention(tmp_path):
     assert 0 < row["attention_forward_ms"] < row["step_ms_cpu"]
 
 
+def test_detector_rounds_interleave_and_pair_ratios_within_a_round():
+    args = detector.parse_args(["--impls", "eager", "compile-fused-graph", "--modes", "train", "--dtypes", "bf16",
+                                "--compile-scopes", "backbone", "features", "--rounds", "2"])
+    configs = detector.configurations(args)
+    assert [(c[1], c[4], c[5]) for c in configs] == [
+        ("eager", None, 0), ("compile-fused-graph", "backbone", 0), ("compile-fused-graph", "features", 0),
+        ("eager", None, 1), ("compile-fused-graph", "backbone", 1), ("compile-fused-graph", "features", 1)]
+    assert len({c[3] for c in configs}) == 1  # one batch for every impl
+    rows = [{"mode": "train", "dtype": "bf16", "impl": impl, "compiled": scope, "round": round_, "ms": ms}
+            for (impl, scope, round_), ms in zip([(c[1], c[4], c[5]) for c in configs], [300, 150, 200, 200, 120, 100])]
+    common.add_speedups(rows)
+    summary = {(r["impl"], r["compiled"]): r for r in detector.summarize_rounds(rows)}
+    assert summary[("eager", None)]["median_ms"] == 250
+    assert summary[("compile-fused-graph", "backbone")]["median_vs_eager"] == (2.0 + 200 / 120) / 2
+    assert summary[("compile-fused-graph", "features")]["min_ms"] == 100
+
+
 def test_detector_cpu_sanity_writes_rows(tmp_path):
     out = tmp_path / "detector.json"
     assert detector.main(["--cpu-sanity", "--impls", "eager", "--dtypes", "fp32", "--json", str(out)]) == 0
@@ -83,25 +100,55 @@ def test_detector_cpu_sanity_writes_rows(tmp_path):
     assert rows[0]["images"].count("x") == 2  # two training images
 
 
-def test_detector_compile_wraps_only_the_backbone_and_switches_back():
-    """impl 'compile' puts a torch.compile of the eager backbone in the detector (lazily: nothing
-    compiles until called), with the eager attention and convs; other impls get the module back."""
-    args = detector.parse_args(["--cpu-sanity"])
+def _compiled(fn):
+    return isinstance(fn, torch._dynamo.eval_frame.OptimizedModule) or hasattr(fn, "_torchdynamo_orig_callable")
+
+
+@pytest.mark.parametrize("scope", sorted(detector.COMPILE_SCOPES))
+def test_detector_compile_scope_wraps_its_callables_and_switches_back(scope):
+    """Compiled impls shadow exactly the scope's methods with a torch.compile of them (lazily:
+    nothing compiles until called), with the kernel impls switched; other impls get the plain
+    methods back."""
+    args = detector.parse_args(["--cpu-sanity", "--compile-scopes", scope])
     assert "compile" not in args.impls  # not compiled on the CPU unless asked for
     bench_ = detector.Bench(args, "cpu")
-    eager = bench_.model.backbone
-    bench_.use_backbone("compile")
-    assert isinstance(bench_.model.backbone, torch._dynamo.eval_frame.OptimizedModule)
-    assert bench_.model.backbone._orig_mod is eager
-    assert eager.layers[0].blocks[0].attn.attn_impl == "reference"
+    model = bench_.model
+    paths = detector.COMPILE_SCOPES[scope]
+    owners = [detector._scope_owner(model, path) for path in paths]
+    plain = [getattr(owner, method) for owner, method in owners]
+    bench_.use_backbone("compile", scope)
+    for owner, method in owners:
+        assert method in vars(owner) and _compiled(getattr(owner, method)), method
+    assert model.backbone.layers[0].blocks[0].attn.attn_impl == "reference"
     assert bench_.step_begin is None
-    bench_.use_backbone("compile-fused-graph")  # CUDA graphs: a step marker before every step
-    assert bench_.model.backbone._orig_mod is eager
+    bench_.use_backbone("compile-fused-graph", scope)  # CUDA graphs: a step marker before every step
     assert bench_.step_begin is torch.compiler.cudagraph_mark_step_begin
-    assert eager.layers[0].blocks[0].attn.attn_impl == "auto"
+    assert model.backbone.layers[0].blocks[0].attn.attn_impl == "auto"
     bench_.use_backbone("fused")
-    assert bench_.model.backbone is eager
-    assert eager.layers[0].blocks[0].attn.attn_impl == "auto" and eager.layers[0].blocks[0].conv_impl == "auto"
+    for (owner, method), original in zip(owners, plain):
+        assert method not in vars(owner) and getattr(owner, method) == original
+    assert model.backbone.layers[0].blocks[0].conv_impl == "auto"
+
+
+def test_detector_features_scope_runs_every_compiled_callable(monkeypatch):
+    """One training step with the "features" scope goes through each compiled callable (a
+    counting stand-in for torch.compile here: Inductor on this CPU would take minutes)."""
+    calls = {}
+
+    def counting_compile(fn, mode=None):
+        def wrapper(*args, **kwargs):
+            calls[fn.__qualname__] = calls.get(fn.__qualname__, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    args = detector.parse_args(["--cpu-sanity"])
+    bench_ = detector.Bench(args, "cpu")
+    step, _ = bench_.step("train", "compile", "fp32", seed=0, scope="features")
+    loss = step()
+    assert torch.isfinite(loss)
+    assert set(calls) == {"TwoStageDetector.extract_feat", "AnchorHead.forward", "ConvFCBBoxHead.forward"}, calls
+    assert all(count == 1 for count in calls.values()), calls
 
 
 @pytest.mark.parametrize("script", ["backbone.py", "detector.py"])
