@@ -378,7 +378,8 @@ def collect_rows(configs, measure: Callable[..., dict], env: dict, json_path=Non
         if json_path:
             write_json(json_path, rows)
         if echo:
-            print(f"  {row['mode']:9s} {row['impl']:10s} {row['dtype']}: "
+            impl = row["impl"] + (f" [{row['compiled']}]" if row.get("compiled") else "")
+            print(f"  {row['mode']:9s} {impl:10s} {row['dtype']}: "
                   + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"), flush=True)
     return rows
 

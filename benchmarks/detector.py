@@ -11,8 +11,8 @@ stay eager; compile time goes into first_call_s); fused-attn: only the attention
 fused attention and depthwise convolutions, the default on CUDA; compile-fused: the fused
 backbone under torch.compile; compile-graph and compile-fused-graph: the same two compiled with
 mode="reduce-overhead", which replays them from CUDA graphs, one recorded per input size). What the
-compiled impls compile is --compile-scopes (one row each): "backbone" alone (default),
-"backbone-neck" (extract_feat: backbone and FPN), or "features": the whole part whose shapes the
+compiled impls compile is --compile-scopes (one row each): "backbone" alone, "backbone-neck"
+(default; extract_feat: backbone and FPN), or "features": the whole part whose shapes the
 batch's padded size fixes, i.e. extract_feat, the RPN head's convolutions and the box head's FC
 layers on the 512 sampled RoIs per image. Target assignment, sampling, RoIAlign, the mask head
 (its RoI count varies), losses and AdamW stay eager.
@@ -274,7 +274,7 @@ def parse_args(argv=None):
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--compile-scopes", nargs="+", choices=tuple(COMPILE_SCOPES), default=["backbone"],
+    parser.add_argument("--compile-scopes", nargs="+", choices=tuple(COMPILE_SCOPES), default=["backbone-neck"],
                         help="what the compiled impls compile (see above); one row per scope")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every configuration this many times, interleaved (eager, then the others, "

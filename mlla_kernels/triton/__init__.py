@@ -22,12 +22,16 @@ def linear_attention_triton(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_hea
     forces one mode (launch.dot_mode).
 
     deterministic (default True): the reductions over tokens, split across many programs, write
-    one partial per program and torch.sum adds them in a fixed order, so results are bitwise
+    one partial per program and a summing kernel adds them in a fixed order, so results are bitwise
     identical run to run (checked on an H200). False adds the partials with fp32 atomics
     instead (summation order varies between runs). Measured on an H200 (NOTES.md, v1 and v6):
     atomics save one launch of host time at the host-bound shapes but were slower where the GPU
     dominates (MLLA-T stage 1 fp32 fwd+bwd 2.20 vs 1.50 ms in v1, bf16 1.12 vs 0.96 ms in v6), so
     the default stays deterministic.
+
+    On Hopper and later GPUs each kernel is launched with programmatic dependent launch (its
+    programs start while the previous kernel finishes and wait before their first load);
+    MLLA_PDL=0 turns that off.
 
     Under torch.compile the call goes through the torch.library ops (one opaque node, SymInt
     H and W); in eager mode through an autograd.Function on the same kernels, which skips the
