@@ -166,11 +166,11 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 # Launch shapes tried per (dtype, stage): at stage 1 splitting N and the product modes matter most;
 # at stages 2-4 a head has 1-8 blocks per program and the question is how many programs to run.
-_SWEEP_LAUNCH = {1: [dict(), dict(pdl=False), dict(programs_per_sm=2), dict(programs_per_sm=6),
-                     dict(programs_per_sm=8), dict(block_n=32)]}
+_SWEEP_LAUNCH = {1: [dict(), dict(programs_per_sm=2), dict(programs_per_sm=6), dict(programs_per_sm=8),
+                     dict(block_n=32)]}
 # At stages 2-4, programs_per_sm=4 forces the pre-v10 backward split (4 per SM in both directions).
-_SWEEP_LAUNCH.update({stage: [dict(), dict(pdl=False), dict(programs_per_sm=4), dict(programs_per_sm=2),
-                              dict(block_n=32)] for stage in (2, 3, 4)})
+_SWEEP_LAUNCH.update({stage: [dict(), dict(programs_per_sm=4), dict(programs_per_sm=2), dict(block_n=32)]
+                      for stage in (2, 3, 4)})
 _SWEEP_FP32_MODES = [dict(dot_mode_output="ieee"), dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee")]
 SWEEP_CONFIGS = {(dtype, stage): launch + (_SWEEP_FP32_MODES if dtype == "fp32" else [])
                  for dtype in DTYPES for stage, launch in _SWEEP_LAUNCH.items()}

@@ -399,26 +399,9 @@ def test_gpu_deterministic_mode_is_bitwise_reproducible(gen, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.gpu
-def test_gpu_programmatic_dependent_launch_changes_no_bits(gen):
-    """Kernels launched with PDL (the default on sm_90+) wait before their first load: the results
-    equal plain launches bit for bit, also at a shape with one block per program."""
-    from mlla_kernels.triton.launch import pdl_launch
-    if not pdl_launch(DEVICE)["PDL"]:
-        pytest.skip("this GPU has no programmatic dependent launch (needs sm_90+)")
-    for height, width, channels, heads in ((200, 320, 64, 2), (25, 40, 512, 16)):
-        qk, v = make_inputs(gen, 2, height, width, channels, torch.float32)
-        grad_out = torch.randn(v.shape, generator=gen).to(DEVICE)
-        with_pdl = fused_with_grads(qk, v, (height, width), heads, grad_out)
-        with launch_overrides(pdl=False):
-            plain = fused_with_grads(qk, v, (height, width), heads, grad_out)
-        for a, b in zip(with_pdl, plain):
-            assert torch.equal(a, b)
-
-
-@pytest.mark.gpu
 def test_gpu_cuda_graph_replay_matches_eager_bits(gen):
-    """Forward and backward captured in one CUDA graph (with PDL edges where the GPU has them)
-    and replayed on new inputs give the eager call's bits."""
+    """Forward and backward captured in one CUDA graph and replayed on new inputs give the eager
+    call's bits."""
     height, width, channels, heads = 25, 40, 512, 16
     qk, v = make_inputs(gen, 2, height, width, channels, torch.float32)
     grad_out = torch.randn(v.shape, generator=gen).to(DEVICE)
@@ -497,18 +480,11 @@ def test_partial_states_sum_in_float64_agreement(gen, splits):
     from mlla_kernels.triton import launch
     state_size = 16 * 16 + 16 + 7  # not a multiple of the kernel's block of entries
     partials = torch.randn(3, splits, state_size, generator=gen, dtype=torch.float64)
-    result = launch._sum_partials(partials.float().to(DEVICE), {"PDL": False})
+    result = launch._sum_partials(partials.float().to(DEVICE))
     assert result.shape == (3, state_size) and result.dtype == torch.float32
     assert torch.isfinite(result).all()
     expected = partials.float().double().sum(dim=1)
     assert (result.double().cpu() - expected).abs().max().item() < 1e-5 * max(1.0, splits ** 0.5)
-
-
-def test_pdl_only_on_compiled_hopper_launches():
-    from mlla_kernels.triton.launch import pdl_launch
-    assert pdl_launch(torch.device("cpu")) == {"PDL": False}
-    with launch_overrides(pdl=False):
-        assert pdl_launch(DEVICE) == {"PDL": False}
 
 
 def test_strides_beyond_int32_block_offsets_are_refused():

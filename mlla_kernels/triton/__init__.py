@@ -29,10 +29,6 @@ def linear_attention_triton(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_hea
     dominates (MLLA-T stage 1 fp32 fwd+bwd 2.20 vs 1.50 ms in v1, bf16 1.12 vs 0.96 ms in v6), so
     the default stays deterministic.
 
-    On Hopper and later GPUs each kernel is launched with programmatic dependent launch (its
-    programs start while the previous kernel finishes and wait before their first load);
-    MLLA_PDL=0 turns that off.
-
     Under torch.compile the call goes through the torch.library ops (one opaque node, SymInt
     H and W); in eager mode through an autograd.Function on the same kernels, which skips the
     ops' per-call dispatch cost.

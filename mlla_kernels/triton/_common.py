@@ -13,7 +13,6 @@ import math
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # log2(10000): theta_i = 10000^(-i/K) = 2^(-i * LOG2_ROPE_BASE / K)
 LOG2_ROPE_BASE = tl.constexpr(math.log2(10000.0))
@@ -87,18 +86,6 @@ def unrope(x, cos, sin, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr):
     """The transpose of rope: what a gradient goes through on its way back."""
     even, odd = tl.split(tl.reshape(x, (BLOCK_N, DIM_PAD // 2, 2)))
     return tl.reshape(tl.join(even * cos + odd * sin, odd * cos - even * sin), (BLOCK_N, DIM_PAD))
-
-
-@triton.jit
-def wait_for_inputs(PDL: tl.constexpr):
-    """Under programmatic dependent launch (PDL: Hopper and later), a kernel's programs start while
-    the previous kernel in the stream still runs. Each kernel calls this after its index math and
-    before its first load: it waits until the previous kernel has finished and its writes are
-    visible (so everything earlier in the stream has too), and only then lets the next kernel
-    start launching. No-op without PDL."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, load_mean_state,
                       load_query_block, load_tile, matmul_parts, program_head, rope, rope_cos_sin, store_state,
-                      store_tile, tile_offsets, token_run, unrope, wait_for_inputs)
+                      store_tile, tile_offsets, token_run, unrope)
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def query_grad_state_kernel(
     stride_gqk_b, stride_gqk_n, stride_gqk_c,
     stride_partial_bh, stride_partial_split,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, PDL: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """Program (bh, split) writes d(q) for its tokens and sums their dKV and dkbar (layout as the
     forward state)."""
@@ -38,7 +38,6 @@ def query_grad_state_kernel(
     q_base = qk_ptr + batch64 * stride_qk_b + head * HEAD_DIM * stride_qk_c
     g_base = grad_ptr + batch64 * stride_g_b + head * HEAD_DIM * stride_g_c
     gq_base = grad_qk_ptr + batch64 * stride_gqk_b + head * HEAD_DIM * stride_gqk_c
-    wait_for_inputs(PDL)
     kv, kbar = load_mean_state(state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
     kv_hi, kv_lo = dot_operand(kv, DOT_MODE)
 
@@ -76,7 +75,7 @@ def key_value_grad_kernel(
     stride_qk_b, stride_qk_n, stride_qk_c, stride_v_b, stride_v_n, stride_v_c,
     stride_gqk_b, stride_gqk_n, stride_gqk_c, stride_gv_b, stride_gv_n, stride_gv_c,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_MODE: tl.constexpr, PDL: tl.constexpr,
+    DOT_MODE: tl.constexpr,
 ):
     """Program (bh, split) writes d(k) and dv for its tokens."""
     bh, split, batch, head = program_head(num_heads)
@@ -90,7 +89,6 @@ def key_value_grad_kernel(
     gk_base = grad_qk_ptr + batch64 * stride_gqk_b + key_column * stride_gqk_c
     v_base = v_ptr + batch64 * stride_v_b + head * HEAD_DIM * stride_v_c
     gv_base = grad_v_ptr + batch64 * stride_gv_b + head * HEAD_DIM * stride_gv_c
-    wait_for_inputs(PDL)
     # v and k see dKV and dkbar through the 1/N of the mean.
     dkv, dkbar = load_mean_state(grad_state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
     dkv_hi, dkv_lo = dot_operand(dkv, DOT_MODE)

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ._common import (block_mask, block_pointer, dot_operand, feature_map, load_mean_state, load_query_block,
                       load_tile, matmul, matmul_parts, program_head, rope, rope_cos_sin, store_state, store_tile,
-                      tile_offsets, token_run, wait_for_inputs)
+                      tile_offsets, token_run)
 
 
 @triton.jit
@@ -18,7 +18,7 @@ def kv_state_kernel(
     stride_qk_b, stride_qk_n, stride_qk_c, stride_v_b, stride_v_n, stride_v_c,
     stride_partial_bh, stride_partial_split,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, PDL: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """Program (bh, split) sums rope(phi(k))^T v and phi(k) over its run of tokens.
 
@@ -30,7 +30,6 @@ def kv_state_kernel(
     v_offsets = tile_offsets(stride_v_n, stride_v_c, BLOCK_N, DIM_PAD)
     k_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + (num_heads + head) * HEAD_DIM * stride_qk_c
     v_base = v_ptr + batch.to(tl.int64) * stride_v_b + head * HEAD_DIM * stride_v_c
-    wait_for_inputs(PDL)
 
     kv = tl.zeros((DIM_PAD, DIM_PAD), dtype=tl.float32)
     ksum = tl.zeros((DIM_PAD,), dtype=tl.float32)
@@ -55,7 +54,7 @@ def output_kernel(
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
     stride_qk_b, stride_qk_n, stride_qk_c, stride_out_b, stride_out_n, stride_out_c,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_MODE: tl.constexpr, PDL: tl.constexpr,
+    DOT_MODE: tl.constexpr,
 ):
     """out_n = (rope(phi(q_n)) KV) / (phi(q_n) . kbar + eps) for program (bh, split)'s tokens."""
     bh, split, batch, head = program_head(num_heads)
@@ -63,7 +62,6 @@ def output_kernel(
     o_offsets = tile_offsets(stride_out_n, stride_out_c, BLOCK_N, DIM_PAD)
     q_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + head * HEAD_DIM * stride_qk_c
     o_base = out_ptr + batch.to(tl.int64) * stride_out_b + head * HEAD_DIM * stride_out_c
-    wait_for_inputs(PDL)
     kv, kbar = load_mean_state(state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
     kv_hi, kv_lo = dot_operand(kv, DOT_MODE)
 
@@ -82,7 +80,7 @@ def output_kernel(
 @triton.jit
 def sum_partials_kernel(
     partials_ptr, state_ptr, num_splits, state_size,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_STATE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_STATE: tl.constexpr,
 ):
     """state[bh, i] = sum over s of partials[bh, s, i] (both contiguous), for program (bh, chunk)'s
     BLOCK_STATE entries: BLOCK_SPLITS partials at a time, always in the same order and grouping,
@@ -91,7 +89,6 @@ def sum_partials_kernel(
     entries = tl.program_id(1) * BLOCK_STATE + tl.arange(0, BLOCK_STATE)
     rows = tl.arange(0, BLOCK_SPLITS)
     base = partials_ptr + bh.to(tl.int64) * num_splits * state_size
-    wait_for_inputs(PDL)
     total = tl.zeros((BLOCK_STATE,), dtype=tl.float32)
     for first in range(0, num_splits, BLOCK_SPLITS):
         splits = first + rows

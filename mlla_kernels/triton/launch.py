@@ -43,11 +43,6 @@ if _DOT_MODE_FORCED is not None and _DOT_MODE_FORCED not in DOT_MODES:
     raise ValueError(f"MLLA_DOT_MODE must be one of {DOT_MODES}, got {_DOT_MODE_FORCED!r}")
 
 
-# Programmatic dependent launch (Hopper and later): each kernel of a pass is launched so that its
-# programs can start while the previous kernel finishes, and wait (wait_for_inputs) before their
-# first load. Hides part of the launch gap between the short kernels of the small stages.
-# MLLA_PDL=0 turns it off.
-_PDL_ALLOWED = os.environ.get("MLLA_PDL", "1") != "0"
 # The deterministic sum of the per-split partial states: BLOCK_STATE entries of a head per program,
 # at most MAX_BLOCK_SPLITS partials per step.
 SUM_BLOCK_STATE = 64
@@ -69,12 +64,12 @@ _overrides: dict = {}
 def launch_overrides(**kwargs):
     """Force block_n / splits / programs_per_sm / num_warps (both directions) / num_warps_forward /
     num_warps_backward / dot_mode (every pass) / dot_mode_forward (both forward passes) /
-    dot_mode_state / dot_mode_output / dot_mode_backward / pdl (False: plain launches): tests
+    dot_mode_state / dot_mode_output / dot_mode_backward: tests
     use it to get many splits and partial blocks from a few dozen tokens under the interpreter,
     the benchmark to sweep launch shapes."""
     mode_keys = {"dot_mode", "dot_mode_forward", *(f"dot_mode_{name}" for name in PASSES)}
     unknown = set(kwargs) - mode_keys - {"block_n", "splits", "num_warps", "num_warps_forward",
-                                         "num_warps_backward", "programs_per_sm", "pdl"}
+                                         "num_warps_backward", "programs_per_sm"}
     if unknown:
         raise TypeError(f"unknown launch overrides {sorted(unknown)}")
     for key in mode_keys & set(kwargs):
@@ -96,19 +91,6 @@ def interpreting() -> bool:
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def pdl_launch(device: torch.device) -> dict:
-    """The launch arguments for programmatic dependent launch where the device has it (compiled
-    kernels on sm_90+, unless MLLA_PDL=0 or launch_overrides(pdl=False)), else plain launches."""
-    enabled = (_overrides.get("pdl", True) and _PDL_ALLOWED and device.type == "cuda" and not interpreting()
-               and _has_pdl(device.index if device.index is not None else torch.cuda.current_device()))
-    return {"PDL": True, "launch_pdl": True} if enabled else {"PDL": False}
 
 
 def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device,
@@ -215,18 +197,17 @@ def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, 
         return state
     partials = torch.empty((batch_heads, cfg.splits, state_size), dtype=torch.float32, device=device)
     kernel[grid](*pointers, partials, *rest, cfg.splits * state_size, state_size, ATOMIC=False, **common)
-    return _sum_partials(partials, meta)
+    return _sum_partials(partials)
 
 
-def _sum_partials(partials: torch.Tensor, launch: dict) -> torch.Tensor:
+def _sum_partials(partials: torch.Tensor) -> torch.Tensor:
     """(batch_heads, state_size): partials (batch_heads, splits, state_size) summed over the splits."""
     batch_heads, splits, state_size = partials.shape
     state = torch.empty((batch_heads, state_size), dtype=torch.float32, device=partials.device)
     block_splits = min(SUM_MAX_BLOCK_SPLITS, 1 << (splits - 1).bit_length())
     grid = (batch_heads, -(-state_size // SUM_BLOCK_STATE))
     sum_partials_kernel[grid](partials, state, splits, state_size, BLOCK_SPLITS=block_splits,
-                              BLOCK_STATE=SUM_BLOCK_STATE, num_warps=4, PDL=launch["PDL"],
-                              **({"launch_pdl": True} if launch.get("launch_pdl") else {}))
+                              BLOCK_STATE=SUM_BLOCK_STATE, num_warps=4)
     return state
 
 
@@ -254,7 +235,7 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, out)
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, **pdl_launch(v.device))
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad)
     with on_device(v.device):
         state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
                                     batch_heads, state_size, cfg, deterministic, v.device,
@@ -285,7 +266,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, grad_out, grad_qk, grad_v)
     scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
-    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "backward"), **pdl_launch(v.device))
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "backward"))
     with on_device(v.device):
         grad_state = _reduce_over_tokens(query_grad_state_kernel, (qk, grad_out, state, grad_qk),
                                          (*scalars, *qk.stride(), *grad_out.stride(), *grad_qk.stride()),
