@@ -176,7 +176,7 @@ class Bench:
         self.num_classes = cfg.model.roi_head.bbox_head.num_classes
         self.scope = None  # what is compiled now
 
-    def use_backbone(self, impl: str, scope: str = None) -> None:
+    def use_impl(self, impl: str, scope: str = None) -> None:
         """The eager model, or (compiled impls) a fresh torch.compile of the scope's callables, so
         that each configuration's compile time is its own."""
         if self.scope is not None:
@@ -190,7 +190,7 @@ class Bench:
             self.scope = scope
 
     def step(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None):
-        self.use_backbone(impl, scope)
+        self.use_impl(impl, scope)
         if mode == "train":
             self.model.train()
             batch = synthetic_batch(self.args.train_sizes, self.args.instances, self.num_classes, seed,
@@ -229,7 +229,7 @@ class Bench:
         finally:
             del step
             if impl in COMPILED_IMPLS:
-                self.use_backbone("eager")
+                self.use_impl("eager")
                 torch._dynamo.reset()
             free_memory(self.device)
         return row
@@ -287,6 +287,8 @@ def parse_args(argv=None):
                         help="run on the CPU at tiny sizes with 1-2 repeats (checks the script, not speed)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     args.train_sizes, args.infer_size = list(TRAIN_SIZES), INFER_SIZE
     if args.cpu_sanity:
         args.train_sizes, args.infer_size = [(64, 96), (64, 80)], (64, 96)

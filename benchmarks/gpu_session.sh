@@ -24,8 +24,8 @@
 #   backbone-compile-graphs  train, fp32 + bf16: torch.compile default and mode="reduce-overhead" of the eager and
 #                    the fused backbone (compiled first by 8 workers side by side) beside eager, fused and
 #                    fused-graph (~8 min)
-#   detector-graphs  detector.py T, train: the backbone compiled in default and reduce-overhead (CUDA-graph) mode
-#                    beside eager, fused-attn and fused (~7 min)
+#   detector-graphs  detector.py T, train: backbone + FPN (the default --compile-scopes) compiled in default and
+#                    reduce-overhead (CUDA-graph) mode beside eager, fused-attn and fused (~7 min)
 #   detector-scopes  detector.py T, train, bf16: eager and compile-fused-graph with each --compile-scopes,
 #                    three interleaved rounds (~6 min)
 #   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)

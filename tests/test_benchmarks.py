@@ -72,6 +72,12 @@ def test_backbone_profile_labels_attention(tmp_path):
     assert 0 < row["attention_forward_ms"] < row["step_ms_cpu"]
 
 
+def test_detector_rounds_below_one_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        detector.parse_args(["--rounds", "0"])
+    assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_detector_rounds_interleave_and_pair_ratios_within_a_round():
     args = detector.parse_args(["--impls", "eager", "compile-fused-graph", "--modes", "train", "--dtypes", "bf16",
                                 "--compile-scopes", "backbone", "features", "--rounds", "2"])
@@ -116,15 +122,15 @@ def test_detector_compile_scope_wraps_its_callables_and_switches_back(scope):
     paths = detector.COMPILE_SCOPES[scope]
     owners = [detector._scope_owner(model, path) for path in paths]
     plain = [getattr(owner, method) for owner, method in owners]
-    bench_.use_backbone("compile", scope)
+    bench_.use_impl("compile", scope)
     for owner, method in owners:
         assert method in vars(owner) and _compiled(getattr(owner, method)), method
     assert model.backbone.layers[0].blocks[0].attn.attn_impl == "reference"
     assert bench_.step_begin is None
-    bench_.use_backbone("compile-fused-graph", scope)  # CUDA graphs: a step marker before every step
+    bench_.use_impl("compile-fused-graph", scope)  # CUDA graphs: a step marker before every step
     assert bench_.step_begin is torch.compiler.cudagraph_mark_step_begin
     assert model.backbone.layers[0].blocks[0].attn.attn_impl == "auto"
-    bench_.use_backbone("fused")
+    bench_.use_impl("fused")
     for (owner, method), original in zip(owners, plain):
         assert method not in vars(owner) and getattr(owner, method) == original
     assert model.backbone.layers[0].blocks[0].conv_impl == "auto"
