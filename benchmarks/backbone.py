@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, collect_rows, compile_backbone,  # noqa: E402
+from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, collect_rows, compile_in_mode,  # noqa: E402
                                default_impls_without_compile, detector_config, environment, error_text,
                                free_memory, peak_memory_mb, print_speed_table, print_table, set_kernel_impls,
                                synchronize, timing_device, write_json)
@@ -124,7 +124,7 @@ def prepare(backbone, arch_images, mode: str, impl: str, dtype: str, device):
     model, params, step_begin = backbone, list(backbone.parameters()), None
     if impl in COMPILED_IMPLS:
         torch._dynamo.reset()  # a fresh compile per configuration, so its time is its own
-        model, step_begin = compile_backbone(backbone, impl)
+        model, step_begin = compile_in_mode(backbone, impl)
     elif impl in GRAPH_IMPLS:
         if torch.device(device).type != "cuda":
             raise ValueError(f"{impl} replays CUDA graphs: it needs a CUDA device, got {device}")

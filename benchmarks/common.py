@@ -301,13 +301,13 @@ COMPILE_MODES = {"compile": "default", "compile-fused": "default", "compile-grap
 COMPILED_IMPLS = tuple(COMPILE_MODES)
 
 
-def compile_backbone(module: torch.nn.Module, impl: str):
-    """(torch.compile of module in impl's mode, the marker to call at the start of every step or
-    None). CUDA-graph replays need the marker: it tells torch that the outputs of the previous
-    step are no longer read, so their memory may be overwritten."""
+def compile_in_mode(fn, impl: str):
+    """(torch.compile of fn (a module or a method) in impl's mode, the marker to call at the start
+    of every step or None). CUDA-graph replays need the marker: it tells torch that the outputs of
+    the previous step are no longer read, so their memory may be overwritten."""
     mode = COMPILE_MODES[impl]
     marker = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None
-    return torch.compile(module, mode=mode), marker
+    return torch.compile(fn, mode=mode), marker
 
 
 def timing_device(script: str, cpu_sanity: bool):

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (ARCHS, COMPILE_MODES, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench,  # noqa: E402
-                               build_detector, collect_rows, default_impls_without_compile, detector_config,
+from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, build_detector,  # noqa: E402
+                               compile_in_mode, collect_rows, default_impls_without_compile, detector_config,
                                environment, error_text, free_memory, peak_memory_mb, print_speed_table, print_table,
                                quiet_mmengine, set_kernel_impls, synchronize, timing_device, write_json)
 
@@ -62,11 +62,12 @@ def compile_scope(model, scope: str, impl: str):
     """torch.compile each callable of COMPILE_SCOPES[scope] in impl's mode, in place (an instance
     attribute shadows the method); returns the marker to call at the start of every step (CUDA-graph
     replays: the previous step's outputs may then be overwritten) or None. uncompile_scope undoes it."""
-    mode = COMPILE_MODES[impl]
+    marker = None
     for path in COMPILE_SCOPES[scope]:
         owner, method = _scope_owner(model, path)
-        setattr(owner, method, torch.compile(getattr(owner, method), mode=mode))
-    return torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None
+        compiled, marker = compile_in_mode(getattr(owner, method), impl)
+        setattr(owner, method, compiled)
+    return marker
 
 
 def uncompile_scope(model, scope: str) -> None:
