@@ -32,20 +32,22 @@ def kv_state_kernel(
     v_base = v_ptr + batch.to(tl.int64) * stride_v_b + head * HEAD_DIM * stride_v_c
 
     kv = tl.zeros((DIM_PAD, DIM_PAD), dtype=tl.float32)
-    ksum = tl.zeros((DIM_PAD,), dtype=tl.float32)
+    # phi(k) summed elementwise over the blocks and across the tile's rows once at the end: no
+    # cross-warp reduction per block.
+    k_blocks = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
     start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
         k = tl.where(mask, feature_map(load_tile(block_pointer(k_base, block_start, stride_qk_n), k_offsets, mask)),
                      0.0)
-        ksum += tl.sum(k, axis=0)
+        k_blocks += k
         cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
         values = load_tile(block_pointer(v_base, block_start, stride_v_n), v_offsets, mask)
         kv = matmul(tl.trans(rope(k, cos, sin, BLOCK_N, DIM_PAD)), values, kv, DOT_MODE)
 
     out_ptr = state_ptr + bh * stride_partial_bh + split * stride_partial_split
-    store_state(out_ptr, kv, ksum, HEAD_DIM, DIM_PAD, ATOMIC)
+    store_state(out_ptr, kv, tl.sum(k_blocks, axis=0), HEAD_DIM, DIM_PAD, ATOMIC)
 
 
 @triton.jit
