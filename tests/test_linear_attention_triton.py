@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 
 from mlla_kernels import linear_attention, linear_attention_reference
+from mlla_kernels.reference import feature_map
+from mlla_kernels.rope import apply_rope
 from mlla_kernels.triton import launch_overrides, linear_attention_triton
 from mlla_kernels.triton._common import cos_sin_reduced, rope_cos_sin, split_tf32
 from mlla_kernels.triton.launch import attention_backward, attention_forward
@@ -175,6 +177,45 @@ def test_split_and_block_choices_agree(gen):
         assert rel_err(out, ref) < 1e-5, overrides
 
 
+def nan_filled_empty(monkeypatch):
+    """Make torch.empty return NaN-filled floating tensors for the rest of the test, so that any
+    workspace or result a kernel leaves unwritten shows up."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def reference_state(qk, v, hw, heads):
+    """The per-head state in float64, as attention_forward returns it: sum_m rope(phi(k_m))^T v_m
+    flattened, then sum_m phi(k_m)."""
+    channels = v.shape[-1]
+    k = feature_map(qk[..., channels:].double())
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731 (B, heads, N, d)
+    k_rope = split(apply_rope(k, hw))
+    kv = k_rope.transpose(-2, -1) @ split(v.double())
+    return torch.cat([kv.flatten(-2), split(k).sum(-2)], dim=-1)
+
+
+@pytest.mark.parametrize("reduce_splits", [1, 2, 5])
+@pytest.mark.parametrize("fold_max_partials", [0, 16])
+def test_partial_states_folded_or_summed_give_the_same_function(gen, monkeypatch, reduce_splits,
+                                                                  fold_max_partials):
+    """The reducing pass may split the tokens differently from the pass that uses its state, and
+    its partial states are either added up where they are used (the forward then stores the
+    total for the backward) or summed by sum_partials_kernel first: the state the forward returns,
+    the output and the gradients agree with float64 either way, every workspace NaN-poisoned."""
+    nan_filled_empty(monkeypatch)
+    hw, heads = (7, 9), 2
+    qk, v = make_inputs(gen, 2, *hw, 32, torch.float32)
+    with launch_overrides(block_n=16, splits=3, reduce_splits=reduce_splits, fold_max_partials=fold_max_partials):
+        _, state = attention_forward(qk, v, *hw, heads)
+        assert rel_err(state, reference_state(qk, v, hw, heads)) < 1e-6
+        assert_matches_reference(qk, v, hw, heads, gen)
+
+
 @pytest.mark.parametrize("num_tokens, batch_heads, head_dim", [(1, 1, 32), (40, 4, 16), (64000, 4, 32),
                                                                  (1000, 48, 64), (17, 3, 96)])
 def test_launch_geometry_covers_every_token_once(num_tokens, batch_heads, head_dim):
@@ -182,8 +223,10 @@ def test_launch_geometry_covers_every_token_once(num_tokens, batch_heads, head_d
     for device in (torch.device("cpu"), DEVICE):
         for direction in ("forward", "backward"):
             cfg = launch_config(num_tokens, batch_heads, head_dim, device, direction)
-            assert cfg.block_n >= 16 and cfg.tokens_per_split % cfg.block_n == 0
-            assert (cfg.splits - 1) * cfg.tokens_per_split < num_tokens <= cfg.splits * cfg.tokens_per_split
+            for splits, tokens_per_split in ((cfg.splits, cfg.tokens_per_split),
+                                             (cfg.reduce_splits, cfg.reduce_tokens_per_split)):
+                assert cfg.block_n >= 16 and tokens_per_split % cfg.block_n == 0
+                assert (splits - 1) * tokens_per_split < num_tokens <= splits * tokens_per_split
 
 
 def test_golden_data(reference_dir):

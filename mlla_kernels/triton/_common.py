@@ -153,20 +153,25 @@ def state_offsets(HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
 
 
 @triton.jit
-def load_mean_state(state_ptr, bh, inv_n, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
-    """Head bh's state (flat, one (d*d + d) block per head) scaled by 1/N: KV (DIM_PAD, DIM_PAD)
-    and kbar (DIM_PAD,)."""
-    base = state_ptr + bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM)
+def load_state(partials_ptr, bh, num_partials, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """Head bh's state, KV (DIM_PAD, DIM_PAD) and the key sum (DIM_PAD,), from its num_partials
+    consecutive flat (d*d + d) blocks, added in their order (the same bits in every program)."""
+    state_size = HEAD_DIM * HEAD_DIM + HEAD_DIM
+    base = partials_ptr + bh.to(tl.int64) * num_partials * state_size
     offsets, mask = state_offsets(HEAD_DIM, DIM_PAD)
     channels = tl.arange(0, DIM_PAD)
     kv = tl.load(base + offsets, mask=mask, other=0.0)
     ksum = tl.load(base + HEAD_DIM * HEAD_DIM + channels, mask=channels < HEAD_DIM, other=0.0)
-    return kv * inv_n, ksum * inv_n
+    for partial in range(1, num_partials):
+        base += state_size
+        kv += tl.load(base + offsets, mask=mask, other=0.0)
+        ksum += tl.load(base + HEAD_DIM * HEAD_DIM + channels, mask=channels < HEAD_DIM, other=0.0)
+    return kv, ksum
 
 
 @triton.jit
 def store_state(state_ptr, kv, ksum, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, ATOMIC: tl.constexpr):
-    """Write (or atomically add) a head's partial state, laid out as load_mean_state reads it."""
+    """Write (or atomically add) a head's partial state, laid out as load_state reads it."""
     offsets, mask = state_offsets(HEAD_DIM, DIM_PAD)
     channels = tl.arange(0, DIM_PAD)
     ksum_ptr = state_ptr + HEAD_DIM * HEAD_DIM + channels

@@ -13,7 +13,7 @@ state, so it is written by the pass that reduces dKV: q and dout are read once.
 import triton
 import triton.language as tl
 
-from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, load_mean_state,
+from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, load_state,
                       load_query_block, load_tile, matmul_parts, program_head, rope, rope_cos_sin, store_state,
                       store_tile, tile_offsets, token_run, unrope)
 
@@ -38,7 +38,10 @@ def query_grad_state_kernel(
     q_base = qk_ptr + batch64 * stride_qk_b + head * HEAD_DIM * stride_qk_c
     g_base = grad_ptr + batch64 * stride_g_b + head * HEAD_DIM * stride_g_c
     gq_base = grad_qk_ptr + batch64 * stride_gqk_b + head * HEAD_DIM * stride_gqk_c
-    kv, kbar = load_mean_state(state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
+    inv_n = 1.0 / (num_tokens * 1.0)
+    kv, kbar = load_state(state_ptr, bh, 1, HEAD_DIM, DIM_PAD)
+    kv = kv * inv_n
+    kbar = kbar * inv_n
     kv_hi, kv_lo = dot_operand(kv, DOT_MODE)
 
     dkv = tl.zeros((DIM_PAD, DIM_PAD), dtype=tl.float32)
@@ -72,14 +75,15 @@ def query_grad_state_kernel(
 
 @triton.jit
 def key_value_grad_kernel(
-    qk_ptr, v_ptr, grad_state_ptr, grad_qk_ptr, grad_v_ptr,
+    qk_ptr, v_ptr, grad_partials_ptr, num_partials, grad_qk_ptr, grad_v_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
     stride_qk_b, stride_qk_n, stride_qk_c, stride_v_b, stride_v_n, stride_v_c,
     stride_gqk_b, stride_gqk_n, stride_gqk_c, stride_gv_b, stride_gv_n, stride_gv_c,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
-    """Program (bh, split) writes d(k) and dv for its tokens."""
+    """Program (bh, split) writes d(k) and dv for its tokens; dKV and dkbar come as num_partials
+    partial sums that it adds up itself (see output_kernel)."""
     bh, split, batch, head = program_head(num_heads)
     k_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     gk_offsets = tile_offsets(stride_gqk_n, stride_gqk_c, BLOCK_N, DIM_PAD)
@@ -92,7 +96,10 @@ def key_value_grad_kernel(
     v_base = v_ptr + batch64 * stride_v_b + head * HEAD_DIM * stride_v_c
     gv_base = grad_v_ptr + batch64 * stride_gv_b + head * HEAD_DIM * stride_gv_c
     # v and k see dKV and dkbar through the 1/N of the mean.
-    dkv, dkbar = load_mean_state(grad_state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
+    inv_n = 1.0 / (num_tokens * 1.0)
+    dkv, dkbar = load_state(grad_partials_ptr, bh, num_partials, HEAD_DIM, DIM_PAD)
+    dkv = dkv * inv_n
+    dkbar = dkbar * inv_n
     dkv_hi, dkv_lo = dot_operand(dkv, DOT_MODE)
 
     start, end = token_run(split, tokens_per_split, num_tokens)

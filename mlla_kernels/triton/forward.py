@@ -6,7 +6,7 @@ channel) followed by sum_m phi(k_m) (d). The output pass scales both by 1/N.
 import triton
 import triton.language as tl
 
-from ._common import (block_mask, block_pointer, dot_operand, feature_map, load_mean_state, load_query_block,
+from ._common import (block_mask, block_pointer, dot_operand, feature_map, load_state, load_query_block,
                       load_tile, matmul, matmul_parts, program_head, rope, rope_cos_sin, store_state, store_tile,
                       tile_offsets, token_run)
 
@@ -52,19 +52,30 @@ def kv_state_kernel(
 
 @triton.jit
 def output_kernel(
-    qk_ptr, state_ptr, out_ptr,
+    qk_ptr, partials_ptr, num_partials, state_ptr, out_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
     stride_qk_b, stride_qk_n, stride_qk_c, stride_out_b, stride_out_n, stride_out_c,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_MODE: tl.constexpr,
+    DOT_MODE: tl.constexpr, WRITE_STATE: tl.constexpr,
 ):
-    """out_n = (rope(phi(q_n)) KV) / (phi(q_n) . kbar + eps) for program (bh, split)'s tokens."""
+    """out_n = (rope(phi(q_n)) KV) / (phi(q_n) . kbar + eps) for program (bh, split)'s tokens.
+
+    The state comes as num_partials partial sums that every program adds up itself (few partials:
+    cheaper than a kernel launch to sum them); with WRITE_STATE, split 0 stores the total in
+    state_ptr for the backward.
+    """
     bh, split, batch, head = program_head(num_heads)
     q_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     o_offsets = tile_offsets(stride_out_n, stride_out_c, BLOCK_N, DIM_PAD)
     q_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + head * HEAD_DIM * stride_qk_c
     o_base = out_ptr + batch.to(tl.int64) * stride_out_b + head * HEAD_DIM * stride_out_c
-    kv, kbar = load_mean_state(state_ptr, bh, 1.0 / (num_tokens * 1.0), HEAD_DIM, DIM_PAD)
+    kv, kbar = load_state(partials_ptr, bh, num_partials, HEAD_DIM, DIM_PAD)
+    if WRITE_STATE:
+        if split == 0:
+            store_state(state_ptr + bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM), kv, kbar, HEAD_DIM, DIM_PAD, False)
+    inv_n = 1.0 / (num_tokens * 1.0)
+    kv = kv * inv_n
+    kbar = kbar * inv_n
     kv_hi, kv_lo = dot_operand(kv, DOT_MODE)
 
     start, end = token_run(split, tokens_per_split, num_tokens)

@@ -47,6 +47,9 @@ if _DOT_MODE_FORCED is not None and _DOT_MODE_FORCED not in DOT_MODES:
 # at most MAX_BLOCK_SPLITS partials per step.
 SUM_BLOCK_STATE = 64
 SUM_MAX_BLOCK_SPLITS = 64
+# Up to this many partial states per head, each program of the pass that needs the state adds them
+# up itself (4 KB apiece at d = 32, read from L2) instead of a summing kernel running in between.
+FOLD_MAX_PARTIALS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,8 @@ class LaunchConfig:
     splits: int           # programs per (batch, head) along the tokens
     tokens_per_split: int  # a multiple of block_n
     num_warps: int
+    reduce_splits: int    # the same two for the pass that reduces over the tokens
+    reduce_tokens_per_split: int
 
 
 _overrides: dict = {}
@@ -62,14 +67,16 @@ _overrides: dict = {}
 
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
-    """Force block_n / splits / programs_per_sm / num_warps (both directions) / num_warps_forward /
+    """Force block_n / splits / programs_per_sm / reduce_splits and reduce_programs_per_sm (the
+    reducing pass only) / fold_max_partials / num_warps (both directions) / num_warps_forward /
     num_warps_backward / dot_mode (every pass) / dot_mode_forward (both forward passes) /
     dot_mode_state / dot_mode_output / dot_mode_backward: tests
     use it to get many splits and partial blocks from a few dozen tokens under the interpreter,
     the benchmark to sweep launch shapes."""
     mode_keys = {"dot_mode", "dot_mode_forward", *(f"dot_mode_{name}" for name in PASSES)}
     unknown = set(kwargs) - mode_keys - {"block_n", "splits", "num_warps", "num_warps_forward",
-                                         "num_warps_backward", "programs_per_sm"}
+                                         "num_warps_backward", "programs_per_sm",
+                                         "reduce_splits", "reduce_programs_per_sm", "fold_max_partials"}
     if unknown:
         raise TypeError(f"unknown launch overrides {sorted(unknown)}")
     for key in mode_keys & set(kwargs):
@@ -121,21 +128,33 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
     num_warps = (_overrides.get(f"num_warps_{direction}") or _overrides.get("num_warps")
                  or (8 if wide_head else 4))
     blocks = triton.cdiv(num_tokens, block_n)
-    if "splits" in _overrides:
-        splits = _overrides["splits"]
-    elif device.type == "cuda":
-        # Fill the GPU even when B * heads is small and N large (stage 1: 4 heads, 64k tokens).
-        programs = _overrides.get("programs_per_sm") or PROGRAMS_PER_SM
-        splits = triton.cdiv(programs * _sm_count(device.index or 0), batch_heads)
-        if (direction == "backward" and "programs_per_sm" not in _overrides
-                and blocks < MIN_BLOCKS_PER_PROGRAM * splits):
-            splits = triton.cdiv(BACKWARD_FEW_BLOCKS_PROGRAMS_PER_SM * _sm_count(device.index or 0), batch_heads)
+    splits = _overrides.get("splits") or _splits(blocks, batch_heads, device, direction,
+                                                 _overrides.get("programs_per_sm"))
+    splits, tokens_per_split = _split(blocks, block_n, splits)
+    if "reduce_splits" in _overrides or "reduce_programs_per_sm" in _overrides:
+        reduce_splits, reduce_tokens_per_split = _split(blocks, block_n, _overrides.get("reduce_splits") or _splits(
+            blocks, batch_heads, device, direction, _overrides["reduce_programs_per_sm"]))
     else:
-        splits = 2
+        reduce_splits, reduce_tokens_per_split = splits, tokens_per_split
+    return LaunchConfig(block_n, splits, tokens_per_split, num_warps, reduce_splits, reduce_tokens_per_split)
+
+
+def _splits(blocks: int, batch_heads: int, device: torch.device, direction: str, programs_per_sm) -> int:
+    if device.type != "cuda":
+        return 2
+    # Fill the GPU even when B * heads is small and N large (stage 1: 4 heads, 64k tokens).
+    sms = _sm_count(device.index or 0)
+    splits = triton.cdiv((programs_per_sm or PROGRAMS_PER_SM) * sms, batch_heads)
+    if direction == "backward" and programs_per_sm is None and blocks < MIN_BLOCKS_PER_PROGRAM * splits:
+        splits = triton.cdiv(BACKWARD_FEW_BLOCKS_PROGRAMS_PER_SM * sms, batch_heads)
+    return splits
+
+
+def _split(blocks: int, block_n: int, splits: int):
+    """(splits, tokens_per_split): runs of whole blocks, none empty."""
     splits = max(1, min(splits, blocks))
     blocks_per_split = triton.cdiv(blocks, splits)
-    splits = triton.cdiv(blocks, blocks_per_split)
-    return LaunchConfig(block_n, splits, blocks_per_split * block_n, num_warps)
+    return triton.cdiv(blocks, blocks_per_split), blocks_per_split * block_n
 
 
 def _padded(n: int) -> int:
@@ -182,22 +201,28 @@ def dot_mode(dtype: torch.dtype, pass_name: str) -> str:
 
 
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
-                        cfg: LaunchConfig, deterministic: bool, device: torch.device, **meta) -> torch.Tensor:
-    """Run a (batch_heads, splits) reduction kernel; return the (batch_heads, state_size) sums.
+                        cfg: LaunchConfig, deterministic: bool, device: torch.device, **meta):
+    """Run a (batch_heads, reduce_splits) reduction kernel; return (sums, partials): sums is
+    (batch_heads, partials, state_size), the state of each head in `partials` parts that add up to
+    it, in order (load_state adds them where they are used).
 
-    Deterministic: each split writes its own partial and sum_partials_kernel adds them in a fixed
-    order. Otherwise the splits add into one zeroed buffer with fp32 atomics (order varies run to run).
+    Deterministic: each split writes its own partial; more than fold_max_partials are summed here
+    by sum_partials_kernel in a fixed order. Otherwise the splits add into one zeroed buffer with
+    fp32 atomics (order varies run to run).
     """
-    grid = (batch_heads, cfg.splits)
+    splits = cfg.reduce_splits
+    grid = (batch_heads, splits)
     common = dict(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
-    if cfg.splits == 1 or not deterministic:
-        alloc = torch.empty if cfg.splits == 1 else torch.zeros
-        state = alloc((batch_heads, state_size), dtype=torch.float32, device=device)
-        kernel[grid](*pointers, state, *rest, state_size, 0, ATOMIC=cfg.splits > 1, **common)
-        return state
-    partials = torch.empty((batch_heads, cfg.splits, state_size), dtype=torch.float32, device=device)
-    kernel[grid](*pointers, partials, *rest, cfg.splits * state_size, state_size, ATOMIC=False, **common)
-    return _sum_partials(partials)
+    if splits == 1 or not deterministic:
+        alloc = torch.empty if splits == 1 else torch.zeros
+        state = alloc((batch_heads, 1, state_size), dtype=torch.float32, device=device)
+        kernel[grid](*pointers, state, *rest, state_size, 0, ATOMIC=splits > 1, **common)
+        return state, 1
+    partials = torch.empty((batch_heads, splits, state_size), dtype=torch.float32, device=device)
+    kernel[grid](*pointers, partials, *rest, splits * state_size, state_size, ATOMIC=False, **common)
+    if splits <= _overrides.get("fold_max_partials", FOLD_MAX_PARTIALS):
+        return partials, splits
+    return _sum_partials(partials).view(batch_heads, 1, state_size), 1
 
 
 def _sum_partials(partials: torch.Tensor) -> torch.Tensor:
@@ -234,15 +259,18 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     cfg = launch_config(num_tokens, batch_heads, head_dim, v.device, "forward")
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, out)
-    scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
     meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad)
     with on_device(v.device):
-        state = _reduce_over_tokens(kv_state_kernel, (qk, v), (*scalars, *qk.stride(), *v.stride()),
-                                    batch_heads, state_size, cfg, deterministic, v.device,
-                                    DOT_MODE=dot_mode(v.dtype, "state"), **meta)
+        sums, partials = _reduce_over_tokens(
+            kv_state_kernel, (qk, v),
+            (num_tokens, width, num_heads, channels // 4, cfg.reduce_tokens_per_split, *qk.stride(), *v.stride()),
+            batch_heads, state_size, cfg, deterministic, v.device, DOT_MODE=dot_mode(v.dtype, "state"), **meta)
+        state = sums.view(batch_heads, state_size) if partials == 1 else torch.empty(
+            (batch_heads, state_size), dtype=torch.float32, device=v.device)
         output_kernel[(batch_heads, cfg.splits)](
-            qk, state, out, *scalars, *qk.stride(), *out.stride(),
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, DOT_MODE=dot_mode(v.dtype, "output"), **meta)
+            qk, sums, partials, state, out, num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split,
+            *qk.stride(), *out.stride(), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            DOT_MODE=dot_mode(v.dtype, "output"), WRITE_STATE=partials > 1, **meta)
     return out, state.view(batch, num_heads, state_size)
 
 
@@ -265,15 +293,15 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     grad_qk = _output_buffer(grad_qk, (batch, num_tokens, 2 * channels), qk, "grad_qk")
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, grad_out, grad_qk, grad_v)
-    scalars = (num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split)
     meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "backward"))
     with on_device(v.device):
-        grad_state = _reduce_over_tokens(query_grad_state_kernel, (qk, grad_out, state, grad_qk),
-                                         (*scalars, *qk.stride(), *grad_out.stride(), *grad_qk.stride()),
-                                         batch_heads, state_size, cfg, deterministic,
-                                         v.device, **meta)
+        grad_sums, partials = _reduce_over_tokens(
+            query_grad_state_kernel, (qk, grad_out, state, grad_qk),
+            (num_tokens, width, num_heads, channels // 4, cfg.reduce_tokens_per_split,
+             *qk.stride(), *grad_out.stride(), *grad_qk.stride()),
+            batch_heads, state_size, cfg, deterministic, v.device, **meta)
         key_value_grad_kernel[(batch_heads, cfg.splits)](
-            qk, v, grad_state, grad_qk, grad_v, *scalars,
-            *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride(),
+            qk, v, grad_sums, partials, grad_qk, grad_v, num_tokens, width, num_heads, channels // 4,
+            cfg.tokens_per_split, *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride(),
             BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
     return grad_qk, grad_v
