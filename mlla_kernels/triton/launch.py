@@ -15,13 +15,15 @@ from .backward import key_value_grad_kernel, query_grad_state_kernel
 from .forward import kv_state_kernel, output_kernel, sum_partials_kernel
 
 SUPPORTED_DTYPES = TRITON_DTYPES
-# Programs to aim for per SM in a pass: enough to hide memory latency with several resident. The
-# backward's kernels hold 255 registers a thread (two programs resident per SM): where 4 programs
-# per SM would leave each fewer than MIN_BLOCKS_PER_PROGRAM blocks (MLLA-T stages 3-4), the
-# backward runs 2 per SM with twice the blocks each, which the v9 sweep on an H200 timed 7-9%
-# faster there (the forward was not faster, nor either direction at stages 1-2).
+# Programs to aim for per SM in a pass: enough to hide memory latency with several resident. Where
+# that would leave each program fewer than MIN_BLOCKS_PER_PROGRAM blocks (MLLA-T stages 3-4), the
+# backward runs FEW_BLOCKS_PROGRAMS_PER_SM with twice the blocks each (its kernels hold 255
+# registers a thread, two programs resident per SM; the v9 sweep on an H200 timed it 7-9% faster
+# there), and so does the forward's reducing pass when that leaves few enough partial states for
+# the output pass to add up itself (FOLD_MAX_PARTIALS; v13 sweep: -3% fwd+bwd at stage 4 against
+# folding 16 partials from 4 programs per SM, slower at stage 2 where it would not fold).
 PROGRAMS_PER_SM = 4
-BACKWARD_FEW_BLOCKS_PROGRAMS_PER_SM = 2
+FEW_BLOCKS_PROGRAMS_PER_SM = 2
 MIN_BLOCKS_PER_PROGRAM = 4
 # How the small matrix products (BLOCK_N x d x d per block) run: "ieee" (exact fp32 products on
 # the FMA units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or
@@ -128,26 +130,27 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
     num_warps = (_overrides.get(f"num_warps_{direction}") or _overrides.get("num_warps")
                  or (8 if wide_head else 4))
     blocks = triton.cdiv(num_tokens, block_n)
-    splits = _overrides.get("splits") or _splits(blocks, batch_heads, device, direction,
-                                                 _overrides.get("programs_per_sm"))
-    splits, tokens_per_split = _split(blocks, block_n, splits)
+    programs_per_sm = _overrides.get("programs_per_sm") or PROGRAMS_PER_SM
+    splits = _overrides.get("splits") or _splits(blocks, batch_heads, device, programs_per_sm)
+    reduce_splits = splits
+    if device.type == "cuda" and not {"splits", "programs_per_sm"} & set(_overrides) \
+            and blocks < MIN_BLOCKS_PER_PROGRAM * splits:
+        few_blocks_splits = _splits(blocks, batch_heads, device, FEW_BLOCKS_PROGRAMS_PER_SM)
+        if direction == "backward":
+            splits = reduce_splits = few_blocks_splits
+        elif _split(blocks, block_n, few_blocks_splits)[0] <= FOLD_MAX_PARTIALS:
+            reduce_splits = few_blocks_splits
     if "reduce_splits" in _overrides or "reduce_programs_per_sm" in _overrides:
-        reduce_splits, reduce_tokens_per_split = _split(blocks, block_n, _overrides.get("reduce_splits") or _splits(
-            blocks, batch_heads, device, direction, _overrides["reduce_programs_per_sm"]))
-    else:
-        reduce_splits, reduce_tokens_per_split = splits, tokens_per_split
-    return LaunchConfig(block_n, splits, tokens_per_split, num_warps, reduce_splits, reduce_tokens_per_split)
+        reduce_splits = _overrides.get("reduce_splits") or _splits(blocks, batch_heads, device,
+                                                                   _overrides["reduce_programs_per_sm"])
+    return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, *_split(blocks, block_n, reduce_splits))
 
 
-def _splits(blocks: int, batch_heads: int, device: torch.device, direction: str, programs_per_sm) -> int:
+def _splits(blocks: int, batch_heads: int, device: torch.device, programs_per_sm: int) -> int:
+    """Programs per (batch, head) for programs_per_sm on every SM (2 off the GPU: the interpreter)."""
     if device.type != "cuda":
         return 2
-    # Fill the GPU even when B * heads is small and N large (stage 1: 4 heads, 64k tokens).
-    sms = _sm_count(device.index or 0)
-    splits = triton.cdiv((programs_per_sm or PROGRAMS_PER_SM) * sms, batch_heads)
-    if direction == "backward" and programs_per_sm is None and blocks < MIN_BLOCKS_PER_PROGRAM * splits:
-        splits = triton.cdiv(BACKWARD_FEW_BLOCKS_PROGRAMS_PER_SM * sms, batch_heads)
-    return splits
+    return triton.cdiv(programs_per_sm * _sm_count(device.index or 0), batch_heads)
 
 
 def _split(blocks: int, block_n: int, splits: int):
