@@ -164,17 +164,17 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
     return row
 
 
-# Launch shapes tried per (dtype, stage): at stage 1 splitting N and the product modes matter most;
-# at stages 2-4 a head has 1-8 blocks per program and the question is how many programs to run.
-_SWEEP_LAUNCH = {1: [dict(), dict(programs_per_sm=2), dict(programs_per_sm=6), dict(programs_per_sm=8),
-                     dict(block_n=32)]}
-# At stages 2-4 a head has few blocks: how finely the reducing passes split them, whether the
-# passes that use a state add up its partials themselves (fold_max_partials=0: never, as v12), and
-# the backward at 8 warps.
+# Launch shapes tried per (dtype, stage). At stages 1-2 a head's tokens split into many programs:
+# how many per SM, and how many state entries each program of the partial-state sum takes (64:
+# before v14). At stages 3-4 a head has few blocks: how finely the reducing passes split them,
+# whether the passes that use a state add up its partials themselves (fold_max_partials=0: never,
+# as v12), and the backward at 8 warps.
+_SWEEP_LAUNCH = {stage: [dict(), dict(sum_block_state=64), dict(sum_block_state=32), dict(programs_per_sm=2),
+                         dict(programs_per_sm=6)] for stage in (1, 2)}
 _SWEEP_LAUNCH.update({stage: [dict(), dict(fold_max_partials=0), dict(fold_max_partials=64),
-                              dict(reduce_programs_per_sm=2), dict(reduce_programs_per_sm=1),
-                              dict(reduce_programs_per_sm=1, fold_max_partials=64), dict(num_warps_backward=8)]
-                      for stage in (2, 3, 4)})
+                              dict(reduce_programs_per_sm=4), dict(reduce_programs_per_sm=1),
+                              dict(num_warps_backward=8)]
+                      for stage in (3, 4)})
 _SWEEP_FP32_MODES = [dict(dot_mode_output="ieee"), dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee")]
 SWEEP_CONFIGS = {(dtype, stage): launch + (_SWEEP_FP32_MODES if dtype == "fp32" and stage in (1, 4) else [])
                  for dtype in DTYPES for stage, launch in _SWEEP_LAUNCH.items()}

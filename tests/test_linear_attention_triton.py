@@ -517,13 +517,16 @@ def test_autocast_mixed_inputs_reach_the_kernels_in_the_autocast_dtype(gen):
 
 
 @pytest.mark.parametrize("splits", [1, 3, 64, 130])
-def test_partial_states_sum_in_float64_agreement(gen, splits):
+@pytest.mark.parametrize("block_state", [16, 64])
+def test_partial_states_sum_in_float64_agreement(gen, monkeypatch, splits, block_state):
     """The deterministic reduction's summing kernel: every entry of every head, more splits than
     one step takes (130 > 64) included, into a NaN-poisoned result."""
     from mlla_kernels.triton import launch
     state_size = 16 * 16 + 16 + 7  # not a multiple of the kernel's block of entries
-    partials = torch.randn(3, splits, state_size, generator=gen, dtype=torch.float64)
-    result = launch._sum_partials(partials.float().to(DEVICE))
+    partials = torch.randn(3, splits, state_size, generator=gen, dtype=torch.float64).float().to(DEVICE)
+    nan_filled_empty(monkeypatch)
+    with launch_overrides(sum_block_state=block_state):
+        result = launch._sum_partials(partials)
     assert result.shape == (3, state_size) and result.dtype == torch.float32
     assert torch.isfinite(result).all()
     expected = partials.float().double().sum(dim=1)

@@ -45,10 +45,14 @@ if _DOT_MODE_FORCED is not None and _DOT_MODE_FORCED not in DOT_MODES:
     raise ValueError(f"MLLA_DOT_MODE must be one of {DOT_MODES}, got {_DOT_MODE_FORCED!r}")
 
 
-# The deterministic sum of the per-split partial states: BLOCK_STATE entries of a head per program,
-# at most MAX_BLOCK_SPLITS partials per step.
-SUM_BLOCK_STATE = 64
+# The deterministic sum of the per-split partial states: at most MAX_BLOCK_SPLITS partials per step,
+# BLOCK_STATE entries of a head per program, halved from MAX_BLOCK_STATE down to MIN_BLOCK_STATE
+# while that leaves fewer than SUM_PROGRAMS_PER_SM programs per SM (MLLA-T stage 1 has 4 heads:
+# 68 programs of 64 entries for 132 SMs).
 SUM_MAX_BLOCK_SPLITS = 64
+SUM_MAX_BLOCK_STATE = 64
+SUM_MIN_BLOCK_STATE = 16
+SUM_PROGRAMS_PER_SM = 2
 # Up to this many partial states per head, each program of the pass that needs the state adds them
 # up itself (4 KB apiece at d = 32, read from L2) instead of a summing kernel running in between.
 FOLD_MAX_PARTIALS = 16
@@ -70,7 +74,7 @@ _overrides: dict = {}
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
     """Force block_n / splits / programs_per_sm / reduce_splits and reduce_programs_per_sm (the
-    reducing pass only) / fold_max_partials / num_warps (both directions) / num_warps_forward /
+    reducing pass only) / fold_max_partials / sum_block_state / num_warps (both directions) / num_warps_forward /
     num_warps_backward / dot_mode (every pass) / dot_mode_forward (both forward passes) /
     dot_mode_state / dot_mode_output / dot_mode_backward: tests
     use it to get many splits and partial blocks from a few dozen tokens under the interpreter,
@@ -78,7 +82,8 @@ def launch_overrides(**kwargs):
     mode_keys = {"dot_mode", "dot_mode_forward", *(f"dot_mode_{name}" for name in PASSES)}
     unknown = set(kwargs) - mode_keys - {"block_n", "splits", "num_warps", "num_warps_forward",
                                          "num_warps_backward", "programs_per_sm",
-                                         "reduce_splits", "reduce_programs_per_sm", "fold_max_partials"}
+                                         "reduce_splits", "reduce_programs_per_sm", "fold_max_partials",
+                                         "sum_block_state"}
     if unknown:
         raise TypeError(f"unknown launch overrides {sorted(unknown)}")
     for key in mode_keys & set(kwargs):
@@ -233,10 +238,21 @@ def _sum_partials(partials: torch.Tensor) -> torch.Tensor:
     batch_heads, splits, state_size = partials.shape
     state = torch.empty((batch_heads, state_size), dtype=torch.float32, device=partials.device)
     block_splits = min(SUM_MAX_BLOCK_SPLITS, 1 << (splits - 1).bit_length())
-    grid = (batch_heads, -(-state_size // SUM_BLOCK_STATE))
+    block_state = _overrides.get("sum_block_state") or _sum_block_state(batch_heads, state_size, partials.device)
+    grid = (batch_heads, -(-state_size // block_state))
     sum_partials_kernel[grid](partials, state, splits, state_size, BLOCK_SPLITS=block_splits,
-                              BLOCK_STATE=SUM_BLOCK_STATE, num_warps=4)
+                              BLOCK_STATE=block_state, num_warps=4)
     return state
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_block_state(batch_heads: int, state_size: int, device: torch.device) -> int:
+    block_state = SUM_MAX_BLOCK_STATE
+    if device.type == "cuda":
+        wanted_programs = SUM_PROGRAMS_PER_SM * _sm_count(device.index or 0)
+        while block_state > SUM_MIN_BLOCK_STATE and batch_heads * -(-state_size // block_state) < wanted_programs:
+            block_state //= 2
+    return block_state
 
 
 def _output_buffer(buffer, shape, like: torch.Tensor, name: str) -> torch.Tensor:
