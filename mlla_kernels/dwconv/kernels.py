@@ -19,13 +19,12 @@ The weight/bias reduction is deterministic (no atomics): each program walks a fi
 tiles in a fixed order, and the partials are summed in a fixed order, so a rerun on the same
 device and shapes reproduces the gradients bit for bit.
 """
-import os
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from ..cached_launch import launch
 from ..device import on_device
 
 EPILOGUE_CODES = {"none": 0, "residual": 1, "silu": 2, "add": 3}
@@ -347,75 +346,6 @@ def _needs_int64(n_tokens: int, width: int, *tensors) -> bool:
     return reach >= 2 ** 31 - 1
 
 
-class _Launcher:
-    """kernel[grid](*args, **constexprs), minus JITFunction.run's per-call work after the first.
-
-    Triton's launch path re-derives the specialisation (argument types, 16-byte alignment of
-    pointers and integers, integers equal to 1) and the cache key on every call: tens of
-    microseconds of host time per launch, more than the whole GPU work at the small stages.
-    Here the first launch of a specialisation goes through Triton and returns its compiled
-    kernel; later launches with the same specialisation (key computed below, at least as fine as
-    Triton's) call that kernel's own launcher with the same argument list JITFunction.run passes
-    (all parameters, constexprs included, grid padded to 3 dimensions). In the interpreter, or
-    if the compiled kernel does not look as expected, every launch takes the ordinary path; if a
-    cached launch raises, the cache is switched off for the process (with a warning) and the
-    launch is redone the ordinary way. MLLA_DWCONV_CACHED_LAUNCH=0 switches it off up front.
-    """
-
-    enabled = os.environ.get("MLLA_DWCONV_CACHED_LAUNCH", "1") != "0"
-    hits = 0
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled = {}
-        names = list(getattr(fn, "arg_names", []))
-        self.constexpr_names = [p.name for p in getattr(fn, "params", []) if p.is_constexpr]
-        self.n_runtime = len(names) - len(self.constexpr_names)
-
-    @staticmethod
-    def _spec(arg):
-        if isinstance(arg, torch.Tensor):
-            return (arg.dtype, arg.data_ptr() % 16 == 0)
-        if isinstance(arg, bool):
-            return ("b", arg)
-        if isinstance(arg, int):
-            return (arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31)
-        return (type(arg), arg)
-
-    def __call__(self, grid, args, num_warps, **constexprs):
-        if not _Launcher.enabled or len(args) != self.n_runtime:
-            return self.fn[grid](*args, num_warps=num_warps, **constexprs)
-        const_values = tuple(constexprs[name] for name in self.constexpr_names)
-        key = (tuple(self._spec(a) for a in args), const_values, num_warps, torch.cuda.current_device())
-        kernel = self.compiled.get(key)
-        if kernel is not None:
-            grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-            try:
-                kernel[grid3](*args, *const_values)
-                _Launcher.hits += 1
-                return
-            except Exception as exc:  # keep working, say so: the ordinary path below redoes it
-                _Launcher.enabled = False
-                warnings.warn(f"mlla_kernels.dwconv: cached Triton relaunch failed ({type(exc).__name__}: {exc}); "
-                              f"using Triton's ordinary launch path from now on")
-        kernel = self.fn[grid](*args, num_warps=num_warps, **constexprs)
-        if _Launcher.enabled and hasattr(kernel, "packed_metadata") and hasattr(kernel, "__getitem__"):
-            self.compiled[key] = kernel
-
-
-_LAUNCHERS = {}
-
-
-def _launch(fn, grid, args, num_warps, **constexprs):
-    if _interpreting(args[0].device):
-        fn[grid](*args, num_warps=num_warps, **constexprs)
-        return
-    launcher = _LAUNCHERS.get(fn)
-    if launcher is None:
-        launcher = _LAUNCHERS[fn] = _Launcher(fn)
-    launcher(grid, args, num_warps, **constexprs)
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers (no input checks here: op.py checks before calling)
 # --------------------------------------------------------------------------------------------
@@ -429,7 +359,7 @@ def dwconv3x3_forward(x, weight, bias, addend, height: int, width: int, epilogue
         cfg = _config(height, width, channels, batch, x.device, overrides)
         out = _new_buffer((batch, n_tokens, channels), x.dtype, x.device)
         add = addend if addend is not None else x
-        _launch(_dwconv3x3_fwd_kernel, (batch * cfg["fwd_tiles_per_batch"], cfg["channel_blocks"]), (
+        launch(_dwconv3x3_fwd_kernel, (batch * cfg["fwd_tiles_per_batch"], cfg["channel_blocks"]), (
             x, weight, bias if bias is not None else weight, add, out,
             n_tokens, channels, height, width, cfg["fwd_tiles_w"], cfg["fwd_tiles_per_batch"],
             x.stride(0), x.stride(1), x.stride(2),
@@ -460,7 +390,7 @@ def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilo
 
         if epilogue == "silu":
             gp = _new_buffer((batch, n_tokens, channels), x.dtype, device)
-            _launch(_silu_grad_kernel, (num_tiles, cfg["channel_blocks"]), (
+            launch(_silu_grad_kernel, (num_tiles, cfg["channel_blocks"]), (
                 grad_out, x, weight, bias if bias is not None else weight, gp,
                 n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
                 grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
@@ -475,7 +405,7 @@ def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilo
         grad_x = _new_buffer((batch, n_tokens, channels), x.dtype, device)
         partial_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         partials = _new_buffer((wg_programs, _PARTIAL_ROWS, channels), partial_dtype, device)
-        _launch(_dwconv3x3_bwd_kernel, (wg_programs + num_tiles, cfg["channel_blocks"]), (
+        launch(_dwconv3x3_bwd_kernel, (wg_programs + num_tiles, cfg["channel_blocks"]), (
             gp, x, weight, grad_x, partials,
             n_tokens, channels, height, width, cfg["tiles_w"], cfg["tiles_per_batch"],
             cfg["wg_tiles_w"], cfg["wg_tiles_per_batch"], cfg["wg_num_tiles"], wg_programs,
@@ -489,7 +419,7 @@ def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilo
         grad_weight = _new_buffer(tuple(weight.shape), weight.dtype, device)
         grad_bias = _new_buffer((channels,), bias.dtype if bias is not None else weight.dtype, device)
         reduce_c = min(_pow2_at_least(channels), 64)
-        _launch(_reduce_partials_kernel, (_cdiv(channels, reduce_c), _PARTIAL_ROWS), (
+        launch(_reduce_partials_kernel, (_cdiv(channels, reduce_c), _PARTIAL_ROWS), (
             partials, grad_weight, grad_bias, wg_programs, channels),
             4, BLOCK_P=min(_pow2_at_least(wg_programs), 64), BLOCK_C=reduce_c, ACC=acc)
         return grad_x, grad_weight, grad_bias

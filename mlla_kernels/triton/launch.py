@@ -9,6 +9,7 @@ import os
 import torch
 import triton
 
+from ..cached_launch import launch
 from ..device import on_device
 from ..linear_attention import TRITON_DTYPES, check_inputs
 from .backward import key_value_grad_kernel, query_grad_state_kernel
@@ -220,14 +221,15 @@ def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, 
     """
     splits = cfg.reduce_splits
     grid = (batch_heads, splits)
-    common = dict(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
+    common = dict(BLOCK_N=cfg.block_n, **meta)
     if splits == 1 or not deterministic:
         alloc = torch.empty if splits == 1 else torch.zeros
         state = alloc((batch_heads, 1, state_size), dtype=torch.float32, device=device)
-        kernel[grid](*pointers, state, *rest, state_size, 0, ATOMIC=splits > 1, **common)
+        launch(kernel, grid, (*pointers, state, *rest, state_size, 0), cfg.num_warps, ATOMIC=splits > 1, **common)
         return state, 1
     partials = torch.empty((batch_heads, splits, state_size), dtype=torch.float32, device=device)
-    kernel[grid](*pointers, partials, *rest, splits * state_size, state_size, ATOMIC=False, **common)
+    launch(kernel, grid, (*pointers, partials, *rest, splits * state_size, state_size), cfg.num_warps, ATOMIC=False,
+           **common)
     if splits <= _overrides.get("fold_max_partials", FOLD_MAX_PARTIALS):
         return partials, splits
     return _sum_partials(partials).view(batch_heads, 1, state_size), 1
@@ -240,8 +242,8 @@ def _sum_partials(partials: torch.Tensor) -> torch.Tensor:
     block_splits = min(SUM_MAX_BLOCK_SPLITS, 1 << (splits - 1).bit_length())
     block_state = _overrides.get("sum_block_state") or _sum_block_state(batch_heads, state_size, partials.device)
     grid = (batch_heads, -(-state_size // block_state))
-    sum_partials_kernel[grid](partials, state, splits, state_size, BLOCK_SPLITS=block_splits,
-                              BLOCK_STATE=block_state, num_warps=4)
+    launch(sum_partials_kernel, grid, (partials, state, splits, state_size), 4, BLOCK_SPLITS=block_splits,
+           BLOCK_STATE=block_state)
     return state
 
 
@@ -286,10 +288,11 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
             batch_heads, state_size, cfg, deterministic, v.device, DOT_MODE=dot_mode(v.dtype, "state"), **meta)
         state = sums.view(batch_heads, state_size) if partials == 1 else torch.empty(
             (batch_heads, state_size), dtype=torch.float32, device=v.device)
-        output_kernel[(batch_heads, cfg.splits)](
-            qk, sums, partials, state, out, num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split,
-            *qk.stride(), *out.stride(), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            DOT_MODE=dot_mode(v.dtype, "output"), WRITE_STATE=partials > 1, **meta)
+        launch(output_kernel, (batch_heads, cfg.splits),
+               (qk, sums, partials, state, out, num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split,
+                *qk.stride(), *out.stride()),
+               cfg.num_warps, BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(v.dtype, "output"), WRITE_STATE=partials > 1,
+               **meta)
     return out, state.view(batch, num_heads, state_size)
 
 
@@ -319,8 +322,8 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
             (num_tokens, width, num_heads, channels // 4, cfg.reduce_tokens_per_split,
              *qk.stride(), *grad_out.stride(), *grad_qk.stride()),
             batch_heads, state_size, cfg, deterministic, v.device, **meta)
-        key_value_grad_kernel[(batch_heads, cfg.splits)](
-            qk, v, grad_sums, partials, grad_qk, grad_v, num_tokens, width, num_heads, channels // 4,
-            cfg.tokens_per_split, *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride(),
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **meta)
+        launch(key_value_grad_kernel, (batch_heads, cfg.splits),
+               (qk, v, grad_sums, partials, grad_qk, grad_v, num_tokens, width, num_heads, channels // 4,
+                cfg.tokens_per_split, *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride()),
+               cfg.num_warps, BLOCK_N=cfg.block_n, **meta)
     return grad_qk, grad_v

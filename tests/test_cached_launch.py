@@ -1,0 +1,111 @@
+"""mlla_kernels.cached_launch: the host-side shortcut both ops launch their Triton kernels through."""
+import pytest
+import torch
+
+from mlla_kernels.cached_launch import CachedLauncher
+
+
+class _FakeParam:
+    """What CachedLauncher reads of a JITFunction's parameters."""
+
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypatch):
+    """CachedLauncher relaunches a compiled kernel only when everything Triton specialises on
+    (dtypes, 16-byte alignment, ints equal to 1 or divisible by 16, constexprs, warps) matches."""
+    calls = []
+
+    class FakeCompiled:
+        packed_metadata = None
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("cached", grid, args))
+
+    class FakeJit:
+        arg_names = ["t", "n", "K"]
+        params = [_FakeParam("t", False), _FakeParam("n", False), _FakeParam("K", True)]
+
+        def __getitem__(self, grid):
+            def run(*args, num_warps, **constexprs):
+                calls.append(("jit", grid, args))
+                return FakeCompiled()
+            return run
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(CachedLauncher, "enabled", True)
+    launch = CachedLauncher(FakeJit())
+    t = torch.zeros(64)
+    launch((1,), (t, 32), 4, K=8)
+    launch((2,), (t, 48), 4, K=8)             # same specialisation: cached, constexpr appended
+    launch((2,), (t, 1), 4, K=8)              # an int equal to 1
+    launch((2,), (t, 40), 4, K=8)             # an int not divisible by 16
+    launch((2,), (t[1:], 32), 4, K=8)         # a pointer off 16-byte alignment
+    launch((2,), (t.double(), 32), 4, K=8)    # another dtype
+    launch((2,), (t, 32), 4, K=16)            # another constexpr
+    launch((2,), (t, 32), 8, K=8)             # other warps
+    assert [c[0] for c in calls] == ["jit", "cached"] + ["jit"] * 6
+    # Triton's own launcher indexes grid[0..2] and takes every parameter, constexprs included.
+    assert calls[1][1] == (2, 1, 1) and calls[1][2][1:] == (48, 8)
+
+
+def test_cached_launch_failure_falls_back_to_triton(monkeypatch):
+    calls = []
+
+    class BrokenCompiled:
+        packed_metadata = None
+
+        def __getitem__(self, grid):
+            def runner(*args):
+                raise IndexError("launcher signature changed")
+            return runner
+
+    class FakeJit:
+        arg_names = ["t"]
+        params = [_FakeParam("t", False)]
+
+        def __getitem__(self, grid):
+            def run(*args, num_warps, **constexprs):
+                calls.append("jit")
+                return BrokenCompiled()
+            return run
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(CachedLauncher, "enabled", True)
+    launch = CachedLauncher(FakeJit())
+    t = torch.zeros(4)
+    launch((1,), (t,), 4)
+    with pytest.warns(UserWarning, match="cached Triton relaunch failed"):
+        launch((1,), (t,), 4)
+    launch((1,), (t,), 4)
+    assert calls == ["jit"] * 3 and not CachedLauncher.enabled
+
+
+def _dwconv_step():
+    from mlla_kernels.dwconv import dwconv3x3_tokens
+    x = torch.randn(2, 9 * 11, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(64, 1, 3, 3, device="cuda", requires_grad=True)
+    bias = torch.randn(64, device="cuda", requires_grad=True)
+    out = dwconv3x3_tokens(x, weight, bias, (9, 11), "residual")
+    torch.autograd.grad(out, [x, weight, bias], torch.ones_like(out))
+
+
+def _attention_step():
+    from mlla_kernels.triton import linear_attention_triton
+    qk = torch.randn(2, 9 * 11, 128, device="cuda", requires_grad=True)
+    v = torch.randn(2, 9 * 11, 64, device="cuda", requires_grad=True)
+    out = linear_attention_triton(qk, v, (9, 11), 2)
+    torch.autograd.grad(out, [qk, v], torch.ones_like(out))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step", [_dwconv_step, _attention_step], ids=["dwconv", "attention"])
+def test_gpu_cached_launch_is_used(step):
+    """From the second call on, each op's kernels are relaunched through the cache, and the
+    relaunch has not failed (a failure switches it off with a warning)."""
+    step()
+    hits = CachedLauncher.hits
+    step()
+    assert CachedLauncher.enabled, "the cached relaunch failed and was switched off (see the warning)"
+    assert CachedLauncher.hits > hits
