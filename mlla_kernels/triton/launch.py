@@ -75,11 +75,11 @@ _overrides: dict = {}
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
     """Force block_n / splits / programs_per_sm / reduce_splits and reduce_programs_per_sm (the
-    reducing pass only) / fold_max_partials / sum_block_state / num_warps (both directions) / num_warps_forward /
-    num_warps_backward / dot_mode (every pass) / dot_mode_forward (both forward passes) /
-    dot_mode_state / dot_mode_output / dot_mode_backward: tests
-    use it to get many splits and partial blocks from a few dozen tokens under the interpreter,
-    the benchmark to sweep launch shapes."""
+    reducing pass only) / fold_max_partials (0: never fold) / sum_block_state / num_warps (both
+    directions) / num_warps_forward / num_warps_backward / dot_mode (every pass) /
+    dot_mode_forward (both forward passes) / dot_mode_state / dot_mode_output / dot_mode_backward:
+    tests use it to get many splits and partial blocks from a few dozen tokens under the
+    interpreter, the benchmark to sweep launch shapes."""
     mode_keys = {"dot_mode", "dot_mode_forward", *(f"dot_mode_{name}" for name in PASSES)}
     unknown = set(kwargs) - mode_keys - {"block_n", "splits", "num_warps", "num_warps_forward",
                                          "num_warps_backward", "programs_per_sm",
