@@ -56,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-budget-s", type=float, default=0.0,
                         help="first try launch configurations of the fused op for this long")
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    parser.add_argument("--sweep-default-only", action="store_true",
+                        help="sweep the default launch only (to time two builds of the kernels side by side: "
+                             "run each build's copy of this script in turn)")
     parser.add_argument("--sweep-stages", nargs="+", type=int, default=[1], choices=[1, 2, 3, 4],
                         help="the MLLA-T stages the sweep runs at")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
@@ -199,7 +202,7 @@ def sweep(args, ctx):
             ref = linear_attention_reference(qk64, v64, hw, heads)
             ref.backward(grad.double())
             ref = ref.detach()
-            for config in SWEEP_CONFIGS[dtype_name, stage]:
+            for config in [{}] if args.sweep_default_only else SWEEP_CONFIGS[dtype_name, stage]:
                 if time.perf_counter() - start > args.sweep_budget_s:
                     break
                 with launch_overrides(**config):
