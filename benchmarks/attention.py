@@ -176,7 +176,7 @@ _SWEEP_LAUNCH = {stage: [dict(), dict(sum_block_state=64), dict(sum_block_state=
                          dict(programs_per_sm=6)] for stage in (1, 2)}
 _SWEEP_LAUNCH.update({stage: [dict(), dict(fold_max_partials=0), dict(fold_max_partials=64),
                               dict(reduce_programs_per_sm=4), dict(reduce_programs_per_sm=1),
-                              dict(num_warps_backward=8)]
+                              dict(num_warps_backward=8), dict(block_n_backward=32)]
                       for stage in (3, 4)})
 _SWEEP_FP32_MODES = [dict(dot_mode_output="ieee"), dict(dot_mode_forward="tf32x3"), dict(dot_mode="ieee")]
 SWEEP_CONFIGS = {(dtype, stage): launch + (_SWEEP_FP32_MODES if dtype == "fp32" and stage in (1, 4) else [])

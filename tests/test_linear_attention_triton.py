@@ -20,7 +20,7 @@ from mlla_kernels.reference import feature_map
 from mlla_kernels.rope import apply_rope
 from mlla_kernels.triton import launch_overrides, linear_attention_triton
 from mlla_kernels.triton._common import cos_sin_reduced, rope_cos_sin, split_tf32
-from mlla_kernels.triton.launch import attention_backward, attention_forward
+from mlla_kernels.triton.launch import attention_backward, attention_forward, launch_config
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -216,10 +216,19 @@ def test_partial_states_folded_or_summed_give_the_same_function(gen, monkeypatch
         assert_matches_reference(qk, v, hw, heads, gen)
 
 
+def test_forward_and_backward_may_use_different_blocks(gen):
+    """The backward recomputes from the inputs and the state alone, so its token blocks need not
+    be the forward's."""
+    qk, v = make_inputs(gen, 2, 7, 9, 32, torch.float32)
+    with launch_overrides(block_n_forward=32, block_n_backward=16, splits=2):
+        assert launch_config(63, 4, 16, qk.device, "forward").block_n == 32
+        assert launch_config(63, 4, 16, qk.device, "backward").block_n == 16
+        assert_matches_reference(qk, v, (7, 9), 2, gen)
+
+
 @pytest.mark.parametrize("num_tokens, batch_heads, head_dim", [(1, 1, 32), (40, 4, 16), (64000, 4, 32),
                                                                  (1000, 48, 64), (17, 3, 96)])
 def test_launch_geometry_covers_every_token_once(num_tokens, batch_heads, head_dim):
-    from mlla_kernels.triton.launch import launch_config
     for device in (torch.device("cpu"), DEVICE):
         for direction in ("forward", "backward"):
             cfg = launch_config(num_tokens, batch_heads, head_dim, device, direction)

@@ -74,14 +74,16 @@ _overrides: dict = {}
 
 @contextlib.contextmanager
 def launch_overrides(**kwargs):
-    """Force block_n / splits / programs_per_sm / reduce_splits and reduce_programs_per_sm (the
-    reducing pass only) / fold_max_partials (0: never fold) / sum_block_state / num_warps (both
-    directions) / num_warps_forward / num_warps_backward / dot_mode (every pass) /
-    dot_mode_forward (both forward passes) / dot_mode_state / dot_mode_output / dot_mode_backward:
-    tests use it to get many splits and partial blocks from a few dozen tokens under the
-    interpreter, the benchmark to sweep launch shapes."""
+    """Force block_n (both directions) / block_n_forward / block_n_backward / splits /
+    programs_per_sm / reduce_splits and reduce_programs_per_sm (the reducing pass only) /
+    fold_max_partials (0: never fold) / sum_block_state / num_warps (both directions) /
+    num_warps_forward / num_warps_backward / dot_mode (every pass) / dot_mode_forward (both forward
+    passes) / dot_mode_state / dot_mode_output / dot_mode_backward: tests use it to get many splits
+    and partial blocks from a few dozen tokens under the interpreter, the benchmark to sweep
+    launch shapes."""
     mode_keys = {"dot_mode", "dot_mode_forward", *(f"dot_mode_{name}" for name in PASSES)}
-    unknown = set(kwargs) - mode_keys - {"block_n", "splits", "num_warps", "num_warps_forward",
+    unknown = set(kwargs) - mode_keys - {"block_n", "block_n_forward", "block_n_backward", "splits",
+                                         "num_warps", "num_warps_forward",
                                          "num_warps_backward", "programs_per_sm",
                                          "reduce_splits", "reduce_programs_per_sm", "fold_max_partials",
                                          "sum_block_state"}
@@ -132,7 +134,7 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
     # in both directions (fewest instructions per token; 8 warps or 32 tokens were slower at
     # every stage in the sweeps).
     wide_head = triton.next_power_of_2(head_dim) > 32
-    block_n = _overrides.get("block_n") or (16 if wide_head else 64)
+    block_n = _overrides.get(f"block_n_{direction}") or _overrides.get("block_n") or (16 if wide_head else 64)
     num_warps = (_overrides.get(f"num_warps_{direction}") or _overrides.get("num_warps")
                  or (8 if wide_head else 4))
     blocks = triton.cdiv(num_tokens, block_n)
