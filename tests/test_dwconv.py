@@ -182,16 +182,17 @@ def test_reference_impl_matches_conv2d(epilogue):
     check_against_conv2d(2, 3, 5, 32, torch.float64, epilogue, impl="reference", seed=13)
 
 
-@pytest.mark.parametrize("epilogue, block_n, tile_w", [("none", 8, 4), ("residual", 8, 2), ("silu", 16, 8),
-                                                       ("add", 4, 1)])
-def test_small_tiles_cover_edges_and_channel_blocks(epilogue, block_n, tile_w):
+@pytest.mark.parametrize("epilogue, block_n, tile_w, wgrad_stages", [("none", 8, 4, 1), ("residual", 8, 2, 2),
+                                                                     ("silu", 16, 8, 3), ("add", 4, 1, 1)])
+def test_small_tiles_cover_edges_and_channel_blocks(epilogue, block_n, tile_w, wgrad_stages):
     """Patches that end inside the 4 x 7 map (right edge of 7 columns, bottom edge), 16-channel
     blocks splitting C = 24 (the last one half masked), and several patches per persistent
-    weight-grad program."""
+    weight-grad program, whose loop may be software-pipelined (wgrad_stages > 1; the interpreter
+    runs it as a plain loop)."""
     batch, height, width, channels = 2, 4, 7, 24
     x, weight, bias, addend = make_inputs(batch, height, width, channels, torch.float32, epilogue, seed=17)
     tiles = dict(fwd_block_n=block_n, fwd_tile_w=tile_w, block_n=block_n, tile_w=tile_w, block_c=16,
-                 wgrad_block_n=block_n, wgrad_tile_w=tile_w, wgrad_programs_per_sm=3)
+                 wgrad_block_n=block_n, wgrad_tile_w=tile_w, wgrad_programs_per_sm=3, wgrad_stages=wgrad_stages)
     out = kernels.dwconv3x3_forward(x.detach(), weight.detach(), bias.detach(),
                                     None if addend is None else addend.detach(), height, width, epilogue, **tiles)
     grad_out = torch.randn_like(out)

@@ -171,7 +171,7 @@ def _dwconv3x3_bwd_kernel(
         sgb, sgn, sgc, sxb, sxn, sxc, swc, swh, sww,
         RESIDUAL: tl.constexpr, IDX64: tl.constexpr,
         BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, WG_BLOCK_N: tl.constexpr, WG_TILE_W: tl.constexpr,
-        BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+        BLOCK_C: tl.constexpr, ACC: tl.constexpr, WG_STAGES: tl.constexpr):
     """Two kinds of programs in one launch (one launch less of host time), by program id:
 
     gp is the grad of the pre-activation conv(x) + bias (the output grad itself unless SiLU).
@@ -197,7 +197,9 @@ def _dwconv3x3_bwd_kernel(
         dw21 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
         dw22 = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
         db = tl.zeros((WG_BLOCK_N, BLOCK_C), dtype=ACC)
-        for t in range(pid, wg_num_tiles, wg_programs):
+        # WG_STAGES > 1: Triton's software pipeline issues the loads of later patches while this
+        # one's products run (the trip otherwise waits on its ten loads).
+        for t in tl.range(pid, wg_num_tiles, wg_programs, num_stages=WG_STAGES):
             b, n, r, s, n_ok = _tile_coords(t, wg_tiles_w, wg_tiles_per_batch, H, W, WG_BLOCK_N, WG_TILE_W, IDX64)
             g_base = gp_ptr + b * sgb
             x_base = x_ptr + b * sxb
@@ -303,11 +305,11 @@ def _patch(height: int, width: int, block_n: int, tile_w: int):
 # SM: in the H200 sweeps (NOTES.md dwconv v3/v4) 10-45% faster than 8 warps (and than 4 or more
 # programs per SM) at the MLLA-T stages, fp32 and bf16.
 GPU_DEFAULTS = dict(fwd_block_n=16, fwd_tile_w=8, fwd_num_warps=2, block_n=32, tile_w=8, block_c=64, num_warps=4,
-                    bwd_num_warps=4, wgrad_block_n=16, wgrad_tile_w=8, wgrad_programs_per_sm=2)
+                    bwd_num_warps=4, wgrad_block_n=16, wgrad_tile_w=8, wgrad_programs_per_sm=2, wgrad_stages=1)
 # The interpreter pays per program and per loop trip, so it gets the biggest patches.
 _INTERPRETER_DEFAULTS = dict(fwd_block_n=128, fwd_tile_w=128, fwd_num_warps=4, block_n=128, tile_w=128,
                              block_c=128, num_warps=4, bwd_num_warps=4, wgrad_block_n=128, wgrad_tile_w=128,
-                             wgrad_programs_per_sm=2)
+                             wgrad_programs_per_sm=2, wgrad_stages=1)
 
 
 def _config(height: int, width: int, channels: int, batch: int, device: torch.device, overrides) -> dict:
@@ -378,7 +380,7 @@ def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilo
     Returns (grad_x (B, N, C) contiguous in x.dtype, grad_weight like weight (contiguous),
     grad_bias (C,) in bias.dtype, or weight.dtype without a bias).
     overrides (tests, benchmarks): block_n, tile_w, block_c, num_warps (SiLU kernel),
-    bwd_num_warps, wgrad_block_n, wgrad_tile_w, wgrad_programs_per_sm.
+    bwd_num_warps, wgrad_block_n, wgrad_tile_w, wgrad_programs_per_sm, wgrad_stages.
     """
     with on_device(x.device):
         batch, n_tokens, channels = x.shape
@@ -414,7 +416,7 @@ def dwconv3x3_backward(grad_out, x, weight, bias, height: int, width: int, epilo
             weight.stride(0), weight.stride(2), weight.stride(3)),
             cfg["bwd_num_warps"], RESIDUAL=epilogue == "residual", IDX64=idx64,
             BLOCK_N=cfg["block_n"], TILE_W=cfg["tile_w"], WG_BLOCK_N=cfg["wgrad_block_n"],
-            WG_TILE_W=cfg["wgrad_tile_w"], BLOCK_C=cfg["block_c"], ACC=acc)
+            WG_TILE_W=cfg["wgrad_tile_w"], BLOCK_C=cfg["block_c"], ACC=acc, WG_STAGES=cfg["wgrad_stages"])
 
         grad_weight = _new_buffer(tuple(weight.shape), weight.dtype, device)
         grad_bias = _new_buffer((channels,), bias.dtype if bias is not None else weight.dtype, device)
