@@ -171,7 +171,7 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 # how many per SM, and how many state entries each program of the partial-state sum takes (64:
 # before v14). At stages 3-4 a head has few blocks: how finely the reducing passes split them,
 # whether the passes that use a state add up its partials themselves (fold_max_partials=0: never,
-# as v12), and the backward at 8 warps.
+# as v12), and the backward at 8 warps or 32-token blocks.
 _SWEEP_LAUNCH = {stage: [dict(), dict(sum_block_state=64), dict(sum_block_state=32), dict(programs_per_sm=2),
                          dict(programs_per_sm=6)] for stage in (1, 2)}
 _SWEEP_LAUNCH.update({stage: [dict(), dict(fold_max_partials=0), dict(fold_max_partials=64),

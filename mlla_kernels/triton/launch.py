@@ -139,22 +139,22 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
                  or (8 if wide_head else 4))
     blocks = triton.cdiv(num_tokens, block_n)
     programs_per_sm = _overrides.get("programs_per_sm") or PROGRAMS_PER_SM
-    splits = _overrides.get("splits") or _splits(blocks, batch_heads, device, programs_per_sm)
+    splits = _overrides.get("splits") or _splits(batch_heads, device, programs_per_sm)
     reduce_splits = splits
     if device.type == "cuda" and not {"splits", "programs_per_sm"} & set(_overrides) \
             and blocks < MIN_BLOCKS_PER_PROGRAM * splits:
-        few_blocks_splits = _splits(blocks, batch_heads, device, FEW_BLOCKS_PROGRAMS_PER_SM)
+        few_blocks_splits = _splits(batch_heads, device, FEW_BLOCKS_PROGRAMS_PER_SM)
         if direction == "backward":
             splits = reduce_splits = few_blocks_splits
         elif _split(blocks, block_n, few_blocks_splits)[0] <= FOLD_MAX_PARTIALS:
             reduce_splits = few_blocks_splits
     if "reduce_splits" in _overrides or "reduce_programs_per_sm" in _overrides:
-        reduce_splits = _overrides.get("reduce_splits") or _splits(blocks, batch_heads, device,
+        reduce_splits = _overrides.get("reduce_splits") or _splits(batch_heads, device,
                                                                    _overrides["reduce_programs_per_sm"])
     return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, *_split(blocks, block_n, reduce_splits))
 
 
-def _splits(blocks: int, batch_heads: int, device: torch.device, programs_per_sm: int) -> int:
+def _splits(batch_heads: int, device: torch.device, programs_per_sm: int) -> int:
     """Programs per (batch, head) for programs_per_sm on every SM (2 off the GPU: the interpreter)."""
     if device.type != "cuda":
         return 2
