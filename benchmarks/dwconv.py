@@ -235,14 +235,14 @@ def sweep(args):
 def host_overhead(args):
     """Host time per fused fwd+bwd (stage 4, bf16, cpe): back-to-back calls, one sync at the end;
     the GPU work is ~0.03 ms, so this is the launch path's cost. With and without the cached
-    relaunch of compiled kernels (kernels._Launcher), and the eager form for scale."""
-    from mlla_kernels.dwconv import kernels
+    relaunch of compiled kernels (mlla_kernels.cached_launch), and the eager form for scale."""
+    from mlla_kernels.cached_launch import CachedLauncher
     height, width, channels = STAGES[3]
     inputs = make_inputs(height, width, channels, torch.bfloat16, "cpe")
     result = {}
     for name, fn, fast in (("fused", fused_form("cpe"), True), ("fused_no_cached_launch", fused_form("cpe"), False),
                            ("eager", EAGER["cpe"], True)):
-        kernels._Launcher.enabled = fast
+        CachedLauncher.enabled = fast
         run = forward_backward_runner(fn, inputs, (height, width))
         for _ in range(20):
             run()
@@ -252,7 +252,7 @@ def host_overhead(args):
             run()
         torch.cuda.synchronize()
         result[name] = (time.perf_counter() - start) / 200 * 1e3
-    kernels._Launcher.enabled = True
+    CachedLauncher.enabled = True
     print("host ms per fwd+bwd (stage 4 bf16 cpe, back to back): " +
           ", ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
     # What one launch costs this host, to read the numbers above by.
