@@ -30,6 +30,7 @@ whose time (kernel JIT, cuDNN autotuning) is reported as first_call_s; peak memo
 torch.cuda.reset_peak_memory_stats, weights, optimizer state and inputs included.
 """
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -46,6 +47,9 @@ from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, be
                                quiet_mmengine, set_kernel_impls, synchronize, timing_device, write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
+PAPER_IMPLS = ("eager", "compile", "compile-graph")  # the paper's model, as it is and under torch.compile
+SECTION_GPU = ("forward", "backward", "update")
+SECTION_HOST = SECTION_GPU + ("tail", "iteration")
 DTYPES = ("fp32", "bf16")
 MODES = ("train", "inference")
 TRAIN_SIZES = ((800, 1216), (800, 1184))
@@ -138,6 +142,24 @@ def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device, step_
     return step
 
 
+def train_step_parts(model, optim_wrapper, batch: dict, dtype: str, device, step_begin=None):
+    """make_train_step's iteration as its three parts, for --sections: forward (preprocessing,
+    forward, losses), backward, and the optimizer update (step and zero_grad), which is what
+    optim_wrapper.update_params runs after the backward."""
+    def forward():
+        if step_begin is not None:
+            step_begin()
+        with autocast(dtype, device):
+            data = model.data_preprocessor(batch, True)
+            losses = model(**data, mode="loss")
+        return model.parse_losses(losses)[0]
+
+    def update():
+        optim_wrapper.step()
+        optim_wrapper.zero_grad()
+    return forward, optim_wrapper.backward, update
+
+
 def make_inference_step(model, batch: dict, dtype: str, device, step_begin=None):
     def step():
         if step_begin is not None:
@@ -162,7 +184,6 @@ class Bench:
     """One detector, switched between attention implementations and modes."""
 
     def __init__(self, args, device):
-        from mmengine.optim import build_optim_wrapper
         self.args, self.device = args, device
         cfg = detector_config(args.arch)
         # Random weights score every class near 1/81; a zero threshold keeps the 100 detections per
@@ -172,8 +193,8 @@ class Bench:
             shrink_heads_workload(cfg)
         torch.manual_seed(0)
         self.model = build_detector(cfg).to(device)
-        with quiet_mmengine():
-            self.optim_wrapper = build_optim_wrapper(self.model, cfg.optim_wrapper)
+        self.optim_wrapper_cfg = cfg.optim_wrapper
+        self.optim_wrapper = None
         self.num_classes = cfg.model.roi_head.bbox_head.num_classes
         self.scope = None  # what is compiled now
 
@@ -190,12 +211,32 @@ class Bench:
             self.step_begin = compile_scope(self.model, scope, impl)
             self.scope = scope
 
-    def step(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None):
+    def use_optimizer(self, impl: str, optimizer: str = None) -> str:
+        """A fresh optimizer wrapper (no AdamW state yet): optimizer "paper" is the paper's
+        construction, one parameter group per parameter (mmengine's default constructor, as the
+        paper's mmcv one) and AdamW's multi-tensor path; "config" is the config's (MergedGroups
+        constructor, fused AdamW). None: "paper" for the paper's model (PAPER_IMPLS), "config" for
+        ours. Returns a description."""
+        from mmengine.optim import build_optim_wrapper
+        self.optim_wrapper = None
+        free_memory(self.device)
+        cfg = copy.deepcopy(self.optim_wrapper_cfg)
+        optimizer = optimizer or ("paper" if impl in PAPER_IMPLS else "config")
+        if optimizer == "paper":
+            cfg.pop("constructor", None)
+            cfg.optimizer.pop("fused", None)
+        with quiet_mmengine():
+            self.optim_wrapper = build_optim_wrapper(self.model, cfg)
+        fused = " fused" if self.optim_wrapper.optimizer.defaults.get("fused") else ""
+        return f"{optimizer}: {len(self.optim_wrapper.optimizer.param_groups)} groups{fused}"
+
+    def step(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None, optimizer: str = None):
         self.use_impl(impl, scope)
         if mode == "train":
             self.model.train()
             batch = synthetic_batch(self.args.train_sizes, self.args.instances, self.num_classes, seed,
                                     self.device, with_targets=True)
+            self.optimizer_kind = self.use_optimizer(impl, optimizer)
             return (make_train_step(self.model, self.optim_wrapper, batch, dtype, self.device, self.step_begin),
                     len(batch["inputs"]))
         self.model.eval()
@@ -203,9 +244,12 @@ class Bench:
                                 self.device, with_targets=False)
         return make_inference_step(self.model, batch, dtype, self.device, self.step_begin), len(batch["inputs"])
 
-    def measure(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None, round_: int = None) -> dict:
+    def measure(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None, round_: int = None,
+                optimizer: str = None) -> dict:
+        """One configuration's row. optimizer: see use_optimizer; a row whose optimizer is not
+        impl's own is labelled "IMPL+OPTIMIZER-optim" (vs_eager stays against the plain eager row)."""
         args = self.args
-        row = {"arch": args.arch.upper(), "mode": mode, "impl": impl, "dtype": dtype}
+        row = {"arch": args.arch.upper(), "mode": mode, "impl": row_label(impl, optimizer), "dtype": dtype}
         if impl in COMPILED_IMPLS:
             row["compiled"] = scope
         if round_ is not None:
@@ -213,9 +257,11 @@ class Bench:
         step = None
         try:
             free_memory(self.device)
-            step, num_images = self.step(mode, impl, dtype, seed, scope)
+            step, num_images = self.step(mode, impl, dtype, seed, scope, optimizer)
             sizes = args.train_sizes if mode == "train" else [args.infer_size] * num_images
             row["images"] = " + ".join(f"{h}x{w}" for h, w in sizes)
+            if mode == "train":
+                row["optimizer"] = self.optimizer_kind
             start = time.perf_counter()
             step()
             synchronize(self.device)
@@ -229,6 +275,64 @@ class Bench:
             print(f"  {mode} {impl} {dtype}: {row['error']}", flush=True)
         finally:
             del step
+            self.optim_wrapper = None
+            if impl in COMPILED_IMPLS:
+                self.use_impl("eager")
+                torch._dynamo.reset()
+            free_memory(self.device)
+        return row
+
+    def sections(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None, round_: int = None,
+                 optimizer: str = None) -> dict:
+        """--sections: median host and GPU milliseconds of each part of a training iteration
+        (train_step_parts) over --sections iterations after 3 untimed ones. Host: from entering a part
+        to leaving it (waits at the host syncs inside included); GPU: between CUDA events recorded at
+        the parts' boundaries (gaps where the GPU waits for the host included); tail: the wait for the
+        GPU after the host has issued the whole iteration."""
+        args = self.args
+        row = {"arch": args.arch.upper(), "mode": "train-sections", "impl": row_label(impl, optimizer), "dtype": dtype}
+        try:
+            free_memory(self.device)
+            self.use_impl(impl, scope)
+            self.model.train()
+            batch = synthetic_batch(args.train_sizes, args.instances, self.num_classes, seed, self.device,
+                                    with_targets=True)
+            row["optimizer"] = self.use_optimizer(impl, optimizer)
+            parts = train_step_parts(self.model, self.optim_wrapper, batch, dtype, self.device, self.step_begin)
+            names = ("forward", "backward", "update")
+            host = {name: [] for name in names + ("tail", "iteration")}
+            gpu = {name: [] for name in names} if torch.device(self.device).type == "cuda" else {}
+            for it in range(3 + args.sections):
+                events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if gpu else [None] * 4
+                stamps = []
+                loss = None
+                for index, part in enumerate(parts):
+                    stamps.append(time.perf_counter())
+                    if gpu:
+                        events[index].record()
+                    loss = part() if index == 0 else part(loss) if index == 1 else part()
+                stamps.append(time.perf_counter())
+                if gpu:
+                    events[3].record()
+                synchronize(self.device)
+                stamps.append(time.perf_counter())
+                if it < 3:
+                    continue
+                for index, name in enumerate(names):
+                    host[name].append((stamps[index + 1] - stamps[index]) * 1e3)
+                    if gpu:
+                        gpu[name].append(events[index].elapsed_time(events[index + 1]))
+                host["tail"].append((stamps[4] - stamps[3]) * 1e3)
+                host["iteration"].append((stamps[4] - stamps[0]) * 1e3)
+            for name, values in host.items():
+                row[f"host_{name}_ms"] = statistics.median(values)
+            for name, values in gpu.items():
+                row[f"gpu_{name}_ms"] = statistics.median(values)
+        except Exception as exc:
+            row["error"] = error_text(exc)
+            print(f"  sections {impl} {dtype}: {row['error']}", flush=True)
+        finally:
+            self.optim_wrapper = None
             if impl in COMPILED_IMPLS:
                 self.use_impl("eager")
                 torch._dynamo.reset()
@@ -236,18 +340,23 @@ class Bench:
         return row
 
 
+def row_label(impl: str, optimizer: str = None) -> str:
+    return impl if optimizer is None else f"{impl}+{optimizer}-optim"
+
 
 def configurations(args) -> list:
-    """(mode, impl, dtype, seed, scope, round) to measure, in order: each round runs every impl
-    once (a compiled impl once per scope). One seed per (mode, dtype): every impl trains on the
-    same batch."""
+    """(mode, impl, dtype, seed, scope, round, optimizer) to measure, in order: each round runs
+    every impl once (a compiled impl once per scope; with --eager-config-optimizer, eager twice in
+    train). One seed per (mode, dtype): every impl trains on the same batch."""
     rounds = range(args.rounds) if args.rounds > 1 else [None]
     configs = []
     for round_ in rounds:
         for seed, (mode, dtype) in enumerate((m, d) for m in args.modes for d in args.dtypes):
             for impl in args.impls:
                 for scope in (args.compile_scopes if impl in COMPILED_IMPLS else [None]):
-                    configs.append((mode, impl, dtype, seed, scope, round_))
+                    configs.append((mode, impl, dtype, seed, scope, round_, None))
+                if impl == "eager" and mode == "train" and args.eager_config_optimizer:
+                    configs.append((mode, impl, dtype, seed, None, round_, "config"))
     return configs
 
 
@@ -286,6 +395,13 @@ def parse_args(argv=None):
     parser.add_argument("--rep-ms", type=float, default=1500.0)
     parser.add_argument("--cpu-sanity", action="store_true",
                         help="run on the CPU at tiny sizes with 1-2 repeats (checks the script, not speed)")
+    parser.add_argument("--eager-config-optimizer", action="store_true",
+                        help="train: also time the eager model with the config's optimizer construction (row "
+                             "'eager+config-optim'); the paper's model otherwise steps AdamW as the paper's code "
+                             "does, one parameter group per parameter")
+    parser.add_argument("--sections", type=int, default=0, metavar="N",
+                        help="instead of timing whole iterations, time the training iteration's parts (forward with "
+                             "losses, backward, optimizer update) on the host and on the GPU, median of N")
     parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -307,8 +423,17 @@ def main(argv=None) -> int:
     print(f"# Mask R-CNN MLLA-{args.arch.upper()} | {env['device']} | torch {env['torch']} | "
           f"triton {env['triton']}", flush=True)
     bench_ = Bench(args, device)
+    if args.sections:
+        rows = [bench_.sections(*config) for config in configurations(args) if config[0] == "train"]
+        print_table(rows, ["impl", "dtype", "optimizer"] + [f"host_{n}_ms" for n in SECTION_HOST] +
+                    [f"gpu_{n}_ms" for n in SECTION_GPU],
+                    title=f"\n## Mask R-CNN MLLA-{args.arch.upper()} training iteration by part ({env['device']}), "
+                          f"median of {args.sections}")
+        if args.json:
+            write_json(args.json, rows)
+        return 0
     rows = collect_rows(configurations(args), bench_.measure, env, args.json)
-    columns = ["mode", "impl", "compiled", "dtype", "images", "ms", "images_per_s", "vs_eager", "vs_compile",
+    columns = ["mode", "impl", "compiled", "dtype", "optimizer", "images", "ms", "images_per_s", "vs_eager", "vs_compile",
                "peak_mem_MB", "first_call_s"]
     print_speed_table(rows, columns[:1] + (["round"] if args.rounds > 1 else []) + columns[1:],
                       title=f"\n## Mask R-CNN MLLA-{args.arch.upper()} ({env['device']}); train = one iteration "

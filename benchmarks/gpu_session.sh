@@ -28,6 +28,11 @@
 #                    reduce-overhead (CUDA-graph) mode beside eager, fused-attn and fused (~7 min)
 #   detector-scopes  detector.py T, train, bf16: eager and compile-fused-graph with each --compile-scopes,
 #                    three interleaved rounds (~6 min)
+#   detector-rounds  detector.py T, train, bf16: the paper's eager model (its per-parameter AdamW groups), the
+#                    same with the config's optimizer, fused and compile-fused-graph (backbone + FPN), five
+#                    interleaved rounds after one cold compile (~5 min)
+#   detector-sections  detector.py --sections T, bf16: host and GPU time of forward, backward and optimizer
+#                    update, eager (both optimizers) and fused (~1.5 min)
 #   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)
 #   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
 #   detector-compile detector.py T with the backbone under torch.compile, train (~4 min)
@@ -130,6 +135,18 @@ for stage in "$@"; do
         --dtypes bf16 --compile-scopes backbone backbone-neck features --rounds 3 \
         --json "$out/detector_t_scopes.json" > "$out/detector_t_scopes.log" 2>&1
       tail -n 8 "$out/detector_t_scopes.log" ;;
+    detector-rounds)
+      timeout 300 python3 benchmarks/detector.py --arch t --impls compile-fused-graph --modes train --dtypes bf16 \
+        --warmup-ms 0 --rep-ms 1 > "$out/detector_rounds_cold.log" 2>&1
+      timeout 420 python3 benchmarks/detector.py --arch t --impls eager fused compile-fused-graph --modes train \
+        --dtypes bf16 --rounds 5 --eager-config-optimizer --json "$out/detector_t_rounds.json" \
+        > "$out/detector_t_rounds.log" 2>&1
+      tail -n 9 "$out/detector_t_rounds.log" ;;
+    detector-sections)
+      timeout 200 python3 benchmarks/detector.py --arch t --impls eager fused --modes train --dtypes bf16 \
+        --sections 10 --eager-config-optimizer --json "$out/detector_t_sections.json" \
+        > "$out/detector_t_sections.log" 2>&1
+      tail -n 6 "$out/detector_t_sections.log" ;;
     profile)
       timeout 140 python3 benchmarks/backbone.py --arch t --profile --modes train \
         --impls eager fused-attn fused --profile-steps 3 --json "$out/backbone_t_profile.json" \

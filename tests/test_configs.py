@@ -80,11 +80,13 @@ def test_optimizer_and_schedule(configs, key):
     cfg = configs[key]
     optimizer = cfg.optim_wrapper.optimizer
     assert cfg.optim_wrapper.type == 'OptimWrapper'
+    assert cfg.optim_wrapper.constructor == 'MergedGroupsOptimWrapperConstructor'
     assert optimizer.type == 'AdamW'
     assert optimizer.lr == 1e-4
     assert tuple(optimizer.betas) == (0.9, 0.999)
     assert optimizer.weight_decay == 0.05
-    assert set(optimizer) == {'type', 'lr', 'betas', 'weight_decay'}  # nothing left from SGD
+    assert optimizer.fused is True
+    assert set(optimizer) == {'type', 'lr', 'betas', 'weight_decay', 'fused'}  # nothing left from SGD
     assert cfg.optim_wrapper.paramwise_cfg.custom_keys['norm'] == dict(decay_mult=0.0)
 
     assert cfg.train_dataloader.batch_size == 2
@@ -186,6 +188,7 @@ def test_weight_decay_spares_exactly_the_norm_layers(configs, detectors):
         optim_wrapper = build_optim_wrapper(model, configs[('t', '1x')].optim_wrapper)
     finally:
         logger.setLevel(level)
+    assert len(optim_wrapper.optimizer.param_groups) == 2  # merged: with and without weight decay
     decay_of = {}
     for group in optim_wrapper.optimizer.param_groups:
         for param in group['params']:

@@ -54,8 +54,8 @@ param_scheduler = [
          T_max=max_iters - warmup_iters, eta_min_ratio=0.1),
 ]
 # fp32: mmengine's AmpOptimWrapper needs a GPU, and this variant is meant for CPUs.
-optim_wrapper = dict(_delete_=True, type='OptimWrapper',
-                     optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=0.05),
+optim_wrapper = dict(_delete_=True, type='OptimWrapper', constructor='MergedGroupsOptimWrapperConstructor',
+                     optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=0.05, fused=True),
                      paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)}),
                      clip_grad=dict(max_norm=10.0, norm_type=2))
 
