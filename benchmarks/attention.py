@@ -168,25 +168,18 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 
 # Launch shapes tried per (dtype, stage). At stages 1-2 a head's tokens split into many programs:
-# how many per SM, and how many state entries each program of the partial-state sum takes (64:
-# before v14). At stages 3-4 a head has few blocks: how finely the reducing passes split them,
-# whether the passes that use a state add up its partials themselves (fold_max_partials=0: never,
-# as v12), and the backward at 8 warps or 32-token blocks.
-_SWEEP_LAUNCH = {stage: [dict(), dict(sum_block_state=64), dict(sum_block_state=32), dict(programs_per_sm=2),
-                         dict(programs_per_sm=6)] for stage in (1, 2)}
-_SWEEP_LAUNCH.update({stage: [dict(), dict(fold_max_partials=0), dict(fold_max_partials=64),
-                              dict(reduce_programs_per_sm=4), dict(reduce_programs_per_sm=1),
-                              dict(num_warps_backward=8), dict(block_n_backward=32)]
+# how many per SM. At stages 3-4 a head has few blocks: how finely the reducing passes split them,
+# and the backward at 32-token blocks. At every stage, the backward at 8 warps: since v15 its
+# query_grad_state_kernel compiles at 8 warps without spilling (250 registers, so one program per
+# SM; 4 warps: 255 and 112 bytes spilled, two per SM), alone or with its reduction at fewer
+# programs per SM. (Tried and dropped in the v15 sweep, H200: the fp32 state pass on tensor cores,
+# 1.3-1.9x slower at stage 1; the partial-state sums at 64 entries; folding 0 or 64 partials.)
+_SWEEP_LAUNCH = {stage: [dict(), dict(programs_per_sm=2), dict(num_warps_backward=8),
+                         dict(num_warps_backward=8, reduce_programs_per_sm=2)] for stage in (1, 2)}
+_SWEEP_LAUNCH.update({stage: [dict(), dict(reduce_programs_per_sm=4), dict(num_warps_backward=8),
+                              dict(num_warps_backward=8, reduce_programs_per_sm=1), dict(block_n_backward=32)]
                       for stage in (3, 4)})
-# fp32's state pass runs its products on the FMA units (ieee): near issue-bound at stage 1 (36 us
-# against the output pass's 29 us for as many bytes). On tensor cores (tf32x3) it spilled at
-# 64-token blocks and 4 warps (255 registers + 144 B, triton 3.6); 32-token blocks (204 registers,
-# no spill) or 8 warps (255, no spill) may let it run there. Exact-FMA products in the other passes
-# were slower in every sweep up to v13 and are no longer tried.
-_SWEEP_FP32_MODES = [dict(dot_mode_state="tf32x3"), dict(dot_mode_state="tf32x3", block_n_forward=32),
-                     dict(dot_mode_state="tf32x3", num_warps_forward=8), dict(block_n_forward=32)]
-SWEEP_CONFIGS = {(dtype, stage): launch + (_SWEEP_FP32_MODES if dtype == "fp32" and stage == 1 else [])
-                 for dtype in DTYPES for stage, launch in _SWEEP_LAUNCH.items()}
+SWEEP_CONFIGS = {(dtype, stage): launch for dtype in DTYPES for stage, launch in _SWEEP_LAUNCH.items()}
 
 
 def sweep(args, ctx):

@@ -227,3 +227,34 @@ def matmul(a, b, acc, DOT_MODE: tl.constexpr):
     a_hi, a_lo = dot_operand(a, DOT_MODE)
     b_hi, b_lo = dot_operand(b, DOT_MODE)
     return matmul_parts(a_hi, a_lo, b_hi, b_lo, acc, DOT_MODE)
+
+
+@triton.jit
+def side_by_side(left, right, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr):
+    """(BLOCK_N, 2 * DIM_PAD): the two (BLOCK_N, DIM_PAD) tiles' columns, left's first."""
+    return tl.reshape(tl.permute(tl.join(left, right), (0, 2, 1)), (BLOCK_N, 2 * DIM_PAD))
+
+
+@triton.jit
+def quadrants(x, DIM_PAD: tl.constexpr):
+    """The four (DIM_PAD, DIM_PAD) blocks of a (2 * DIM_PAD, 2 * DIM_PAD) matrix: top-left,
+    top-right, bottom-left, bottom-right."""
+    by_column_half, by_row_half = tl.split(tl.permute(tl.reshape(x, (2, DIM_PAD, 2, DIM_PAD)), (1, 3, 0, 2)))
+    top_left, bottom_left = tl.split(by_column_half)
+    top_right, bottom_right = tl.split(by_row_half)
+    return top_left, top_right, bottom_left, bottom_right
+
+
+@triton.jit
+def token_reduction(a_left, a_right, b_left, b_right, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr,
+                    DOT_MODE: tl.constexpr):
+    """[a_left | a_right]^T [b_left | b_right], (2 * DIM_PAD, 2 * DIM_PAD), as one product from zero:
+    a reduction over a block's tokens of two pairs of tiles. Its M is 2 * DIM_PAD = 64 at d = 32,
+    which Hopper's warpgroup MMA needs (a (32 x tokens) x (tokens x 32) product alone kept every
+    product of the kernel on the older MMA, whose operands held ~130 registers a thread and spilled;
+    compiler report, NOTES v15). The caller adds the result to its running sum in fp32 (see
+    matmul_parts on why not inside the tensor cores)."""
+    a = side_by_side(a_left, a_right, BLOCK_N, DIM_PAD)
+    b = side_by_side(b_left, b_right, BLOCK_N, DIM_PAD)
+    precision: tl.constexpr = "ieee" if DOT_MODE == "ieee" else "tf32"
+    return tl.dot(tl.trans(a), b, tl.zeros((2 * DIM_PAD, 2 * DIM_PAD), dtype=tl.float32), input_precision=precision)

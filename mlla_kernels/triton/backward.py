@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, load_state,
-                      load_query_block, load_tile, matmul_parts, program_head, rope, rope_cos_sin, store_state,
-                      store_tile, tile_offsets, token_run, unrope)
+                      load_query_block, load_tile, matmul_parts, program_head, quadrants, rope, rope_cos_sin,
+                      split_tf32, store_state, store_tile, tile_offsets, token_reduction, token_run, unrope)
 
 
 @triton.jit
@@ -44,8 +44,13 @@ def query_grad_state_kernel(
     kbar = kbar * inv_n
     kv_hi, kv_lo = dot_operand(kv, DOT_MODE)
 
-    dkv = tl.zeros((DIM_PAD, DIM_PAD), dtype=tl.float32)
+    # dKV and dkbar are reduced over the tokens as one (2 DIM_PAD, 2 DIM_PAD) running sum (see
+    # token_reduction). tf32x3: [rqz_hi | rqz_lo]^T [g_hi | g_lo], whose blocks are the four
+    # hi/lo products of rqz^T g (dKV = all but lo*lo), dkbar summed apart in fp32. Other modes:
+    # [rqz | phi(q)]^T [g | w e_0]: dKV top left, dkbar the first column of the bottom right.
+    sums = tl.zeros((2 * DIM_PAD, 2 * DIM_PAD), dtype=tl.float32)
     dkbar = tl.zeros((DIM_PAD,), dtype=tl.float32)
+    first_column = (tl.arange(0, DIM_PAD) == 0)[None, :]
     start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
@@ -60,15 +65,26 @@ def query_grad_state_kernel(
         # where u = rq KV took a second.
         grad_kv = matmul_parts(grad_hi, grad_lo, tl.trans(kv_hi), tl.trans(kv_lo), zeros, DOT_MODE)
         w = -tl.sum(rq * grad_kv, axis=1) * z * z
-        dkbar += tl.sum(w[:, None] * q, axis=0)
         # z scales rq's rows, not dout's: one split of z * dout serving both products has fewer
         # instructions but ran slower on an H200 (this kernel 75 -> 82 us, bf16, MLLA-T stage 1).
-        rqz_hi, rqz_lo = dot_operand(rq * z[:, None], DOT_MODE)
-        dkv = matmul_parts(tl.trans(rqz_hi), tl.trans(rqz_lo), grad_hi, grad_lo, dkv, DOT_MODE)
+        rqz = rq * z[:, None]
+        if DOT_MODE == "tf32x3":
+            dkbar += tl.sum(w[:, None] * q, axis=0)
+            rqz_hi, rqz_lo = split_tf32(rqz)
+            sums += token_reduction(rqz_hi, rqz_lo, grad_hi, grad_lo, BLOCK_N, DIM_PAD, DOT_MODE)
+        else:
+            sums += token_reduction(rqz, q, grad, tl.where(first_column, w[:, None], 0.0), BLOCK_N, DIM_PAD,
+                                    DOT_MODE)
         drq = grad_kv * z[:, None]
         dq = (unrope(drq, cos, sin, BLOCK_N, DIM_PAD) + w[:, None] * kbar[None, :]) * feature_map_grad(q_lin)
         store_tile(block_pointer(gq_base, block_start, stride_gqk_n), gq_offsets, mask, dq)
 
+    hi_hi, hi_lo, lo_hi, bottom_right = quadrants(sums, DIM_PAD)
+    if DOT_MODE == "tf32x3":
+        dkv = hi_hi + (hi_lo + lo_hi)
+    else:
+        dkv = hi_hi
+        dkbar = tl.sum(bottom_right, axis=1)
     out_ptr = grad_state_ptr + bh * stride_partial_bh + split * stride_partial_split
     store_state(out_ptr, dkv, dkbar, HEAD_DIM, DIM_PAD, ATOMIC)
 
