@@ -253,9 +253,7 @@ def token_reduction(a_left, a_right, b_left, b_right, BLOCK_N: tl.constexpr, DIM
     which Hopper's warpgroup MMA needs (a (32 x tokens) x (tokens x 32) product alone kept every
     product of the kernel on the older MMA, whose operands held ~130 registers a thread and spilled;
     compiler report, NOTES v15). The caller adds the result to its running sum in fp32 (see
-    matmul_parts on why not inside the tensor cores). DOT_MODE "ieee": exact fp32 products (on the
-    FMA units, four times the products of the 32-row one); otherwise one tf32 product, so tf32x3
-    callers pass the hi and lo parts as the halves."""
+    matmul_parts on why not inside the tensor cores)."""
     a = side_by_side(a_left, a_right, BLOCK_N, DIM_PAD)
     b = side_by_side(b_left, b_right, BLOCK_N, DIM_PAD)
     precision: tl.constexpr = "ieee" if DOT_MODE == "ieee" else "tf32"

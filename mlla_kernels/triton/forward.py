@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from ._common import (block_mask, block_pointer, dot_operand, feature_map, load_state, load_query_block,
-                      load_tile, matmul, matmul_parts, program_head, quadrants, rope, rope_cos_sin, store_state,
-                      store_tile, tile_offsets, token_reduction, token_run)
+                      load_tile, matmul, matmul_parts, program_head, rope, rope_cos_sin, store_state, store_tile,
+                      tile_offsets, token_run)
 
 
 @triton.jit
@@ -31,37 +31,23 @@ def kv_state_kernel(
     k_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + (num_heads + head) * HEAD_DIM * stride_qk_c
     v_base = v_ptr + batch.to(tl.int64) * stride_v_b + head * HEAD_DIM * stride_v_c
 
-    # tf32: KV and the key sum come from one 64-row product, [rope(phi(k)) | phi(k)]^T [v | e_0],
-    # which takes Hopper's warpgroup MMA (token_reduction): KV top left, the key sum the first
-    # column of the bottom right. ieee and tf32x3: rope(phi(k))^T v as such, phi(k) summed
-    # elementwise over the blocks and across the tile's rows once at the end (no cross-warp
-    # reduction per block).
     kv = tl.zeros((DIM_PAD, DIM_PAD), dtype=tl.float32)
+    # phi(k) summed elementwise over the blocks and across the tile's rows once at the end: no
+    # cross-warp reduction per block.
     k_blocks = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
-    sums = tl.zeros((2 * DIM_PAD, 2 * DIM_PAD), dtype=tl.float32)
-    first_column = (tl.arange(0, DIM_PAD) == 0)[None, :]
     start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
         k = tl.where(mask, feature_map(load_tile(block_pointer(k_base, block_start, stride_qk_n), k_offsets, mask)),
                      0.0)
+        k_blocks += k
         cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
         values = load_tile(block_pointer(v_base, block_start, stride_v_n), v_offsets, mask)
-        if DOT_MODE != "tf32":
-            k_blocks += k
-            kv = matmul(tl.trans(rope(k, cos, sin, BLOCK_N, DIM_PAD)), values, kv, DOT_MODE)
-        else:
-            sums += token_reduction(rope(k, cos, sin, BLOCK_N, DIM_PAD), k, values,
-                                    tl.where(first_column & mask, 1.0, 0.0), BLOCK_N, DIM_PAD, DOT_MODE)
+        kv = matmul(tl.trans(rope(k, cos, sin, BLOCK_N, DIM_PAD)), values, kv, DOT_MODE)
 
-    if DOT_MODE != "tf32":
-        ksum = tl.sum(k_blocks, axis=0)
-    else:
-        kv, _, _, bottom_right = quadrants(sums, DIM_PAD)
-        ksum = tl.sum(bottom_right, axis=1)
     out_ptr = state_ptr + bh * stride_partial_bh + split * stride_partial_split
-    store_state(out_ptr, kv, ksum, HEAD_DIM, DIM_PAD, ATOMIC)
+    store_state(out_ptr, kv, tl.sum(k_blocks, axis=0), HEAD_DIM, DIM_PAD, ATOMIC)
 
 
 @triton.jit
