@@ -176,8 +176,9 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 # 1.3-1.9x slower at stage 1; the partial-state sums at 64 entries; folding 0 or 64 partials.)
 _SWEEP_LAUNCH = {stage: [dict(), dict(programs_per_sm=2), dict(num_warps_backward=8),
                          dict(num_warps_backward=8, reduce_programs_per_sm=2)] for stage in (1, 2)}
-_SWEEP_LAUNCH.update({stage: [dict(), dict(reduce_programs_per_sm=4), dict(num_warps_backward=8),
-                              dict(num_warps_backward=8, reduce_programs_per_sm=1), dict(block_n_backward=32)]
+_SWEEP_LAUNCH.update({stage: [dict(), dict(reduce_programs_per_sm=4), dict(programs_per_sm=2), dict(programs_per_sm=3),
+                              dict(programs_per_sm=2, reduce_programs_per_sm=1), dict(num_warps_backward=8),
+                              dict(block_n_backward=32)]
                       for stage in (3, 4)})
 SWEEP_CONFIGS = {(dtype, stage): launch for dtype in DTYPES for stage, launch in _SWEEP_LAUNCH.items()}
 
