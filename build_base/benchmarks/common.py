@@ -1,0 +1,407 @@
+"""Shared helpers of the benchmark scripts: timing, memory, bandwidth, tables, JSON, versions.
+
+Plain functions, no mmdet: any script under benchmarks/ may use them.
+
+    bench(fn, warmup_ms, rep_ms) -> median milliseconds of one call of fn
+    peak_memory_mb(fn, device)   -> peak allocated memory of one call, MiB (None off CUDA)
+    copy_bandwidth_gbs(device)   -> measured device-to-device copy bandwidth, GB/s
+    launch_costs(device)         -> host microseconds per Triton launch / ATen op / autograd step
+    print_table(rows, columns)   -> prints rows (dicts) as an aligned text table
+    collect_rows(configs, measure, env) -> rows of measure(*config), JSON rewritten per row
+    print_speed_table(rows, columns, title) -> vs_eager / vs_compile added, then the table
+    write_json(path, rows)       -> writes rows as a JSON list (NaN/inf become null)
+    environment()                -> {device, torch, triton, cuda, python}
+"""
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(fn: Callable[[], object], warmup_ms: float = 100.0, rep_ms: float = 500.0, device=None) -> float:
+    """Median time of one call of fn, in milliseconds.
+
+    On CUDA this is triton.testing.do_bench (CUDA events around each call, L2 flushed between
+    calls, warm-up then as many repeats as fit in rep_ms). Elsewhere: wall-clock per call, warm-up
+    calls for warmup_ms, then timed calls for rep_ms (at least one). Call fn once before this, so
+    that compiling or autotuning is neither timed nor mixed into do_bench's estimate.
+    """
+    if device is None:
+        device = "cuda" if cuda_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    return _bench_wall_clock(fn, warmup_ms, rep_ms)
+
+
+def _bench_wall_clock(fn, warmup_ms: float, rep_ms: float) -> float:
+    start = time.perf_counter()
+    while (time.perf_counter() - start) * 1e3 < warmup_ms:
+        fn()
+    times = []
+    start = time.perf_counter()
+    while not times or (time.perf_counter() - start) * 1e3 < rep_ms:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device) -> Optional[float]:
+    """Peak memory allocated by torch during one call of fn, MiB; None (fn not called) off CUDA.
+
+    Counts everything alive during the call (weights, optimizer state, inputs), as
+    torch.cuda.max_memory_allocated does; the counter is reset just before the call.
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+def free_memory(device) -> None:
+    """Release cached blocks so the next measurement starts from the same place."""
+    import gc
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def copy_bandwidth_gbs(device, size_mb: int = 512) -> float:
+    """Device memory bandwidth of a large copy (bytes read + bytes written per second), GB/s.
+
+    Used to turn byte counts into time floors. On the CPU it measures main-memory bandwidth.
+    """
+    numel = size_mb * 2 ** 20 // 4
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), warmup_ms=25, rep_ms=200, device=device)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+_EMPTY_KERNEL = None
+
+
+def _empty_triton_kernel():
+    """A Triton kernel that does nothing, defined on first use (TRITON_INTERPRET is read then)."""
+    global _EMPTY_KERNEL
+    if _EMPTY_KERNEL is None:
+        import triton
+
+        @triton.jit
+        def empty_kernel(ptr):
+            pass
+
+        _EMPTY_KERNEL = empty_kernel
+    return _EMPTY_KERNEL
+
+
+def launch_costs(device, calls: int = 2000) -> Dict[str, float]:
+    """Host microseconds per call of the cheapest things a training step launches, called back to
+    back with one synchronisation at the end (their GPU work is a few microseconds, so the host
+    sets the pace): an empty Triton kernel, a one-element ATen add, and a one-element multiply
+    through autograd (forward + backward: two kernels plus the autograd engine)."""
+    kernel = _empty_triton_kernel()
+    x = torch.ones(1, device=device)
+    leaf = torch.ones(1, device=device, requires_grad=True)
+
+    def backward_step():
+        leaf.grad = None
+        (leaf * 2.0).backward()
+
+    cases = {"triton_empty_launch_us": lambda: kernel[(1,)](x),
+             "aten_add_us": lambda: torch.add(x, x),
+             "autograd_mul_fwd_bwd_us": backward_step}
+    result = {}
+    for name, fn in cases.items():
+        for _ in range(min(50, calls)):
+            fn()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        result[name] = (time.perf_counter() - start) / calls * 1e6
+    return result
+
+
+def environment(device=None) -> Dict[str, str]:
+    """Names and versions that a number is meaningless without."""
+    if device is None:
+        device = "cuda" if cuda_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": str(torch.version.cuda),
+        "python": platform.python_version(),
+    }
+
+
+def _format_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and abs(value) < 0.1:
+            return f"{value:.3g}"
+        return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str], title: Optional[str] = None, file=None) -> None:
+    """Print rows (dicts) as a Markdown-style table of the given columns (missing cells: '-')."""
+    file = file or sys.stdout
+    cells = [[_format_cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
+    if title:
+        print(title, file=file)
+    print("| " + " | ".join(col.ljust(w) for col, w in zip(columns, widths)) + " |", file=file)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
+    for r in cells:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |", file=file)
+    file.flush()
+
+
+def _json_safe(value):
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path, rows: Iterable[dict]) -> None:
+    """Write rows as a JSON list (strict JSON: NaN and inf are written as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_json_safe(list(rows)), f, indent=2, default=str, allow_nan=False)
+        f.write("\n")
+
+
+def add_repo_to_path() -> None:
+    """Let `python benchmarks/x.py` import mlla_det and mlla_kernels from the source tree."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def error_text(exc: BaseException, limit: int = 160) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --- mmdetection side (imported lazily: the helpers above must work without mmdet) ---
+
+ARCHS = ("t", "s", "b")
+
+
+def config_path(arch: str, schedule: str = "1x") -> Path:
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    return REPO_ROOT / "configs" / "mlla" / f"mask-rcnn_mlla-{arch}_fpn_{schedule}_coco.py"
+
+
+def detector_config(arch: str, attn_impl: str = "auto", conv_impl: str = "reference"):
+    """The Mask R-CNN config of the paper's row for `arch`, without pretrained weights."""
+    add_repo_to_path()
+    from mmengine.config import Config
+    path = config_path(arch)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config for MLLA-{arch.upper()} at {path}")
+    cfg = Config.fromfile(str(path))
+    # Random weights: the numbers measured here do not depend on them, and no checkpoint is needed.
+    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.attn_impl = attn_impl
+    cfg.model.backbone.conv_impl = conv_impl
+    return cfg
+
+
+def build_detector(cfg):
+    import mlla_det  # noqa: F401  registers MLLA and provides mmcv's ops without compiling mmcv
+    # mlla_det's mmcv._ext stand-in imports torchvision at the first nms/roi_align. Inside a
+    # torch.jit trace (flops.py) that first import fails: it calls torchvision::_cuda_version,
+    # whose int output the tracer rejects. Importing it here keeps the import out of any trace.
+    import torchvision  # noqa: F401
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    model = MODELS.build(cfg.model)
+    with quiet_mmengine():  # mmdet's own initialisation, without its INFO line per tensor
+        model.init_weights()
+    return model
+
+
+@contextlib.contextmanager
+def quiet_mmengine():
+    """Silence mmengine's INFO logging (one line per tensor from init_weights and optimizers)."""
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel("WARNING")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# What each benchmarked implementation sets on the backbone: (attn_impl, conv_impl).
+# eager/compile: the paper's block as PyTorch ops; fused-attn: only the attention fused;
+# fused: everything the package fuses (the backbone's default on CUDA); compile-fused: torch.compile
+# of the fused backbone (the kernels stay opaque custom ops, inductor fuses what lies between them);
+# *-graph: the same compiled with mode="reduce-overhead" (CUDA graphs).
+KERNEL_IMPLS = {
+    "eager": ("reference", "reference"),
+    "compile": ("reference", "reference"),
+    "fused-attn": ("auto", "reference"),
+    "fused": ("auto", "auto"),
+    "compile-fused": ("auto", "auto"),
+    "compile-graph": ("reference", "reference"),
+    "compile-fused-graph": ("auto", "auto"),
+}
+# The implementations that run the backbone under torch.compile, and its mode for each:
+# "reduce-overhead" replays the compiled code from CUDA graphs (one recorded per input shape).
+COMPILE_MODES = {"compile": "default", "compile-fused": "default", "compile-graph": "reduce-overhead",
+                 "compile-fused-graph": "reduce-overhead"}
+COMPILED_IMPLS = tuple(COMPILE_MODES)
+
+
+def compile_in_mode(fn, impl: str):
+    """(torch.compile of fn (a module or a method) in impl's mode, the marker to call at the start
+    of every step or None). CUDA-graph replays need the marker: it tells torch that the outputs of
+    the previous step are no longer read, so their memory may be overwritten."""
+    mode = COMPILE_MODES[impl]
+    marker = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None
+    return torch.compile(fn, mode=mode), marker
+
+
+def timing_device(script: str, cpu_sanity: bool):
+    """"cuda" to time on, "cpu" for a --cpu-sanity run, or None (after saying so) when there is no
+    GPU and no sanity run was asked for: the caller then exits 0."""
+    if cpu_sanity:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    print(f"{script}: no CUDA device; nothing to time. Use --cpu-sanity to check the script on the CPU.")
+    return None
+
+
+def default_impls_without_compile(impls, all_impls, also_skip=()):
+    """--cpu-sanity: torch.compile on the CPU needs a C++ toolchain and minutes, so the default
+    list of implementations drops the compiled ones and those in also_skip (asked for by name,
+    they stay)."""
+    if list(impls) == list(all_impls):
+        return [impl for impl in all_impls if impl not in COMPILED_IMPLS and impl not in also_skip]
+    return impls
+
+
+def raise_recompile_limits(limit: int = 256) -> None:
+    """Let torch.compile keep one graph per benchmarked shape and dtype instead of falling back to
+    eager after its default handful of recompiles."""
+    torch._dynamo.config.cache_size_limit = limit
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = limit
+
+
+def fmt(x, spec=".3f") -> str:
+    """A number for a text table, "-" for a missing one."""
+    return "-" if x is None else format(x, spec)
+
+
+def ratio(a, b) -> str:
+    """a / b as "1.5x", "-" when either is missing."""
+    return "-" if a is None or b is None else f"{a / b:.1f}x"
+
+
+def autocast(dtype: str, device, graphed: bool = False):
+    """The benchmarks' dtypes: "fp32" runs as is, "bf16" is fp32 weights under torch.autocast(bfloat16).
+    graphed: for CUDA-graph capture and replay, which need autocast's weight-cast cache off."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, cache_enabled=not graphed)
+
+
+def add_speedups(rows) -> None:
+    """vs_eager / vs_compile: the eager / compile row's time over this row's (same mode, dtype and,
+    where rows carry one, round)."""
+    for base_impl in ("eager", "compile"):
+        base_ms = {(r["mode"], r["dtype"], r.get("round")): r.get("ms") for r in rows if r["impl"] == base_impl}
+        for row in rows:
+            base = base_ms.get((row["mode"], row["dtype"], row.get("round")))
+            if base and row.get("ms"):
+                row[f"vs_{base_impl}"] = base / row["ms"]
+
+
+def collect_rows(configs, measure: Callable[..., dict], env: dict, json_path=None, echo: bool = True) -> list:
+    """Rows of measure(*config) for each config, each with the environment's fields. The JSON is
+    rewritten after every row, so a run cut short still leaves its numbers; echo prints a line per
+    row as it comes."""
+    rows = []
+    for config in configs:
+        row = dict(measure(*config), **env)
+        rows.append(row)
+        if json_path:
+            write_json(json_path, rows)
+        if echo:
+            impl = row["impl"] + (f" [{row['compiled']}]" if row.get("compiled") else "")
+            print(f"  {row['mode']:9s} {impl:10s} {row['dtype']}: "
+                  + (f"{row['ms']:.2f} ms" if "ms" in row else "failed"), flush=True)
+    return rows
+
+
+def print_speed_table(rows: Sequence[dict], columns: Sequence[str], title: str) -> None:
+    """add_speedups, then the table of `columns` (plus an error column when a row failed)."""
+    add_speedups(rows)
+    print_table(rows, list(columns) + (["error"] if any("error" in r for r in rows) else []), title=title)
+
+
+def set_kernel_impls(model: torch.nn.Module, impl: str) -> int:
+    """Switch every MLLA attention and block of model to the implementation `impl` (a key of
+    KERNEL_IMPLS); returns how many modules were switched."""
+    attn_impl, conv_impl = KERNEL_IMPLS[impl]
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "attn_impl"):
+            module.attn_impl = attn_impl
+            switched += 1
+        if hasattr(module, "conv_impl"):
+            module.conv_impl = conv_impl
+            switched += 1
+    if switched == 0:
+        raise ValueError("model has no module with an `attn_impl` or `conv_impl` attribute (is it an MLLA model?)")
+    return switched

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks and measures, as stages run in the order given; pick the stages
+# so that one device call stays under 10 minutes. On the GPU machine, from the project's root,
+# with .whl carried:
+#   source .whl/prelude.sh && bash benchmarks/gpu_session.sh tests dwconv backbone
+# Stages (rough H100/H200 wall time):
+#   tests            all GPU tests, three pytest processes side by side (~3 min, compiles included)
+#   attention-sweep  launch shapes and product modes of the fused op at MLLA-T stages 1, 3 and 4, per-kernel
+#                    times, host profile; no table (~1 min)
+#   tests-attention  the attention's GPU tests alone (~2 min)
+#   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
+#   attention        benchmarks/attention.py, MLLA-T and -B, the torch.compile graphs compiled by 8 workers
+#                    side by side first (~2.5 min)
+#   dwconv-sweep     launch shapes of the dwconv kernels at the four MLLA-T stages, CUDA-graph timed (~1 min)
+#   dwconv           benchmarks/dwconv.py, fwd+bwd compiled once per conv (~2 min)
+#   backbone         benchmarks/backbone.py T: eager, fused-attn, fused; train + inference (~2 min)
+#   backbone-compile torch.compile of the eager and of the fused backbone, train, bf16 (~5 min:
+#                    the eager fp32 one compiled in 121 s on an H200)
+#   backbone-all     backbone.py T, every impl x mode x dtype in one run, compile caches warmed first by
+#                    eight workers side by side (~8 min)
+#   detector-all     the same for detector.py (~8 min)
+#   backbone-graphs  backbone.py T, eager and fused, launched and replayed from CUDA graphs (make_graphed_callables),
+#                    train + inference, fp32 + bf16 (~4 min)
+#   backbone-compile-graphs  train, fp32 + bf16: torch.compile default and mode="reduce-overhead" of the eager and
+#                    the fused backbone (compiled first by 8 workers side by side) beside eager, fused and
+#                    fused-graph (~8 min)
+#   detector-graphs  detector.py T, train: backbone + FPN (the default --compile-scopes) compiled in default and
+#                    reduce-overhead (CUDA-graph) mode beside eager, fused-attn and fused (~7 min)
+#   detector-scopes  detector.py T, train, bf16: eager and compile-fused-graph with each --compile-scopes,
+#                    three interleaved rounds (~6 min)
+#   detector-rounds  detector.py T, train, bf16: the paper's eager model (its per-parameter AdamW groups), the
+#                    same with the config's optimizer, fused and compile-fused-graph (backbone + FPN), five
+#                    interleaved rounds after one cold compile (~5 min)
+#   detector-sections  detector.py --sections T, bf16: host and GPU time of forward, backward and optimizer
+#                    update, eager (both optimizers) and fused (~1.5 min)
+#   profile          backbone.py --profile T, train, fp32 and bf16: eager, fused-attn, fused (~2 min)
+#   detector         benchmarks/detector.py T: eager, fused-attn, fused (~2 min)
+#   detector-compile detector.py T with the backbone under torch.compile, train (~4 min)
+#   bundle           pack everything in $OUT into $OUT/session.tgz (the device tool brings back
+#                    at most 8 files); run it last
+#   shapes           the quick start: train, evaluate, render a prediction (~9 min)
+#   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
+#                    prediction (needs a 2-GPU machine; ~8 min on 2 x H200: run it alone)
+# Full logs and JSON go to $OUT (the device tool brings them back); short summaries print.
+# The golden-data tests need ../shared/reference on the GPU machine too, where only the repository
+# travels: once here, `mkdir -p shared && cp -r ../shared/reference shared/ && echo /shared/ >>
+# .git/info/exclude`, then carry "shared" (30 MB) with ".whl".
+set -uo pipefail
+[ $# -ge 1 ] || { echo "usage: gpu_session.sh STAGE... (see the header)" >&2; exit 2; }
+out=${OUT:-/tmp/gpu_session}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+reference_dir=${MLLA_REFERENCE_DIR:-shared/reference}
+[ -d "$reference_dir" ] || reference_dir=../shared/reference
+export MLLA_REFERENCE_DIR=$reference_dir
+
+stamp() { echo "== $1 ($(date +%T))"; }
+gpu_tests() { timeout 400 python3 -m pytest -m gpu -q -rf "$@"; }
+# compile_then_time SCRIPT NAME MODES COLD_IMPLS TIMED_IMPLS TAIL_LINES: benchmarks/SCRIPT.py (MLLA-T) for
+# MODES x fp32/bf16 in one timed run of TIMED_IMPLS, into $out/SCRIPT_NAME.{json,log}. First one worker
+# process per (COLD_IMPLS entry, mode, dtype), side by side, compiles the torch.compile graphs, so that
+# the timed run compiles from Inductor's on-disk caches; the workers' logs keep the cold compile times
+# (first_call_s, inflated by compiling side by side) and their rows, timed while others compile.
+compile_then_time() {
+  local script=benchmarks/$1.py name=$1_$2 modes=$3 cold=$4 timed=$5 lines=$6 impl mode dtype
+  for impl in $cold; do for mode in $modes; do for dtype in fp32 bf16; do
+    timeout 300 python3 "$script" --arch t --impls "$impl" --modes "$mode" --dtypes "$dtype" --warmup-ms 0 \
+      --rep-ms 1 --json "$out/${name}_cold_${impl}_${mode}_${dtype}.json" \
+      > "$out/${name}_cold_${impl}_${mode}_${dtype}.log" 2>&1 &
+  done; done; done
+  wait
+  grep -h -E "^\| +(train|inference)" "$out/${name}"_cold_*.log
+  # shellcheck disable=SC2086  # the lists are word lists
+  timeout 330 python3 "$script" --arch t --modes $modes --impls $timed --json "$out/$name.json" > "$out/$name.log" 2>&1
+  tail -n "$lines" "$out/$name.log"
+}
+
+for stage in "$@"; do
+  stamp "$stage"
+  case "$stage" in
+    tests|tests-no-dwconv|tests-attention)
+      # Three pytest processes side by side: the dwconv file, the attention file, everything else.
+      [ "$stage" = tests ] && gpu_tests tests/test_dwconv.py > "$out/gpu_tests_dwconv.log" 2>&1 &
+      gpu_tests tests/test_linear_attention_triton.py > "$out/gpu_tests_attention.log" 2>&1 &
+      [ "$stage" != tests-attention ] && gpu_tests tests --ignore tests/test_dwconv.py \
+        --ignore tests/test_linear_attention_triton.py > "$out/gpu_tests_other.log" 2>&1 &
+      wait
+      tail -n 6 "$out"/gpu_tests_*.log ;;
+    attention-sweep)
+      timeout 300 python3 benchmarks/attention.py --json "$out/attention_sweep.json" --sweep-budget-s 220 \
+        --sweep-stages 1 3 4 --sweep-only --profile-host > "$out/attention_sweep.log" 2>&1
+      grep -E "^sweep|^  kernel|^host" "$out/attention_sweep.log" ;;
+    attention)
+      timeout 370 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \
+        --compile-budget-s 150 > "$out/attention.log" 2>&1
+      grep -E "^compile" "$out/attention.log"; tail -n 36 "$out/attention.log" ;;
+    dwconv)
+      timeout 200 python3 benchmarks/dwconv.py --json "$out/dwconv.json" --compile dynamic \
+        --compile-modes fwd_bwd --compile-budget-s 45 --sweep-budget-s 0 > "$out/dwconv.log" 2>&1
+      tail -n 30 "$out/dwconv.log" ;;
+    dwconv-sweep)
+      timeout 200 python3 benchmarks/dwconv.py --json "$out/dwconv_sweep.json" --sweep-only --sweep-budget-s 150 \
+        > "$out/dwconv_sweep.log" 2>&1
+      grep -E "^sweep|^host" "$out/dwconv_sweep.log" ;;
+    backbone)
+      timeout 200 python3 benchmarks/backbone.py --arch t --impls eager fused-attn fused \
+        --json "$out/backbone_t.json" > "$out/backbone_t.log" 2>&1
+      tail -n 16 "$out/backbone_t.log" ;;
+    backbone-compile)
+      timeout 420 python3 benchmarks/backbone.py --arch t --impls eager compile fused-attn fused compile-fused --modes train \
+        --dtypes bf16 --json "$out/backbone_t_compile.json" > "$out/backbone_t_compile.log" 2>&1
+      tail -n 6 "$out/backbone_t_compile.log" ;;
+    backbone-all)
+      compile_then_time backbone t_all "train inference" "compile compile-fused" \
+        "eager fused-attn fused compile compile-fused" 24 ;;
+    detector-all)
+      compile_then_time detector t_all "train inference" compile "eager fused-attn fused compile" 24 ;;
+    backbone-graphs)
+      timeout 330 python3 benchmarks/backbone.py --arch t --impls eager eager-graph fused fused-graph \
+        --json "$out/backbone_t_graphs.json" > "$out/backbone_t_graphs.log" 2>&1
+      tail -n 20 "$out/backbone_t_graphs.log" ;;
+    backbone-compile-graphs)
+      compile_then_time backbone t_compile_graphs train "compile compile-graph compile-fused compile-fused-graph" \
+        "eager fused fused-graph compile compile-graph compile-fused compile-fused-graph" 18 ;;
+    detector-graphs)
+      compile_then_time detector t_graphs train "compile compile-graph compile-fused-graph" \
+        "eager fused-attn fused compile compile-graph compile-fused-graph" 16 ;;
+    detector-scopes)
+      for scope in backbone backbone-neck features; do
+        timeout 300 python3 benchmarks/detector.py --arch t --impls compile-fused-graph --modes train --dtypes bf16 \
+          --compile-scopes "$scope" --warmup-ms 0 --rep-ms 1 > "$out/detector_scopes_cold_$scope.log" 2>&1 &
+      done
+      wait
+      timeout 330 python3 benchmarks/detector.py --arch t --impls eager compile-fused-graph --modes train \
+        --dtypes bf16 --compile-scopes backbone backbone-neck features --rounds 3 \
+        --json "$out/detector_t_scopes.json" > "$out/detector_t_scopes.log" 2>&1
+      tail -n 8 "$out/detector_t_scopes.log" ;;
+    detector-rounds)
+      timeout 300 python3 benchmarks/detector.py --arch t --impls compile-fused-graph --modes train --dtypes bf16 \
+        --warmup-ms 0 --rep-ms 1 > "$out/detector_rounds_cold.log" 2>&1
+      timeout 420 python3 benchmarks/detector.py --arch t --impls eager fused compile-fused-graph --modes train \
+        --dtypes bf16 --rounds 5 --eager-config-optimizer --json "$out/detector_t_rounds.json" \
+        > "$out/detector_t_rounds.log" 2>&1
+      tail -n 9 "$out/detector_t_rounds.log" ;;
+    detector-sections)
+      timeout 200 python3 benchmarks/detector.py --arch t --impls eager fused --modes train --dtypes bf16 \
+        --sections 10 --eager-config-optimizer --json "$out/detector_t_sections.json" \
+        > "$out/detector_t_sections.log" 2>&1
+      tail -n 6 "$out/detector_t_sections.log" ;;
+    profile)
+      timeout 140 python3 benchmarks/backbone.py --arch t --profile --modes train \
+        --impls eager fused-attn fused --profile-steps 3 --json "$out/backbone_t_profile.json" \
+        > "$out/backbone_t_profile.log" 2>&1
+      grep -E "^## |attention op" "$out/backbone_t_profile.log" ;;
+    detector)
+      timeout 200 python3 benchmarks/detector.py --arch t --impls eager fused-attn fused \
+        --json "$out/detector_t.json" > "$out/detector_t.log" 2>&1
+      tail -n 12 "$out/detector_t.log" ;;
+    detector-compile)
+      timeout 300 python3 benchmarks/detector.py --arch t --impls compile --modes train \
+        --json "$out/detector_t_compile.json" > "$out/detector_t_compile.log" 2>&1
+      tail -n 5 "$out/detector_t_compile.log" ;;
+    shapes)
+      timeout 560 python3 tools/shapes_quickstart.py --work-dir /tmp/shapes_work --data-root /tmp/shapes_data \
+        > "$out/shapes_quickstart.log" 2>&1
+      echo "quickstart exit: $?"
+      cp /tmp/shapes_work/metrics.json /tmp/shapes_work/prediction.png "$out/" 2>/dev/null
+      grep -E "mAP_copypaste" "$out/shapes_quickstart.log"; tail -n 8 "$out/shapes_quickstart.log" ;;
+    dist)
+      timeout 570 bash benchmarks/scaling_2gpu.sh "$out" > "$out/dist.log" 2>&1
+      echo "dist exit: $?"; tail -n 25 "$out/dist.log" ;;
+    bundle)
+      tar czf /tmp/session.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/session.tgz "$out/" ;;
+    *)
+      echo "unknown stage $stage (see the header of $0)" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,80 @@
+"""Launching Triton kernels with less host work per call.
+
+Triton's `kernel[grid](...)` re-derives the specialisation (argument types, 16-byte alignment of
+pointers and integers, integers equal to 1) and its cache key on every call: tens of microseconds
+of host time per launch, more than the whole GPU work of a kernel at the small stages, paid by
+every eager (not CUDA-graphed) training step. `launch` keeps the compiled kernel of each
+specialisation and calls its own launcher directly after the first launch.
+"""
+import os
+import warnings
+
+import torch
+
+
+class CachedLauncher:
+    """fn[grid](*args, **constexprs), minus JITFunction.run's per-call work after the first.
+
+    The first launch of a specialisation goes through Triton and returns its compiled kernel;
+    later launches with the same specialisation (key computed below, at least as fine as
+    Triton's) call that kernel's own launcher with the same argument list JITFunction.run passes
+    (all parameters, constexprs included, grid padded to 3 dimensions). If the compiled kernel
+    does not look as expected, every launch takes the ordinary path; if a cached launch raises,
+    the cache is switched off for the process (with a warning) and the launch is redone the
+    ordinary way. MLLA_CACHED_LAUNCH=0 switches it off up front.
+    """
+
+    enabled = os.environ.get("MLLA_CACHED_LAUNCH", "1") != "0"
+    hits = 0
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = {}
+        names = list(getattr(fn, "arg_names", []))
+        self.constexpr_names = [p.name for p in getattr(fn, "params", []) if p.is_constexpr]
+        self.n_runtime = len(names) - len(self.constexpr_names)
+
+    @staticmethod
+    def _spec(arg):
+        if isinstance(arg, torch.Tensor):
+            return (arg.dtype, arg.data_ptr() % 16 == 0)
+        if isinstance(arg, bool):
+            return ("b", arg)
+        if isinstance(arg, int):
+            return (arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31)
+        return (type(arg), arg)
+
+    def __call__(self, grid, args, num_warps, **constexprs):
+        if not CachedLauncher.enabled or len(args) != self.n_runtime:
+            return self.fn[grid](*args, num_warps=num_warps, **constexprs)
+        const_values = tuple(constexprs[name] for name in self.constexpr_names)
+        key = (tuple(self._spec(a) for a in args), const_values, num_warps, torch.cuda.current_device())
+        kernel = self.compiled.get(key)
+        if kernel is not None:
+            grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+            try:
+                kernel[grid3](*args, *const_values)
+                CachedLauncher.hits += 1
+                return
+            except Exception as exc:  # keep working, say so: the ordinary path below redoes it
+                CachedLauncher.enabled = False
+                warnings.warn(f"mlla_kernels: cached Triton relaunch failed ({type(exc).__name__}: {exc}); "
+                              f"using Triton's ordinary launch path from now on")
+        kernel = self.fn[grid](*args, num_warps=num_warps, **constexprs)
+        if CachedLauncher.enabled and hasattr(kernel, "packed_metadata") and hasattr(kernel, "__getitem__"):
+            self.compiled[key] = kernel
+
+
+_LAUNCHERS = {}
+
+
+def launch(fn, grid, args: tuple, num_warps: int, **constexprs) -> None:
+    """fn[grid](*args, num_warps=num_warps, **constexprs), args being every runtime parameter in
+    order; through CachedLauncher for CUDA tensors, the ordinary way in the interpreter."""
+    if args[0].device.type != "cuda":
+        fn[grid](*args, num_warps=num_warps, **constexprs)
+        return
+    launcher = _LAUNCHERS.get(fn)
+    if launcher is None:
+        launcher = _LAUNCHERS[fn] = CachedLauncher(fn)
+    launcher(grid, args, num_warps, **constexprs)

@@ -1,0 +1,331 @@
+"""Host side of the kernels: checks, launch geometry, workspaces, and the two passes of each
+direction. The custom ops in op.py call attention_forward / attention_backward.
+"""
+import contextlib
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+
+from ..cached_launch import launch
+from ..device import on_device
+from ..linear_attention import TRITON_DTYPES, check_inputs
+from .backward import key_value_grad_kernel, query_grad_state_kernel
+from .forward import kv_state_kernel, output_kernel, sum_partials_kernel
+
+SUPPORTED_DTYPES = TRITON_DTYPES
+# Programs to aim for per SM in a pass: enough to hide memory latency with several resident. Where
+# that would leave each program fewer than MIN_BLOCKS_PER_PROGRAM blocks (MLLA-T stages 3-4), the
+# backward runs FEW_BLOCKS_PROGRAMS_PER_SM with twice the blocks each (its kernels hold 255
+# registers a thread, two programs resident per SM; the v9 sweep on an H200 timed it 7-9% faster
+# there), and so does the forward's reducing pass when that leaves few enough partial states for
+# the output pass to add up itself (FOLD_MAX_PARTIALS; v13 sweep: -3% fwd+bwd at stage 4 against
+# folding 16 partials from 4 programs per SM, slower at stage 2 where it would not fold).
+PROGRAMS_PER_SM = 4
+FEW_BLOCKS_PROGRAMS_PER_SM = 2
+MIN_BLOCKS_PER_PROGRAM = 4
+# How the small matrix products (BLOCK_N x d x d per block) run: "ieee" (exact fp32 products on
+# the FMA units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or
+# "tf32" (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are
+# phi(x) after RoPE in fp32 whatever the input dtype. Defaults per input dtype and pass (state,
+# output, backward), from the H200 sweeps (NOTES.md v6, v7, v9): fp32 keeps fp32 accuracy with
+# ieee in the state pass (~170 registers instead of 255 with tf32x3, so a third program fits per
+# SM: 38 vs 54 us at MLLA-T stage 1) and tf32x3 in the output pass (29 vs 38 us) and the backward
+# (0.26 vs 0.44 ms fwd+bwd); 16-bit inputs carry 8-11 mantissa bits, so tf32's rounding is below
+# their own. MLLA_DOT_MODE forces one mode for every dtype and pass.
+DOT_MODES = ("ieee", "tf32", "tf32x3")
+DIRECTIONS = ("forward", "backward")
+PASSES = ("state", "output", "backward")
+FORWARD_PASSES = ("state", "output")
+DEFAULT_DOT_MODES = {torch.float32: ("ieee", "tf32x3", "tf32x3"), torch.float16: ("tf32", "tf32", "tf32"),
+                     torch.bfloat16: ("tf32", "tf32", "tf32")}
+_DOT_MODE_FORCED = os.environ.get("MLLA_DOT_MODE") or None
+if _DOT_MODE_FORCED is not None and _DOT_MODE_FORCED not in DOT_MODES:
+    raise ValueError(f"MLLA_DOT_MODE must be one of {DOT_MODES}, got {_DOT_MODE_FORCED!r}")
+
+
+# The deterministic sum of the per-split partial states: at most MAX_BLOCK_SPLITS partials per step,
+# BLOCK_STATE entries of a head per program, halved from MAX_BLOCK_STATE down to MIN_BLOCK_STATE
+# while that leaves fewer than SUM_PROGRAMS_PER_SM programs per SM (MLLA-T stage 1 has 4 heads:
+# 68 programs of 64 entries for 132 SMs).
+SUM_MAX_BLOCK_SPLITS = 64
+SUM_MAX_BLOCK_STATE = 64
+SUM_MIN_BLOCK_STATE = 16
+SUM_PROGRAMS_PER_SM = 2
+# Up to this many partial states per head, each program of the pass that needs the state adds them
+# up itself (4 KB apiece at d = 32, read from L2) instead of a summing kernel running in between.
+FOLD_MAX_PARTIALS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    block_n: int          # tokens per block; >= 16 for tl.dot
+    splits: int           # programs per (batch, head) along the tokens
+    tokens_per_split: int  # a multiple of block_n
+    num_warps: int
+    reduce_splits: int    # the same two for the pass that reduces over the tokens
+    reduce_tokens_per_split: int
+
+
+_overrides: dict = {}
+
+
+@contextlib.contextmanager
+def launch_overrides(**kwargs):
+    """Force block_n (both directions) / block_n_forward / block_n_backward / splits /
+    programs_per_sm / reduce_splits and reduce_programs_per_sm (the reducing pass only) /
+    fold_max_partials (0: never fold) / sum_block_state / num_warps (both directions) /
+    num_warps_forward / num_warps_backward / dot_mode (every pass) / dot_mode_forward (both forward
+    passes) / dot_mode_state / dot_mode_output / dot_mode_backward: tests use it to get many splits
+    and partial blocks from a few dozen tokens under the interpreter, the benchmark to sweep
+    launch shapes."""
+    mode_keys = {"dot_mode", "dot_mode_forward", *(f"dot_mode_{name}" for name in PASSES)}
+    unknown = set(kwargs) - mode_keys - {"block_n", "block_n_forward", "block_n_backward", "splits",
+                                         "num_warps", "num_warps_forward",
+                                         "num_warps_backward", "programs_per_sm",
+                                         "reduce_splits", "reduce_programs_per_sm", "fold_max_partials",
+                                         "sum_block_state"}
+    if unknown:
+        raise TypeError(f"unknown launch overrides {sorted(unknown)}")
+    for key in mode_keys & set(kwargs):
+        if kwargs[key] not in DOT_MODES:
+            raise ValueError(f"{key} must be one of {DOT_MODES}, got {kwargs[key]!r}")
+    saved = dict(_overrides)
+    _overrides.update(kwargs)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device,
+                  direction: str) -> LaunchConfig:
+    """Tile, split and warp counts of one direction ("forward" or "backward") at this shape."""
+    # Called once per direction on the host's critical path: remember the answers.
+    key = (num_tokens, batch_heads, head_dim, device.type, device.index, direction,
+           tuple(sorted(_overrides.items())))
+    cfg = _launch_configs.get(key)
+    if cfg is None:
+        cfg = _launch_configs[key] = _new_launch_config(num_tokens, batch_heads, head_dim, device, direction)
+    return cfg
+
+
+_launch_configs: dict = {}
+
+
+def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device: torch.device,
+                       direction: str) -> LaunchConfig:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    # Tile shapes from the compiler's register reports and the H200 sweeps (NOTES.md v3, v5, v6):
+    # d = 64 spills at 32 tokens, so 16 there with 8 warps; at d <= 32, 64-token tiles and 4 warps
+    # in both directions (fewest instructions per token; 8 warps or 32 tokens were slower at
+    # every stage in the sweeps).
+    wide_head = triton.next_power_of_2(head_dim) > 32
+    block_n = _overrides.get(f"block_n_{direction}") or _overrides.get("block_n") or (16 if wide_head else 64)
+    num_warps = (_overrides.get(f"num_warps_{direction}") or _overrides.get("num_warps")
+                 or (8 if wide_head else 4))
+    blocks = triton.cdiv(num_tokens, block_n)
+    programs_per_sm = _overrides.get("programs_per_sm") or PROGRAMS_PER_SM
+    splits = _overrides.get("splits") or _splits(batch_heads, device, programs_per_sm)
+    reduce_splits = splits
+    if device.type == "cuda" and not {"splits", "programs_per_sm"} & set(_overrides) \
+            and blocks < MIN_BLOCKS_PER_PROGRAM * splits:
+        few_blocks_splits = _splits(batch_heads, device, FEW_BLOCKS_PROGRAMS_PER_SM)
+        if direction == "backward":
+            splits = reduce_splits = few_blocks_splits
+        elif _split(blocks, block_n, few_blocks_splits)[0] <= FOLD_MAX_PARTIALS:
+            reduce_splits = few_blocks_splits
+    if "reduce_splits" in _overrides or "reduce_programs_per_sm" in _overrides:
+        reduce_splits = _overrides.get("reduce_splits") or _splits(batch_heads, device,
+                                                                   _overrides["reduce_programs_per_sm"])
+    return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, *_split(blocks, block_n, reduce_splits))
+
+
+def _splits(batch_heads: int, device: torch.device, programs_per_sm: int) -> int:
+    """Programs per (batch, head) for programs_per_sm on every SM (2 off the GPU: the interpreter)."""
+    if device.type != "cuda":
+        return 2
+    return triton.cdiv(programs_per_sm * _sm_count(device.index or 0), batch_heads)
+
+
+def _split(blocks: int, block_n: int, splits: int):
+    """(splits, tokens_per_split): runs of whole blocks, none empty."""
+    splits = max(1, min(splits, blocks))
+    blocks_per_split = triton.cdiv(blocks, splits)
+    return triton.cdiv(blocks, blocks_per_split), blocks_per_split * block_n
+
+
+def _padded(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def check_triton_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int) -> None:
+    """check_inputs plus what the kernels in particular need."""
+    check_inputs(qk, v, hw_shape, num_heads)
+    if v.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton linear attention needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
+                         f"kernels on the CPU), got tensors on {v.device}")
+    if v.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton linear attention supports float32, float16 and bfloat16, got {v.dtype}; "
+                        f"use impl='reference' for other dtypes")
+    head_dim = v.shape[-1] // num_heads
+    if head_dim % 2 != 0:
+        raise ValueError(f"the Triton linear attention needs an even head dim (RoPE pairs must not straddle "
+                         f"heads), got C = {v.shape[-1]} over {num_heads} heads = {head_dim}; "
+                         f"use impl='reference'")
+
+
+def check_offsets_fit(block_n: int, dim_pad: int, *tensors: torch.Tensor) -> None:
+    """The kernels address a block of tokens by int32 offsets from the block's first row."""
+    for t in tensors:
+        reach = (block_n - 1) * abs(t.stride(1)) + (dim_pad - 1) * abs(t.stride(2))
+        if reach >= 2 ** 31:
+            raise ValueError(f"a tensor of shape {tuple(t.shape)} with strides {t.stride()} spans more than 2**31 "
+                             f"elements within one block of {block_n} tokens; pass a contiguous tensor")
+
+
+def _geometry(v: torch.Tensor, num_heads: int):
+    batch, num_tokens, channels = v.shape
+    head_dim = channels // num_heads
+    return batch, num_tokens, channels, head_dim, _padded(head_dim)
+
+
+def dot_mode(dtype: torch.dtype, pass_name: str) -> str:
+    """The product mode of one pass ("state", "output" or "backward") for inputs of this dtype:
+    override of the pass > dot_mode_forward (forward passes) > dot_mode > MLLA_DOT_MODE > default."""
+    forward = _overrides.get("dot_mode_forward") if pass_name in FORWARD_PASSES else None
+    return (_overrides.get(f"dot_mode_{pass_name}") or forward or _overrides.get("dot_mode") or _DOT_MODE_FORCED
+            or DEFAULT_DOT_MODES[dtype][PASSES.index(pass_name)])
+
+
+def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
+                        cfg: LaunchConfig, deterministic: bool, device: torch.device, **meta):
+    """Run a (batch_heads, reduce_splits) reduction kernel; return (sums, partials): sums is
+    (batch_heads, partials, state_size), the state of each head in `partials` parts that add up to
+    it, in order (load_state adds them where they are used).
+
+    Deterministic: each split writes its own partial; more than fold_max_partials are summed here
+    by sum_partials_kernel in a fixed order. Otherwise the splits add into one zeroed buffer with
+    fp32 atomics (order varies run to run).
+    """
+    splits = cfg.reduce_splits
+    grid = (batch_heads, splits)
+    common = dict(BLOCK_N=cfg.block_n, **meta)
+    if splits == 1 or not deterministic:
+        alloc = torch.empty if splits == 1 else torch.zeros
+        state = alloc((batch_heads, 1, state_size), dtype=torch.float32, device=device)
+        launch(kernel, grid, (*pointers, state, *rest, state_size, 0), cfg.num_warps, ATOMIC=splits > 1, **common)
+        return state, 1
+    partials = torch.empty((batch_heads, splits, state_size), dtype=torch.float32, device=device)
+    launch(kernel, grid, (*pointers, partials, *rest, splits * state_size, state_size), cfg.num_warps, ATOMIC=False,
+           **common)
+    if splits <= _overrides.get("fold_max_partials", FOLD_MAX_PARTIALS):
+        return partials, splits
+    return _sum_partials(partials).view(batch_heads, 1, state_size), 1
+
+
+def _sum_partials(partials: torch.Tensor) -> torch.Tensor:
+    """(batch_heads, state_size): partials (batch_heads, splits, state_size) summed over the splits."""
+    batch_heads, splits, state_size = partials.shape
+    state = torch.empty((batch_heads, state_size), dtype=torch.float32, device=partials.device)
+    block_splits = min(SUM_MAX_BLOCK_SPLITS, 1 << (splits - 1).bit_length())
+    block_state = _overrides.get("sum_block_state") or _sum_block_state(batch_heads, state_size, partials.device)
+    grid = (batch_heads, -(-state_size // block_state))
+    launch(sum_partials_kernel, grid, (partials, state, splits, state_size), 4, BLOCK_SPLITS=block_splits,
+           BLOCK_STATE=block_state)
+    return state
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_block_state(batch_heads: int, state_size: int, device: torch.device) -> int:
+    block_state = SUM_MAX_BLOCK_STATE
+    if device.type == "cuda":
+        wanted_programs = SUM_PROGRAMS_PER_SM * _sm_count(device.index or 0)
+        while block_state > SUM_MIN_BLOCK_STATE and batch_heads * -(-state_size // block_state) < wanted_programs:
+            block_state //= 2
+    return block_state
+
+
+def _output_buffer(buffer, shape, like: torch.Tensor, name: str) -> torch.Tensor:
+    if buffer is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(buffer.shape) != tuple(shape) or buffer.dtype != like.dtype or buffer.device != like.device:
+        raise ValueError(f"{name} must be {tuple(shape)} {like.dtype} on {like.device}, got "
+                         f"{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}")
+    return buffer
+
+
+def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int, num_heads: int,
+                      deterministic: bool = True, out: torch.Tensor = None):
+    """Returns (out (B, N, C) in v's dtype, state (B, heads, d*d + d) fp32).
+
+    `out`, if given, must be a contiguous (B, N, C) tensor of v's dtype; it is filled in place
+    (tests hand in a NaN-filled buffer to prove every element is written).
+    """
+    check_triton_inputs(qk, v, (height, width), num_heads)
+    batch, num_tokens, channels, head_dim, dim_pad = _geometry(v, num_heads)
+    batch_heads = batch * num_heads
+    state_size = head_dim * head_dim + head_dim
+    cfg = launch_config(num_tokens, batch_heads, head_dim, v.device, "forward")
+    out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
+    check_offsets_fit(cfg.block_n, dim_pad, qk, v, out)
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad)
+    with on_device(v.device):
+        sums, partials = _reduce_over_tokens(
+            kv_state_kernel, (qk, v),
+            (num_tokens, width, num_heads, channels // 4, cfg.reduce_tokens_per_split, *qk.stride(), *v.stride()),
+            batch_heads, state_size, cfg, deterministic, v.device, DOT_MODE=dot_mode(v.dtype, "state"), **meta)
+        state = sums.view(batch_heads, state_size) if partials == 1 else torch.empty(
+            (batch_heads, state_size), dtype=torch.float32, device=v.device)
+        launch(output_kernel, (batch_heads, cfg.splits),
+               (qk, sums, partials, state, out, num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split,
+                *qk.stride(), *out.stride()),
+               cfg.num_warps, BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(v.dtype, "output"), WRITE_STATE=partials > 1,
+               **meta)
+    return out, state.view(batch, num_heads, state_size)
+
+
+def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
+                       height: int, width: int, num_heads: int, deterministic: bool = True,
+                       grad_qk: torch.Tensor = None, grad_v: torch.Tensor = None):
+    """Returns (grad_qk (B, N, 2C), grad_v (B, N, C)), contiguous, in the inputs' dtypes.
+
+    grad_qk / grad_v, if given, are filled in place (tests hand in NaN-filled buffers).
+    """
+    batch, num_tokens, channels, head_dim, dim_pad = _geometry(v, num_heads)
+    if grad_out.shape != v.shape:
+        raise ValueError(f"grad_out must be {tuple(v.shape)}, got {tuple(grad_out.shape)}")
+    batch_heads = batch * num_heads
+    state_size = head_dim * head_dim + head_dim
+    state = state.reshape(batch_heads, state_size)
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("state must be the contiguous fp32 tensor the forward returned")
+    cfg = launch_config(num_tokens, batch_heads, head_dim, v.device, "backward")
+    grad_qk = _output_buffer(grad_qk, (batch, num_tokens, 2 * channels), qk, "grad_qk")
+    grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
+    check_offsets_fit(cfg.block_n, dim_pad, qk, v, grad_out, grad_qk, grad_v)
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "backward"))
+    with on_device(v.device):
+        grad_sums, partials = _reduce_over_tokens(
+            query_grad_state_kernel, (qk, grad_out, state, grad_qk),
+            (num_tokens, width, num_heads, channels // 4, cfg.reduce_tokens_per_split,
+             *qk.stride(), *grad_out.stride(), *grad_qk.stride()),
+            batch_heads, state_size, cfg, deterministic, v.device, **meta)
+        launch(key_value_grad_kernel, (batch_heads, cfg.splits),
+               (qk, v, grad_sums, partials, grad_qk, grad_v, num_tokens, width, num_heads, channels // 4,
+                cfg.tokens_per_split, *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride()),
+               cfg.num_warps, BLOCK_N=cfg.block_n, **meta)
+    return grad_qk, grad_v
