@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from ._common import (block_mask, block_pointer, dot_operand, feature_map, load_state, load_query_block,
-                      load_tile, matmul, matmul_parts, program_head, rope, rope_cos_sin, store_state, store_tile,
-                      tile_offsets, token_run)
+                      load_tile, matmul, matmul_parts, program_head, quadrants, rope, rope_cos_sin, split_tf32,
+                      store_state, store_tile, tile_offsets, token_reduction, token_run)
 
 
 @triton.jit
@@ -32,6 +32,9 @@ def kv_state_kernel(
     v_base = v_ptr + batch.to(tl.int64) * stride_v_b + head * HEAD_DIM * stride_v_c
 
     kv = tl.zeros((DIM_PAD, DIM_PAD), dtype=tl.float32)
+    # tf32x3: the block's KV as one 64-row product of the hi/lo parts side by side (see
+    # query_grad_state_kernel), kv unused.
+    kv_parts = tl.zeros((2 * DIM_PAD, 2 * DIM_PAD), dtype=tl.float32)
     # phi(k) summed elementwise over the blocks and across the tile's rows once at the end: no
     # cross-warp reduction per block.
     k_blocks = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
@@ -44,8 +47,16 @@ def kv_state_kernel(
         k_blocks += k
         cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
         values = load_tile(block_pointer(v_base, block_start, stride_v_n), v_offsets, mask)
-        kv = matmul(tl.trans(rope(k, cos, sin, BLOCK_N, DIM_PAD)), values, kv, DOT_MODE)
+        if DOT_MODE == "tf32x3":
+            rk_hi, rk_lo = split_tf32(rope(k, cos, sin, BLOCK_N, DIM_PAD))
+            values_hi, values_lo = split_tf32(values)
+            kv_parts += token_reduction(rk_hi, rk_lo, values_hi, values_lo, BLOCK_N, DIM_PAD, DOT_MODE)
+        else:
+            kv = matmul(tl.trans(rope(k, cos, sin, BLOCK_N, DIM_PAD)), values, kv, DOT_MODE)
 
+    if DOT_MODE == "tf32x3":
+        hi_hi, hi_lo, lo_hi, _ = quadrants(kv_parts, DIM_PAD)
+        kv = hi_hi + (hi_lo + lo_hi)
     out_ptr = state_ptr + bh * stride_partial_bh + split * stride_partial_split
     store_state(out_ptr, kv, tl.sum(k_blocks, axis=0), HEAD_DIM, DIM_PAD, ATOMIC)
 
