@@ -126,26 +126,11 @@ def synthetic_batch(sizes, num_instances: int, num_classes: int, seed: int, devi
     return {"inputs": list(images), "data_samples": list(samples)}
 
 
-
-def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device, step_begin=None):
-    """model.train_step with the forward and losses under autocast (AmpOptimWrapper's split);
-    step_begin, if given, runs first (compile_scope's marker)."""
-    def step():
-        if step_begin is not None:
-            step_begin()
-        with autocast(dtype, device):
-            data = model.data_preprocessor(batch, True)
-            losses = model(**data, mode="loss")
-        loss, _ = model.parse_losses(losses)
-        optim_wrapper.update_params(loss)  # backward, AdamW step, zero_grad
-        return loss
-    return step
-
-
 def train_step_parts(model, optim_wrapper, batch: dict, dtype: str, device, step_begin=None):
-    """make_train_step's iteration as its three parts, for --sections: forward (preprocessing,
-    forward, losses), backward, and the optimizer update (step and zero_grad), which is what
-    optim_wrapper.update_params runs after the backward."""
+    """A training iteration as its three parts: forward (preprocessing, forward and losses under
+    autocast, AmpOptimWrapper's split; step_begin, if given, runs first: compile_scope's marker),
+    backward, and the optimizer update (step and zero_grad). make_train_step runs them as one;
+    --sections times them apart."""
     def forward():
         if step_begin is not None:
             step_begin()
@@ -158,6 +143,18 @@ def train_step_parts(model, optim_wrapper, batch: dict, dtype: str, device, step
         optim_wrapper.step()
         optim_wrapper.zero_grad()
     return forward, optim_wrapper.backward, update
+
+
+def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device, step_begin=None):
+    """model.train_step: the forward of train_step_parts, then update_params (backward, AdamW
+    step, zero_grad)."""
+    forward = train_step_parts(model, optim_wrapper, batch, dtype, device, step_begin)[0]
+
+    def step():
+        loss = forward()
+        optim_wrapper.update_params(loss)
+        return loss
+    return step
 
 
 def make_inference_step(model, batch: dict, dtype: str, device, step_begin=None):
@@ -275,12 +272,16 @@ class Bench:
             print(f"  {mode} {impl} {dtype}: {row['error']}", flush=True)
         finally:
             del step
-            self.optim_wrapper = None
-            if impl in COMPILED_IMPLS:
-                self.use_impl("eager")
-                torch._dynamo.reset()
-            free_memory(self.device)
+            self.release(impl)
         return row
+
+    def release(self, impl: str) -> None:
+        """After a configuration: drop its optimizer state and compiled graphs, free the memory."""
+        self.optim_wrapper = None
+        if impl in COMPILED_IMPLS:
+            self.use_impl("eager")
+            torch._dynamo.reset()
+        free_memory(self.device)
 
     def sections(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None, round_: int = None,
                  optimizer: str = None) -> dict:
@@ -332,11 +333,7 @@ class Bench:
             row["error"] = error_text(exc)
             print(f"  sections {impl} {dtype}: {row['error']}", flush=True)
         finally:
-            self.optim_wrapper = None
-            if impl in COMPILED_IMPLS:
-                self.use_impl("eager")
-                torch._dynamo.reset()
-            free_memory(self.device)
+            self.release(impl)
         return row
 
 
