@@ -2,8 +2,8 @@
 # (mlla_det/datasets/shapes.py: circles, rectangles, triangles and stars, COCO format).
 # Run it in one command, data generation included:  python tools/shapes_quickstart.py
 # Sized for one H100/H200: 600 iterations of 8 images of 256 px, bf16 autocast. On an H200, with
-# the fused attention and depthwise convolutions (the defaults), this schedule trained in 269 s to
-# bbox mAP 0.699 / segm mAP 0.742 on the val split (docs/logs/shapes_h200_600iters_v2.log); it
+# the fused attention and depthwise convolutions (the defaults), this schedule trained in 268 s to
+# bbox mAP 0.707 / segm mAP 0.763 on the val split (docs/logs/shapes_h200_600iters_v3.log); it
 # passed 0.6 at the second validation (iteration 400).
 _base_ = './mask-rcnn_mlla-t_fpn_1x_coco.py'
 
