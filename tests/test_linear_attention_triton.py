@@ -19,7 +19,7 @@ from mlla_kernels import linear_attention, linear_attention_reference
 from mlla_kernels.reference import feature_map
 from mlla_kernels.rope import apply_rope
 from mlla_kernels.triton import launch_overrides, linear_attention_triton
-from mlla_kernels.triton._common import cos_sin_reduced, rope_cos_sin, split_tf32
+from mlla_kernels.triton._common import cos_sin_reduced, quadrants, rope_cos_sin, split_tf32, token_reduction
 from mlla_kernels.triton.launch import attention_backward, attention_forward, launch_config
 
 ON_GPU = torch.cuda.is_available()
@@ -558,6 +558,37 @@ def _pair_of_elementwise_kernel(x_ptr, first_ptr, second_ptr, FN: tl.constexpr, 
     first, second = FN(tl.load(x_ptr + offsets))
     tl.store(first_ptr + offsets, first)
     tl.store(second_ptr + offsets, second)
+
+
+@triton.jit
+def _token_reduction_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr,
+                            DOT_MODE: tl.constexpr):
+    """The four (DIM_PAD, DIM_PAD) quadrants of token_reduction(a, b, c, d), stacked in out."""
+    tile = tl.arange(0, BLOCK_N)[:, None] * DIM_PAD + tl.arange(0, DIM_PAD)[None, :]
+    product = token_reduction(tl.load(a_ptr + tile), tl.load(b_ptr + tile), tl.load(c_ptr + tile),
+                              tl.load(d_ptr + tile), BLOCK_N, DIM_PAD, DOT_MODE)
+    square = tl.arange(0, DIM_PAD)[:, None] * DIM_PAD + tl.arange(0, DIM_PAD)[None, :]
+    top_left, top_right, bottom_left, bottom_right = quadrants(product, DIM_PAD)
+    tl.store(out_ptr + square, top_left)
+    tl.store(out_ptr + DIM_PAD * DIM_PAD + square, top_right)
+    tl.store(out_ptr + 2 * DIM_PAD * DIM_PAD + square, bottom_left)
+    tl.store(out_ptr + 3 * DIM_PAD * DIM_PAD + square, bottom_right)
+
+
+@pytest.mark.parametrize("mode", ["ieee", "tf32"])
+def test_token_reduction_quadrants_are_the_four_products(gen, mode):
+    """token_reduction(a, b, c, d) = [a | b]^T [c | d], and quadrants names its blocks: a^T c,
+    a^T d, b^T c, b^T d (the backward's dKV and dkbar, and the tf32x3 hi/lo terms, are read from
+    them by position)."""
+    block_n, dim_pad = 64, 32
+    a, b, c, d = (torch.randn(block_n, dim_pad, generator=gen) for _ in range(4))
+    out = torch.full((4, dim_pad, dim_pad), float("nan"), device=DEVICE)
+    _token_reduction_kernel[(1,)](*(t.to(DEVICE) for t in (a, b, c, d)), out, BLOCK_N=block_n, DIM_PAD=dim_pad,
+                                  DOT_MODE=mode)
+    a, b, c, d = (t.double() for t in (a, b, c, d))
+    expected = torch.stack([a.T @ c, a.T @ d, b.T @ c, b.T @ d])
+    error = (out.double().cpu() - expected).norm() / expected.norm()
+    assert error < (1e-6 if mode == "ieee" or not ON_GPU else 3e-3), error
 
 
 @triton.jit

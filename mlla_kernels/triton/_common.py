@@ -239,9 +239,11 @@ def side_by_side(left, right, BLOCK_N: tl.constexpr, DIM_PAD: tl.constexpr):
 def quadrants(x, DIM_PAD: tl.constexpr):
     """The four (DIM_PAD, DIM_PAD) blocks of a (2 * DIM_PAD, 2 * DIM_PAD) matrix: top-left,
     top-right, bottom-left, bottom-right."""
-    by_column_half, by_row_half = tl.split(tl.permute(tl.reshape(x, (2, DIM_PAD, 2, DIM_PAD)), (1, 3, 0, 2)))
-    top_left, bottom_left = tl.split(by_column_half)
-    top_right, bottom_right = tl.split(by_row_half)
+    # (row half, row, column half, column) -> (row, column, row half, column half); tl.split takes
+    # the last axis apart.
+    left, right = tl.split(tl.permute(tl.reshape(x, (2, DIM_PAD, 2, DIM_PAD)), (1, 3, 0, 2)))
+    top_left, bottom_left = tl.split(left)
+    top_right, bottom_right = tl.split(right)
     return top_left, top_right, bottom_left, bottom_right
 
 
