@@ -12,6 +12,23 @@ class _FakeParam:
         self.name, self.is_constexpr = name, is_constexpr
 
 
+class _FakeJit:
+    """What CachedLauncher reads and calls of a JITFunction: its parameters (name, is_constexpr) and
+    fn[grid](*args, num_warps, **constexprs), which records ("jit", grid, args) in calls and
+    returns `compiled`."""
+
+    def __init__(self, params, compiled, calls):
+        self.params = [_FakeParam(name, is_constexpr) for name, is_constexpr in params]
+        self.arg_names = [p.name for p in self.params]
+        self.compiled, self.calls = compiled, calls
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps, **constexprs):
+            self.calls.append(("jit", grid, args))
+            return self.compiled
+        return run
+
+
 def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypatch):
     """CachedLauncher relaunches a compiled kernel only when everything Triton specialises on
     (dtypes, 16-byte alignment, ints equal to 1 or divisible by 16, constexprs, warps) matches."""
@@ -23,19 +40,9 @@ def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypa
         def __getitem__(self, grid):
             return lambda *args: calls.append(("cached", grid, args))
 
-    class FakeJit:
-        arg_names = ["t", "n", "K"]
-        params = [_FakeParam("t", False), _FakeParam("n", False), _FakeParam("K", True)]
-
-        def __getitem__(self, grid):
-            def run(*args, num_warps, **constexprs):
-                calls.append(("jit", grid, args))
-                return FakeCompiled()
-            return run
-
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(CachedLauncher, "enabled", True)
-    launch = CachedLauncher(FakeJit())
+    launch = CachedLauncher(_FakeJit([("t", False), ("n", False), ("K", True)], FakeCompiled(), calls))
     t = torch.zeros(64)
     launch((1,), (t, 32), 4, K=8)
     launch((2,), (t, 48), 4, K=8)             # same specialisation: cached, constexpr appended
@@ -61,25 +68,15 @@ def test_cached_launch_failure_falls_back_to_triton(monkeypatch):
                 raise IndexError("launcher signature changed")
             return runner
 
-    class FakeJit:
-        arg_names = ["t"]
-        params = [_FakeParam("t", False)]
-
-        def __getitem__(self, grid):
-            def run(*args, num_warps, **constexprs):
-                calls.append("jit")
-                return BrokenCompiled()
-            return run
-
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(CachedLauncher, "enabled", True)
-    launch = CachedLauncher(FakeJit())
+    launch = CachedLauncher(_FakeJit([("t", False)], BrokenCompiled(), calls))
     t = torch.zeros(4)
     launch((1,), (t,), 4)
     with pytest.warns(UserWarning, match="cached Triton relaunch failed"):
         launch((1,), (t,), 4)
     launch((1,), (t,), 4)
-    assert calls == ["jit"] * 3 and not CachedLauncher.enabled
+    assert [c[0] for c in calls] == ["jit"] * 3 and not CachedLauncher.enabled
 
 
 def _dwconv_step():
