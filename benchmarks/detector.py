@@ -145,11 +145,9 @@ def train_step_parts(model, optim_wrapper, batch: dict, dtype: str, device, step
     return forward, optim_wrapper.backward, update
 
 
-def make_train_step(model, optim_wrapper, batch: dict, dtype: str, device, step_begin=None):
-    """model.train_step: the forward of train_step_parts, then update_params (backward, AdamW
-    step, zero_grad)."""
-    forward = train_step_parts(model, optim_wrapper, batch, dtype, device, step_begin)[0]
-
+def make_train_step(forward, optim_wrapper):
+    """model.train_step: train_step_parts' forward, then update_params (backward, AdamW step,
+    zero_grad)."""
     def step():
         loss = forward()
         optim_wrapper.update_params(loss)
@@ -227,15 +225,21 @@ class Bench:
         fused = " fused" if self.optim_wrapper.optimizer.defaults.get("fused") else ""
         return f"{optimizer}: {len(self.optim_wrapper.optimizer.param_groups)} groups{fused}"
 
+    def train_parts(self, impl: str, dtype: str, seed: int, optimizer: str = None):
+        """After use_impl: train mode, the batch and a fresh optimizer wrapper (its description in
+        self.optimizer_kind); returns (train_step_parts, images per step)."""
+        self.model.train()
+        batch = synthetic_batch(self.args.train_sizes, self.args.instances, self.num_classes, seed,
+                                self.device, with_targets=True)
+        self.optimizer_kind = self.use_optimizer(impl, optimizer)
+        return (train_step_parts(self.model, self.optim_wrapper, batch, dtype, self.device, self.step_begin),
+                len(batch["inputs"]))
+
     def step(self, mode: str, impl: str, dtype: str, seed: int, scope: str = None, optimizer: str = None):
         self.use_impl(impl, scope)
         if mode == "train":
-            self.model.train()
-            batch = synthetic_batch(self.args.train_sizes, self.args.instances, self.num_classes, seed,
-                                    self.device, with_targets=True)
-            self.optimizer_kind = self.use_optimizer(impl, optimizer)
-            return (make_train_step(self.model, self.optim_wrapper, batch, dtype, self.device, self.step_begin),
-                    len(batch["inputs"]))
+            parts, num_images = self.train_parts(impl, dtype, seed, optimizer)
+            return make_train_step(parts[0], self.optim_wrapper), num_images
         self.model.eval()
         batch = synthetic_batch([self.args.infer_size] * self.args.infer_batch, 0, self.num_classes, seed,
                                 self.device, with_targets=False)
@@ -295,31 +299,30 @@ class Bench:
         try:
             free_memory(self.device)
             self.use_impl(impl, scope)
-            self.model.train()
-            batch = synthetic_batch(args.train_sizes, args.instances, self.num_classes, seed, self.device,
-                                    with_targets=True)
-            row["optimizer"] = self.use_optimizer(impl, optimizer)
-            parts = train_step_parts(self.model, self.optim_wrapper, batch, dtype, self.device, self.step_begin)
-            names = ("forward", "backward", "update")
-            host = {name: [] for name in names + ("tail", "iteration")}
-            gpu = {name: [] for name in names} if torch.device(self.device).type == "cuda" else {}
+            (forward, backward, update), _ = self.train_parts(impl, dtype, seed, optimizer)
+            row["optimizer"] = self.optimizer_kind
+            host = {name: [] for name in SECTION_HOST}
+            gpu = {name: [] for name in SECTION_GPU} if torch.device(self.device).type == "cuda" else {}
             for it in range(3 + args.sections):
-                events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if gpu else [None] * 4
-                stamps = []
-                loss = None
-                for index, part in enumerate(parts):
+                stamps, events = [], []
+
+                def mark():  # a boundary between parts: host clock, and a CUDA event on the GPU
                     stamps.append(time.perf_counter())
                     if gpu:
-                        events[index].record()
-                    loss = part() if index == 0 else part(loss) if index == 1 else part()
-                stamps.append(time.perf_counter())
-                if gpu:
-                    events[3].record()
+                        events.append(torch.cuda.Event(enable_timing=True))
+                        events[-1].record()
+                mark()
+                loss = forward()
+                mark()
+                backward(loss)
+                mark()
+                update()
+                mark()
                 synchronize(self.device)
                 stamps.append(time.perf_counter())
                 if it < 3:
                     continue
-                for index, name in enumerate(names):
+                for index, name in enumerate(SECTION_GPU):
                     host[name].append((stamps[index + 1] - stamps[index]) * 1e3)
                     if gpu:
                         gpu[name].append(events[index].elapsed_time(events[index + 1]))
