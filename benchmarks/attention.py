@@ -172,9 +172,10 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 # and the backward at 32-token blocks. At every stage, the backward at 8 warps: since v15 its
 # query_grad_state_kernel compiles at 8 warps without spilling (250 registers, so one program per
 # SM; 4 warps: 255 and 112 bytes spilled, two per SM), alone or with its reduction at fewer
-# programs per SM. (Tried and dropped in the v15 sweeps, H200: the fp32 state pass on tensor cores,
-# 1.2-1.9x slower at stage 1 on either MMA; the partial-state sums at 64 entries; folding 0 or 64
-# partials.)
+# programs per SM. In the v15 sweeps (H200) none of these beat the default (8 warps: 1.2-1.4x
+# slower at every stage); they stay listed to recheck after kernel changes. Tried and dropped
+# there: the fp32 state pass on tensor cores, 1.2-1.9x slower at stage 1 on either MMA; the
+# partial-state sums at 64 entries; folding 0 or 64 partials.
 _SWEEP_LAUNCH = {stage: [dict(), dict(programs_per_sm=2), dict(num_warps_backward=8),
                          dict(num_warps_backward=8, reduce_programs_per_sm=2)] for stage in (1, 2)}
 _SWEEP_LAUNCH.update({stage: [dict(), dict(reduce_programs_per_sm=4), dict(programs_per_sm=2), dict(programs_per_sm=3),

@@ -243,7 +243,7 @@ def _sum_partials(partials: torch.Tensor) -> torch.Tensor:
     state = torch.empty((batch_heads, state_size), dtype=torch.float32, device=partials.device)
     block_splits = min(SUM_MAX_BLOCK_SPLITS, 1 << (splits - 1).bit_length())
     block_state = _overrides.get("sum_block_state") or _sum_block_state(batch_heads, state_size, partials.device)
-    grid = (batch_heads, -(-state_size // block_state))
+    grid = (batch_heads, triton.cdiv(state_size, block_state))
     launch(sum_partials_kernel, grid, (partials, state, splits, state_size), 4, BLOCK_SPLITS=block_splits,
            BLOCK_STATE=block_state)
     return state
@@ -254,7 +254,7 @@ def _sum_block_state(batch_heads: int, state_size: int, device: torch.device) ->
     block_state = SUM_MAX_BLOCK_STATE
     if device.type == "cuda":
         wanted_programs = SUM_PROGRAMS_PER_SM * _sm_count(device.index or 0)
-        while block_state > SUM_MIN_BLOCK_STATE and batch_heads * -(-state_size // block_state) < wanted_programs:
+        while block_state > SUM_MIN_BLOCK_STATE and batch_heads * triton.cdiv(state_size, block_state) < wanted_programs:
             block_state //= 2
     return block_state
 
