@@ -59,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-default-only", action="store_true",
                         help="sweep the default launch only (to time two builds of the kernels side by side: "
                              "run each build's copy of this script in turn)")
+    parser.add_argument("--sweep-first", type=int, default=0,
+                        help="sweep only the first N launch configurations per stage and dtype")
     parser.add_argument("--sweep-stages", nargs="+", type=int, default=[1], choices=[1, 2, 3, 4],
                         help="the MLLA-T stages the sweep runs at")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
@@ -168,8 +170,10 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 
 # Launch shapes tried per (dtype, stage). At stages 1-2 a head's tokens split into many programs:
-# how many per SM. At stages 3-4 a head has few blocks: how finely the reducing passes split them,
-# and the backward at 32-token blocks. At every stage, the backward at 8 warps: since v15 its
+# how many per SM. At stages 3-4 a head has few blocks, so a program's time is mostly the latency
+# of its few blocks: the forward with fewer instructions per block (the state pass on tensor cores
+# in fp32) or more warps, or 32-token blocks; how finely the reducing passes split them, and the
+# backward at 32-token blocks. At every stage, the backward at 8 warps: since v15 its
 # query_grad_state_kernel compiles at 8 warps without spilling (250 registers, so one program per
 # SM; 4 warps: 255 and 112 bytes spilled, two per SM), alone or with its reduction at fewer
 # programs per SM. In the v15 sweeps (H200) none of these beat the default (8 warps: 1.2-1.4x
@@ -178,7 +182,9 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 # partial-state sums at 64 entries; folding 0 or 64 partials.
 _SWEEP_LAUNCH = {stage: [dict(), dict(programs_per_sm=2), dict(num_warps_backward=8),
                          dict(num_warps_backward=8, reduce_programs_per_sm=2)] for stage in (1, 2)}
-_SWEEP_LAUNCH.update({stage: [dict(), dict(reduce_programs_per_sm=4), dict(programs_per_sm=2), dict(programs_per_sm=3),
+_SWEEP_LAUNCH.update({stage: [dict(), dict(dot_mode_state="tf32x3"), dict(num_warps_forward=8),
+                              dict(num_warps_forward=8, dot_mode_state="tf32x3"), dict(block_n_forward=32),
+                              dict(reduce_programs_per_sm=4), dict(programs_per_sm=2), dict(programs_per_sm=3),
                               dict(programs_per_sm=2, reduce_programs_per_sm=1), dict(num_warps_backward=8),
                               dict(block_n_backward=32)]
                       for stage in (3, 4)})
@@ -204,7 +210,8 @@ def sweep(args, ctx):
             ref = linear_attention_reference(qk64, v64, hw, heads)
             ref.backward(grad.double())
             ref = ref.detach()
-            for config in [{}] if args.sweep_default_only else SWEEP_CONFIGS[dtype_name, stage]:
+            configs = [{}] if args.sweep_default_only else SWEEP_CONFIGS[dtype_name, stage]
+            for config in configs[:args.sweep_first or None]:
                 if time.perf_counter() - start > args.sweep_budget_s:
                     break
                 with launch_overrides(**config):

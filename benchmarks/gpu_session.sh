@@ -4,10 +4,11 @@
 # with .whl carried:
 #   source .whl/prelude.sh && bash benchmarks/gpu_session.sh tests dwconv backbone
 # Stages (rough H100/H200 wall time):
-#   tests            all GPU tests, three pytest processes side by side (~3 min, compiles included)
+#   tests            all GPU tests (and the attention file's CPU tests on the GPU), three pytest processes side by
+#                    side (~3.5 min, compiles included)
 #   attention-sweep  launch shapes and product modes of the fused op at MLLA-T stages 1, 3 and 4, per-kernel
 #                    times, host profile; no table (~1 min)
-#   tests-attention  the attention's GPU tests alone (~2 min)
+#   tests-attention  the attention file alone, every test on the GPU (~3 min)
 #   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
 #   attention        benchmarks/attention.py, MLLA-T and -B, the torch.compile graphs compiled by 8 workers
 #                    side by side first (~2.5 min)
@@ -81,7 +82,9 @@ for stage in "$@"; do
     tests|tests-no-dwconv|tests-attention)
       # Three pytest processes side by side: the dwconv file, the attention file, everything else.
       [ "$stage" = tests ] && gpu_tests tests/test_dwconv.py > "$out/gpu_tests_dwconv.log" 2>&1 &
-      gpu_tests tests/test_linear_attention_triton.py > "$out/gpu_tests_attention.log" 2>&1 &
+      # The attention file whole: its interpreter tests (small shapes, forced launch shapes) run
+      # on the GPU too.
+      timeout 400 python3 -m pytest -q -rf tests/test_linear_attention_triton.py > "$out/gpu_tests_attention.log" 2>&1 &
       [ "$stage" != tests-attention ] && gpu_tests tests --ignore tests/test_dwconv.py \
         --ignore tests/test_linear_attention_triton.py > "$out/gpu_tests_other.log" 2>&1 &
       wait
