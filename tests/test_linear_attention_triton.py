@@ -217,6 +217,19 @@ def test_partial_states_folded_or_summed_give_the_same_function(gen, monkeypatch
         assert_matches_reference(qk, v, hw, heads, gen)
 
 
+def test_pipelining_depth_follows_the_blocks_per_program():
+    """Triton's default depth of 3, 2 where programs run few blocks (GPU only: the rule counts
+    SMs), and the overrides, the direction's own first."""
+    from mlla_kernels.triton import launch
+    assert launch_config(1000, 48, 32, torch.device("cpu"), "forward").num_stages == launch.NUM_STAGES
+    if ON_GPU:
+        assert launch_config(1000, 48, 32, DEVICE, "backward").num_stages == launch.FEW_BLOCKS_NUM_STAGES
+        assert launch_config(64000, 4, 32, DEVICE, "backward").num_stages == launch.NUM_STAGES
+    with launch_overrides(num_stages=4, num_stages_backward=1):
+        assert launch_config(1000, 48, 32, DEVICE, "forward").num_stages == 4
+        assert launch_config(1000, 48, 32, DEVICE, "backward").num_stages == 1
+
+
 def test_forward_and_backward_may_use_different_blocks(gen):
     """The backward recomputes from the inputs and the state alone, so its token blocks need not
     be the forward's."""

@@ -26,6 +26,12 @@ SUPPORTED_DTYPES = TRITON_DTYPES
 PROGRAMS_PER_SM = 4
 FEW_BLOCKS_PROGRAMS_PER_SM = 2
 MIN_BLOCKS_PER_PROGRAM = 4
+# Software pipelining depth of the token loops (Triton's num_stages): Triton's default of 3, and 2
+# where a program runs only a few blocks (the rule above). Measured on an H100 (NOTES.md v16):
+# MLLA-T stage 4 fp32 fwd+bwd 6% faster at 2 (bf16 and stage 3 unchanged); 2 at stage 1 was up to
+# 11% slower (bf16 forward) and 4 was slower everywhere.
+NUM_STAGES = 3
+FEW_BLOCKS_NUM_STAGES = 2
 # How the small matrix products (BLOCK_N x d x d per block) run: "ieee" (exact fp32 products on
 # the FMA units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or
 # "tf32" (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are
@@ -67,6 +73,7 @@ class LaunchConfig:
     num_warps: int
     reduce_splits: int    # the same two for the pass that reduces over the tokens
     reduce_tokens_per_split: int
+    num_stages: int       # software pipelining depth of the token loops
 
 
 _overrides: dict = {}
@@ -77,14 +84,16 @@ def launch_overrides(**kwargs):
     """Force block_n (both directions) / block_n_forward / block_n_backward / splits /
     programs_per_sm / reduce_splits and reduce_programs_per_sm (the reducing pass only) /
     fold_max_partials (0: never fold) / sum_block_state / num_warps (both directions) /
-    num_warps_forward / num_warps_backward / dot_mode (every pass) / dot_mode_forward (both forward
+    num_warps_forward / num_warps_backward / num_stages (both directions) / num_stages_forward /
+    num_stages_backward / dot_mode (every pass) / dot_mode_forward (both forward
     passes) / dot_mode_state / dot_mode_output / dot_mode_backward: tests use it to get many splits
     and partial blocks from a few dozen tokens under the interpreter, the benchmark to sweep
     launch shapes."""
     mode_keys = {"dot_mode", "dot_mode_forward", *(f"dot_mode_{name}" for name in PASSES)}
     unknown = set(kwargs) - mode_keys - {"block_n", "block_n_forward", "block_n_backward", "splits",
                                          "num_warps", "num_warps_forward",
-                                         "num_warps_backward", "programs_per_sm",
+                                         "num_warps_backward", "num_stages", "num_stages_forward",
+                                         "num_stages_backward", "programs_per_sm",
                                          "reduce_splits", "reduce_programs_per_sm", "fold_max_partials",
                                          "sum_block_state"}
     if unknown:
@@ -141,8 +150,11 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
     programs_per_sm = _overrides.get("programs_per_sm") or PROGRAMS_PER_SM
     splits = _overrides.get("splits") or _splits(batch_heads, device, programs_per_sm)
     reduce_splits = splits
-    if device.type == "cuda" and not {"splits", "programs_per_sm"} & set(_overrides) \
-            and blocks < MIN_BLOCKS_PER_PROGRAM * splits:
+    few_blocks = device.type == "cuda" and not {"splits", "programs_per_sm"} & set(_overrides) \
+        and blocks < MIN_BLOCKS_PER_PROGRAM * splits
+    num_stages = (_overrides.get(f"num_stages_{direction}") or _overrides.get("num_stages")
+                  or (FEW_BLOCKS_NUM_STAGES if few_blocks else NUM_STAGES))
+    if few_blocks:
         few_blocks_splits = _splits(batch_heads, device, FEW_BLOCKS_PROGRAMS_PER_SM)
         if direction == "backward":
             splits = reduce_splits = few_blocks_splits
@@ -151,7 +163,8 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
     if "reduce_splits" in _overrides or "reduce_programs_per_sm" in _overrides:
         reduce_splits = _overrides.get("reduce_splits") or _splits(batch_heads, device,
                                                                    _overrides["reduce_programs_per_sm"])
-    return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, *_split(blocks, block_n, reduce_splits))
+    return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, *_split(blocks, block_n, reduce_splits),
+                        num_stages)
 
 
 def _splits(batch_heads: int, device: torch.device, programs_per_sm: int) -> int:
@@ -227,10 +240,12 @@ def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, 
     if splits == 1 or not deterministic:
         alloc = torch.empty if splits == 1 else torch.zeros
         state = alloc((batch_heads, 1, state_size), dtype=torch.float32, device=device)
-        launch(kernel, grid, (*pointers, state, *rest, state_size, 0), cfg.num_warps, ATOMIC=splits > 1, **common)
+        launch(kernel, grid, (*pointers, state, *rest, state_size, 0), cfg.num_warps, cfg.num_stages,
+               ATOMIC=splits > 1, **common)
         return state, 1
     partials = torch.empty((batch_heads, splits, state_size), dtype=torch.float32, device=device)
-    launch(kernel, grid, (*pointers, partials, *rest, splits * state_size, state_size), cfg.num_warps, ATOMIC=False,
+    launch(kernel, grid, (*pointers, partials, *rest, splits * state_size, state_size), cfg.num_warps,
+           cfg.num_stages, ATOMIC=False,
            **common)
     if splits <= _overrides.get("fold_max_partials", FOLD_MAX_PARTIALS):
         return partials, splits
@@ -293,7 +308,8 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
         launch(output_kernel, (batch_heads, cfg.splits),
                (qk, sums, partials, state, out, num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split,
                 *qk.stride(), *out.stride()),
-               cfg.num_warps, BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(v.dtype, "output"), WRITE_STATE=partials > 1,
+               cfg.num_warps, cfg.num_stages, BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(v.dtype, "output"),
+               WRITE_STATE=partials > 1,
                **meta)
     return out, state.view(batch, num_heads, state_size)
 
@@ -327,5 +343,5 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
         launch(key_value_grad_kernel, (batch_heads, cfg.splits),
                (qk, v, grad_sums, partials, grad_qk, grad_v, num_tokens, width, num_heads, channels // 4,
                 cfg.tokens_per_split, *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride()),
-               cfg.num_warps, BLOCK_N=cfg.block_n, **meta)
+               cfg.num_warps, cfg.num_stages, BLOCK_N=cfg.block_n, **meta)
     return grad_qk, grad_v
