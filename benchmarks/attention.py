@@ -66,7 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
     parser.add_argument("--compile-report", action="store_true",
                         help="no GPU needed: compile the four kernels for sm_90 at the default launch shapes and "
-                             "print registers and spills (ptxas -v)")
+                             "both pipelining depths, and print registers, spills (ptxas -v) and shared memory")
     parser.add_argument("--cpu-sanity", action="store_true", help="tiny shape in the Triton interpreter")
     return parser.parse_args(argv)
 
@@ -388,7 +388,7 @@ def compile_report():
 
     from mlla_kernels.triton.backward import key_value_grad_kernel, query_grad_state_kernel
     from mlla_kernels.triton.forward import kv_state_kernel, output_kernel
-    from mlla_kernels.triton.launch import _padded, dot_mode, launch_config
+    from mlla_kernels.triton.launch import FEW_BLOCKS_NUM_STAGES, NUM_STAGES, _padded, dot_mode, launch_config
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     print(f"triton {triton.__version__}, sm_90")
@@ -410,18 +410,21 @@ def compile_report():
                 # without it the loads are not vectorized and the report overstates the kernels).
                 aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                            if name.endswith("_ptr") or (name.startswith("stride") and not name.endswith("_c"))}
-                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=aligned),
-                                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))
-                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-                    ptx.write(compiled.asm["ptx"])
-                    ptx.flush()
-                    log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull],
-                                         capture_output=True, text=True).stderr
-                regs = re.search(r"Used (\d+) registers", log)
-                spills = re.search(r"(\d+) bytes spill stores", log)
-                print(f"d={head_dim:<3} {dtype} {kernel.__name__:18} {cfg.block_n:>3} tokens x {cfg.num_warps} warps, "
-                      f"{consts['DOT_MODE']}: "
-                      f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} B spilled")
+                # Both pipelining depths the launch uses (the shallower one where programs run few blocks).
+                for num_stages in (NUM_STAGES, FEW_BLOCKS_NUM_STAGES):
+                    compiled = triton.compile(
+                        ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=aligned),
+                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps, num_stages=num_stages))
+                    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                        ptx.write(compiled.asm["ptx"])
+                        ptx.flush()
+                        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull],
+                                             capture_output=True, text=True).stderr
+                    regs = re.search(r"Used (\d+) registers", log)
+                    spills = re.search(r"(\d+) bytes spill stores", log)
+                    print(f"d={head_dim:<3} {dtype} {kernel.__name__:18} {cfg.block_n:>3} tokens x {cfg.num_warps} warps, "
+                          f"{num_stages} stages, {consts['DOT_MODE']}: {regs.group(1) if regs else '?'} registers, "
+                          f"{spills.group(1) if spills else '?'} B spilled, {compiled.metadata.shared} B shared")
     return 0
 
 
