@@ -170,7 +170,8 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 
 # Launch shapes tried per (dtype, stage). At stages 1-2 a head's tokens split into many programs:
-# how many per SM. At stages 3-4 a head has few blocks, so a program's time is mostly the latency
+# how many per SM, and the other pipelining depth (v16 measured 2 against 3 at stages 1, 3 and 4
+# only). At stages 3-4 a head has few blocks, so a program's time is mostly the latency
 # of its few blocks: the forward with fewer instructions per block (the state pass on tensor cores
 # in fp32) or more warps, or 32-token blocks; how finely the reducing passes split them, and the
 # backward at 32-token blocks. At every stage, the backward at 8 warps: since v15 its
@@ -180,9 +181,10 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 # slower at every stage); they stay listed to recheck after kernel changes. Tried and dropped
 # there: the fp32 state pass on tensor cores, 1.2-1.9x slower at stage 1 on either MMA; the
 # partial-state sums at 64 entries; folding 0 or 64 partials.
-_SWEEP_LAUNCH = {stage: [dict(), dict(programs_per_sm=2), dict(num_warps_backward=8),
-                         dict(num_warps_backward=8, reduce_programs_per_sm=2)] for stage in (1, 2)}
-_SWEEP_LAUNCH.update({stage: [dict(), dict(dot_mode_state="tf32x3"), dict(num_warps_forward=8),
+_SWEEP_LAUNCH = {stage: [dict(), dict(num_stages=2), dict(num_stages_backward=2), dict(programs_per_sm=2),
+                         dict(num_warps_backward=8), dict(num_warps_backward=8, reduce_programs_per_sm=2)]
+                 for stage in (1, 2)}
+_SWEEP_LAUNCH.update({stage: [dict(), dict(num_stages=3), dict(dot_mode_state="tf32x3"), dict(num_warps_forward=8),
                               dict(num_warps_forward=8, dot_mode_state="tf32x3"), dict(block_n_forward=32),
                               dict(reduce_programs_per_sm=4), dict(programs_per_sm=2), dict(programs_per_sm=3),
                               dict(programs_per_sm=2, reduce_programs_per_sm=1), dict(num_warps_backward=8),
