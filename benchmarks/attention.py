@@ -424,8 +424,9 @@ def compile_report():
                                              capture_output=True, text=True).stderr
                     regs = re.search(r"Used (\d+) registers", log)
                     spills = re.search(r"(\d+) bytes spill stores", log)
-                    print(f"d={head_dim:<3} {dtype} {kernel.__name__:18} {cfg.block_n:>3} tokens x {cfg.num_warps} warps, "
-                          f"{num_stages} stages, {consts['DOT_MODE']}: {regs.group(1) if regs else '?'} registers, "
+                    print(f"d={head_dim:<3} {dtype} {kernel.__name__:18} {cfg.block_n:>3} tokens x "
+                          f"{cfg.num_warps} warps, {num_stages} stages, {consts['DOT_MODE']}: "
+                          f"{regs.group(1) if regs else '?'} registers, "
                           f"{spills.group(1) if spills else '?'} B spilled, {compiled.metadata.shared} B shared")
     return 0
 

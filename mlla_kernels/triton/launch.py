@@ -224,6 +224,11 @@ def dot_mode(dtype: torch.dtype, pass_name: str) -> str:
             or DEFAULT_DOT_MODES[dtype][PASSES.index(pass_name)])
 
 
+def _launch_pass(kernel, grid, args: tuple, cfg: LaunchConfig, **constexprs) -> None:
+    """A kernel with a token loop, at cfg's block of tokens, warps and pipelining depth."""
+    launch(kernel, grid, args, cfg.num_warps, cfg.num_stages, BLOCK_N=cfg.block_n, **constexprs)
+
+
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
                         cfg: LaunchConfig, deterministic: bool, device: torch.device, **meta):
     """Run a (batch_heads, reduce_splits) reduction kernel; return (sums, partials): sums is
@@ -236,17 +241,14 @@ def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, 
     """
     splits = cfg.reduce_splits
     grid = (batch_heads, splits)
-    common = dict(BLOCK_N=cfg.block_n, **meta)
     if splits == 1 or not deterministic:
         alloc = torch.empty if splits == 1 else torch.zeros
         state = alloc((batch_heads, 1, state_size), dtype=torch.float32, device=device)
-        launch(kernel, grid, (*pointers, state, *rest, state_size, 0), cfg.num_warps, cfg.num_stages,
-               ATOMIC=splits > 1, **common)
+        _launch_pass(kernel, grid, (*pointers, state, *rest, state_size, 0), cfg, ATOMIC=splits > 1, **meta)
         return state, 1
     partials = torch.empty((batch_heads, splits, state_size), dtype=torch.float32, device=device)
-    launch(kernel, grid, (*pointers, partials, *rest, splits * state_size, state_size), cfg.num_warps,
-           cfg.num_stages, ATOMIC=False,
-           **common)
+    _launch_pass(kernel, grid, (*pointers, partials, *rest, splits * state_size, state_size), cfg, ATOMIC=False,
+                 **meta)
     if splits <= _overrides.get("fold_max_partials", FOLD_MAX_PARTIALS):
         return partials, splits
     return _sum_partials(partials).view(batch_heads, 1, state_size), 1
@@ -269,7 +271,8 @@ def _sum_block_state(batch_heads: int, state_size: int, device: torch.device) ->
     block_state = SUM_MAX_BLOCK_STATE
     if device.type == "cuda":
         wanted_programs = SUM_PROGRAMS_PER_SM * _sm_count(device.index or 0)
-        while block_state > SUM_MIN_BLOCK_STATE and batch_heads * triton.cdiv(state_size, block_state) < wanted_programs:
+        while (block_state > SUM_MIN_BLOCK_STATE
+               and batch_heads * triton.cdiv(state_size, block_state) < wanted_programs):
             block_state //= 2
     return block_state
 
@@ -305,12 +308,10 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
             batch_heads, state_size, cfg, deterministic, v.device, DOT_MODE=dot_mode(v.dtype, "state"), **meta)
         state = sums.view(batch_heads, state_size) if partials == 1 else torch.empty(
             (batch_heads, state_size), dtype=torch.float32, device=v.device)
-        launch(output_kernel, (batch_heads, cfg.splits),
-               (qk, sums, partials, state, out, num_tokens, width, num_heads, channels // 4, cfg.tokens_per_split,
-                *qk.stride(), *out.stride()),
-               cfg.num_warps, cfg.num_stages, BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(v.dtype, "output"),
-               WRITE_STATE=partials > 1,
-               **meta)
+        _launch_pass(output_kernel, (batch_heads, cfg.splits),
+                     (qk, sums, partials, state, out, num_tokens, width, num_heads, channels // 4,
+                      cfg.tokens_per_split, *qk.stride(), *out.stride()),
+                     cfg, DOT_MODE=dot_mode(v.dtype, "output"), WRITE_STATE=partials > 1, **meta)
     return out, state.view(batch, num_heads, state_size)
 
 
@@ -340,8 +341,8 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
             (num_tokens, width, num_heads, channels // 4, cfg.reduce_tokens_per_split,
              *qk.stride(), *grad_out.stride(), *grad_qk.stride()),
             batch_heads, state_size, cfg, deterministic, v.device, **meta)
-        launch(key_value_grad_kernel, (batch_heads, cfg.splits),
-               (qk, v, grad_sums, partials, grad_qk, grad_v, num_tokens, width, num_heads, channels // 4,
-                cfg.tokens_per_split, *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride()),
-               cfg.num_warps, cfg.num_stages, BLOCK_N=cfg.block_n, **meta)
+        _launch_pass(key_value_grad_kernel, (batch_heads, cfg.splits),
+                     (qk, v, grad_sums, partials, grad_qk, grad_v, num_tokens, width, num_heads, channels // 4,
+                      cfg.tokens_per_split, *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride()),
+                     cfg, **meta)
     return grad_qk, grad_v
