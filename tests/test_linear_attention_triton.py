@@ -219,14 +219,23 @@ def test_partial_states_folded_or_summed_give_the_same_function(gen, monkeypatch
 
 def test_pipelining_depth_follows_the_blocks_per_program():
     """Triton's default depth of 3, 2 where programs run few blocks (GPU only: the rule counts
-    SMs), and the overrides, the direction's own first."""
+    SMs) except in the forward's reducing pass while its programs still run several blocks, and
+    the overrides, the direction's own first."""
     from mlla_kernels.triton import launch
     assert launch_config(1000, 48, 32, torch.device("cpu"), "forward").num_stages == launch.NUM_STAGES
     if ON_GPU:
         assert launch_config(1000, 48, 32, DEVICE, "backward").num_stages == launch.FEW_BLOCKS_NUM_STAGES
         assert launch_config(64000, 4, 32, DEVICE, "backward").num_stages == launch.NUM_STAGES
+        for num_tokens, batch_heads in ((1000, 32), (4000, 16), (1000, 48)):  # MLLA-T stages 4, 3; -B 4
+            cfg = launch_config(num_tokens, batch_heads, 32, DEVICE, "forward")
+            deep = cfg.reduce_tokens_per_split >= launch.MIN_BLOCKS_PER_PROGRAM * cfg.block_n
+            assert cfg.num_stages == launch.FEW_BLOCKS_NUM_STAGES
+            assert cfg.reduce_num_stages == (launch.NUM_STAGES if deep else launch.FEW_BLOCKS_NUM_STAGES)
+            backward = launch_config(num_tokens, batch_heads, 32, DEVICE, "backward")
+            assert backward.reduce_num_stages == backward.num_stages == launch.FEW_BLOCKS_NUM_STAGES
     with launch_overrides(num_stages=4, num_stages_backward=1):
-        assert launch_config(1000, 48, 32, DEVICE, "forward").num_stages == 4
+        cfg = launch_config(1000, 48, 32, DEVICE, "forward")
+        assert cfg.num_stages == cfg.reduce_num_stages == 4
         assert launch_config(1000, 48, 32, DEVICE, "backward").num_stages == 1
 
 

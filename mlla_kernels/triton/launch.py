@@ -74,6 +74,7 @@ class LaunchConfig:
     reduce_splits: int    # the same two for the pass that reduces over the tokens
     reduce_tokens_per_split: int
     num_stages: int       # software pipelining depth of the token loops
+    reduce_num_stages: int  # the same for the reducing pass
 
 
 _overrides: dict = {}
@@ -163,8 +164,13 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
     if "reduce_splits" in _overrides or "reduce_programs_per_sm" in _overrides:
         reduce_splits = _overrides.get("reduce_splits") or _splits(batch_heads, device,
                                                                    _overrides["reduce_programs_per_sm"])
-    return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, *_split(blocks, block_n, reduce_splits),
-                        num_stages)
+    reduce_splits, reduce_tokens_per_split = _split(blocks, block_n, reduce_splits)
+    reduce_num_stages = num_stages
+    if (few_blocks and direction == "forward" and not {"num_stages", "num_stages_forward"} & set(_overrides)
+            and reduce_tokens_per_split >= MIN_BLOCKS_PER_PROGRAM * block_n):
+        reduce_num_stages = NUM_STAGES
+    return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, reduce_splits, reduce_tokens_per_split,
+                        num_stages, reduce_num_stages)
 
 
 def _splits(batch_heads: int, device: torch.device, programs_per_sm: int) -> int:
@@ -224,9 +230,11 @@ def dot_mode(dtype: torch.dtype, pass_name: str) -> str:
             or DEFAULT_DOT_MODES[dtype][PASSES.index(pass_name)])
 
 
-def _launch_pass(kernel, grid, args: tuple, cfg: LaunchConfig, **constexprs) -> None:
-    """A kernel with a token loop, at cfg's block of tokens, warps and pipelining depth."""
-    launch(kernel, grid, args, cfg.num_warps, cfg.num_stages, BLOCK_N=cfg.block_n, **constexprs)
+def _launch_pass(kernel, grid, args: tuple, cfg: LaunchConfig, reducing: bool = False, **constexprs) -> None:
+    """A kernel with a token loop, at cfg's block of tokens, warps and pipelining depth (the
+    reducing pass's depth if `reducing`)."""
+    num_stages = cfg.reduce_num_stages if reducing else cfg.num_stages
+    launch(kernel, grid, args, cfg.num_warps, num_stages, BLOCK_N=cfg.block_n, **constexprs)
 
 
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
@@ -244,11 +252,12 @@ def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, 
     if splits == 1 or not deterministic:
         alloc = torch.empty if splits == 1 else torch.zeros
         state = alloc((batch_heads, 1, state_size), dtype=torch.float32, device=device)
-        _launch_pass(kernel, grid, (*pointers, state, *rest, state_size, 0), cfg, ATOMIC=splits > 1, **meta)
+        _launch_pass(kernel, grid, (*pointers, state, *rest, state_size, 0), cfg, reducing=True, ATOMIC=splits > 1,
+                     **meta)
         return state, 1
     partials = torch.empty((batch_heads, splits, state_size), dtype=torch.float32, device=device)
-    _launch_pass(kernel, grid, (*pointers, partials, *rest, splits * state_size, state_size), cfg, ATOMIC=False,
-                 **meta)
+    _launch_pass(kernel, grid, (*pointers, partials, *rest, splits * state_size, state_size), cfg, reducing=True,
+                 ATOMIC=False, **meta)
     if splits <= _overrides.get("fold_max_partials", FOLD_MAX_PARTIALS):
         return partials, splits
     return _sum_partials(partials).view(batch_heads, 1, state_size), 1
