@@ -19,7 +19,8 @@ from mlla_kernels import linear_attention, linear_attention_reference
 from mlla_kernels.reference import feature_map
 from mlla_kernels.rope import apply_rope
 from mlla_kernels.triton import launch_overrides, linear_attention_triton
-from mlla_kernels.triton._common import cos_sin_reduced, quadrants, rope_cos_sin, split_tf32, token_reduction
+from mlla_kernels.triton._common import (block_rows_cols, cos_sin_reduced, quadrants, rope_cos_sin, split_tf32,
+                                          token_reduction)
 from mlla_kernels.triton.launch import attention_backward, attention_forward, launch_config
 
 ON_GPU = torch.cuda.is_available()
@@ -363,10 +364,13 @@ def test_auto_falls_back_to_the_reference_where_the_kernels_do_not_fit():
     ((2, 12, 24), (2, 12, 12), (3, 4), 4, ValueError, "even head dim"),
     ((2, 12, 16), (2, 12, 9), (3, 4), 1, ValueError, "qk must be"),
     ((2, 12, 16), (2, 12, 8), (3, 4, 1), 2, ValueError, "hw_shape must be"),
+    ((1, 2 ** 21 + 1, 16), (1, 2 ** 21 + 1, 8), (1, 2 ** 21 + 1), 2, ValueError, "widths up to 2097152"),
 ])
 def test_bad_inputs_raise_clear_errors(qk_shape, v_shape, hw, heads, error, match):
+    # Broadcast views: the 2**21-token case needs no memory.
+    qk, v = (torch.randn(1, 1, shape[-1], device=DEVICE).expand(shape) for shape in (qk_shape, v_shape))
     with pytest.raises(error, match=match):
-        linear_attention_triton(torch.randn(qk_shape, device=DEVICE), torch.randn(v_shape, device=DEVICE), hw, heads)
+        linear_attention_triton(qk, v, hw, heads)
 
 
 def test_mixed_dtypes_and_devices_are_refused():
@@ -615,18 +619,21 @@ def test_token_reduction_quadrants_are_the_four_products(gen, mode):
 
 
 @triton.jit
-def _rope_cos_sin_kernel(cos_ptr, sin_ptr, width, quarter_c, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cos, sin = rope_cos_sin(tokens, 0, width, HEAD_DIM, DIM_PAD, quarter_c)
+def _rope_cos_sin_kernel(cos_ptr, sin_ptr, rows_ptr, cols_ptr, head, width, quarter_c, HEAD_DIM: tl.constexpr,
+                         DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, FAST_TRIG: tl.constexpr):
+    block_start = tl.program_id(0) * BLOCK_N
+    tokens = block_start + tl.arange(0, BLOCK_N)
+    cos, sin = rope_cos_sin(block_start, head, width, HEAD_DIM, DIM_PAD, quarter_c, BLOCK_N, FAST_TRIG)
     offsets = tokens[:, None] * (DIM_PAD // 2) + tl.arange(0, DIM_PAD // 2)[None, :]
     tl.store(cos_ptr + offsets, cos)
     tl.store(sin_ptr + offsets, sin)
+    rows, cols = block_rows_cols(block_start, width, BLOCK_N)
+    tl.store(rows_ptr + tokens, rows)
+    tl.store(cols_ptr + tokens, cols)
 
 
 def test_rope_cos_sin_polynomials_match_the_library_in_float64():
-    """cos_sin_reduced (half-angle Taylor polynomials) over [-pi, pi], and the whole RoPE angle
-    path at positions up to 400 (reduction included), against float64 cos/sin."""
+    """cos_sin_reduced (half-angle Taylor polynomials) over [-pi, pi] against float64 cos/sin."""
     angles = torch.linspace(-math.pi, math.pi, 4096, dtype=torch.float32, device=DEVICE)
     cos, sin = torch.full_like(angles, float("nan")), torch.full_like(angles, float("nan"))
     _pair_of_elementwise_kernel[(4096 // 256,)](angles, cos, sin, FN=cos_sin_reduced, BLOCK=256)
@@ -634,15 +641,30 @@ def test_rope_cos_sin_polynomials_match_the_library_in_float64():
     # Truncation < 6e-8; fp32 rounding in the polynomials and the double-angle step adds ~3 ulps.
     assert (cos.double() - exact.cos()).abs().max() < 5e-7 and (sin.double() - exact.sin()).abs().max() < 5e-7
 
-    # Head 0 of C = 64 (K = 16 pairs): pair i turns by row * 10000^(-i/16), rows up to 400 (width 1).
-    n, half = 400, 16
-    cos, sin = (torch.full((n, half), float("nan"), device=DEVICE) for _ in range(2))
-    _rope_cos_sin_kernel[(n // 16,)](cos, sin, 1, 16, HEAD_DIM=32, DIM_PAD=32, BLOCK_N=16)
+
+@pytest.mark.parametrize("fast_trig", [False, pytest.param(True, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("height, width, head", [(400, 1, 0), (30, 37, 0), (30, 37, 1), (3, 3000, 1), (64, 7, 1)])
+def test_rope_angles_follow_rows_and_columns(fast_trig, height, width, head):
+    """The whole RoPE path (rows and columns from the block's first token, angle, reduction, cos
+    and sin; the polynomials, or the special function unit on the GPU) against float64, with
+    blocks that cross rows and angles up to 3000 rad. C = 64 (K = 16 pairs): head 0 turns by
+    rows, head 1 by columns."""
+    n, half, block_n = height * width, 16, 16
+    padded = triton.cdiv(n, block_n) * block_n
+    cos, sin = (torch.full((padded, half), float("nan"), device=DEVICE) for _ in range(2))
+    rows, cols = (torch.full((padded,), -1, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    _rope_cos_sin_kernel[(padded // block_n,)](cos, sin, rows, cols, head, width, 16, HEAD_DIM=32, DIM_PAD=32,
+                                               BLOCK_N=block_n, FAST_TRIG=fast_trig)
+    tokens = torch.arange(padded)
+    assert torch.equal(rows.cpu().long(), tokens // width) and torch.equal(cols.cpu().long(), tokens % width)
     theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
-    exact = torch.arange(n, dtype=torch.float64)[:, None] * theta[None, :]
-    # fp32 theta carries ~1 ulp, i.e. ~3e-5 rad at 400 rad; the reduction adds none of its own.
-    assert (cos.double().cpu() - exact.cos()).abs().max() < 1e-4
-    assert (sin.double().cpu() - exact.sin()).abs().max() < 1e-4
+    position = (tokens // width if head == 0 else tokens % width).double()
+    exact = position[:, None] * theta[None, :]
+    # The fp32 angle (position * theta, theta from exp2) is within ~1 ulp, 6e-8 of its size; the
+    # range reduction adds none of its own, the polynomials or sin.approx / cos.approx < 1e-6.
+    bound = 6e-8 * exact.max().item() + 1e-6
+    assert (cos.double().cpu() - exact.cos()).abs().max() < bound
+    assert (sin.double().cpu() - exact.sin()).abs().max() < bound
 
 
 def test_tf32_split_is_exact_and_rounds_to_nearest(gen):

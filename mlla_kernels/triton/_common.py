@@ -13,6 +13,7 @@ import math
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # log2(10000): theta_i = 10000^(-i/K) = 2^(-i * LOG2_ROPE_BASE / K)
 LOG2_ROPE_BASE = tl.constexpr(math.log2(10000.0))
@@ -52,15 +53,33 @@ def cos_sin_reduced(angle):
 
 
 @triton.jit
-def rope_cos_sin(tokens, head, width, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, QUARTER_C):
-    """cos and sin (BLOCK_N, DIM_PAD // 2) of the RoPE angle of each (token, pair of this head).
+def block_rows_cols(block_start, width, BLOCK_N: tl.constexpr):
+    """(row, column) of each of the BLOCK_N tokens from block_start on; token n sits at
+    (n // W, n % W). One integer division per block: the tokens' columns counted from the first
+    token's row, c < W + BLOCK_N, are split into whole rows in fp32, which is exact while
+    W + BLOCK_N < 2**22 (check_triton_inputs): (c + 0.5) / W lies at least 0.5 / W from an
+    integer, and the product's rounding errs by at most (c / W) * 2**-23."""
+    first_row = block_start // width
+    cols = block_start - first_row * width + tl.arange(0, BLOCK_N)
+    wrapped = tl.floor((cols.to(tl.float32) + 0.5) * (1.0 / width)).to(tl.int32)
+    return first_row + wrapped, cols - wrapped * width
+
+
+@triton.jit
+def rope_cos_sin(block_start, head, width, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, QUARTER_C,
+                 BLOCK_N: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """cos and sin (BLOCK_N, DIM_PAD // 2) of the RoPE angle of each (token, pair of this head) of
+    the block starting at token block_start.
 
     Pair j = head * d/2 + i of the whole C channels turns by row * theta_j when j < K = C/4 and by
     column * theta_(j-K) otherwise, with theta_i = 10000^(-i/K); token n sits at (n // W, n % W).
+    FAST_TRIG (compiled kernels): the reduced angle goes to the GPU's special function unit
+    (sin.approx / cos.approx, absolute error <= 2**-20.5 on [-pi, pi] by the PTX manual), two
+    instructions where cos_sin_reduced takes ~25; the interpreter, which cannot run them, keeps the
+    polynomials.
     """
     pairs = tl.arange(0, DIM_PAD // 2)
-    rows = tokens // width
-    cols = tokens - rows * width
+    rows, cols = block_rows_cols(block_start, width, BLOCK_N)
     pair = head * (HEAD_DIM // 2) + pairs
     by_row = pair < QUARTER_C
     freq_index = tl.where(by_row, pair, pair - QUARTER_C).to(tl.float32)
@@ -70,6 +89,8 @@ def rope_cos_sin(tokens, head, width, HEAD_DIM: tl.constexpr, DIM_PAD: tl.conste
     # Positions reach several hundred radians: reduce to [-pi, pi] with a two-part 2*pi.
     turns = tl.floor(angle * INV_TWO_PI + 0.5)
     angle = (angle - turns * TWO_PI_HI) - turns * TWO_PI_LO
+    if FAST_TRIG:
+        return libdevice.fast_cosf(angle), libdevice.fast_sinf(angle)
     return cos_sin_reduced(angle)
 
 

@@ -26,7 +26,7 @@ def query_grad_state_kernel(
     stride_gqk_b, stride_gqk_n, stride_gqk_c,
     stride_partial_bh, stride_partial_split,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     """Program (bh, split) writes d(q) for its tokens and sums their dKV and dkbar (layout as the
     forward state)."""
@@ -57,7 +57,7 @@ def query_grad_state_kernel(
         mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
         zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
         q_lin, q, z = load_query_block(block_pointer(q_base, block_start, stride_qk_n), q_offsets, mask, kbar)
-        cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
+        cos, sin = rope_cos_sin(block_start, head, width, HEAD_DIM, DIM_PAD, quarter_c, BLOCK_N, FAST_TRIG)
         rq = rope(q, cos, sin, BLOCK_N, DIM_PAD)
         grad = load_tile(block_pointer(g_base, block_start, stride_g_n), g_offsets, mask)
         grad_hi, grad_lo = dot_operand(grad, DOT_MODE)
@@ -96,7 +96,7 @@ def key_value_grad_kernel(
     stride_qk_b, stride_qk_n, stride_qk_c, stride_v_b, stride_v_n, stride_v_c,
     stride_gqk_b, stride_gqk_n, stride_gqk_c, stride_gv_b, stride_gv_n, stride_gv_c,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_MODE: tl.constexpr,
+    DOT_MODE: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     """Program (bh, split) writes d(k) and dv for its tokens; dKV and dkbar come as num_partials
     partial sums that it adds up itself (see output_kernel)."""
@@ -122,7 +122,7 @@ def key_value_grad_kernel(
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
-        cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
+        cos, sin = rope_cos_sin(block_start, head, width, HEAD_DIM, DIM_PAD, quarter_c, BLOCK_N, FAST_TRIG)
         zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
         k_lin = load_tile(block_pointer(k_base, block_start, stride_qk_n), k_offsets, mask)
         rk = rope(tl.where(mask, feature_map(k_lin), 0.0), cos, sin, BLOCK_N, DIM_PAD)

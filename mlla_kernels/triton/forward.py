@@ -18,7 +18,7 @@ def kv_state_kernel(
     stride_qk_b, stride_qk_n, stride_qk_c, stride_v_b, stride_v_n, stride_v_c,
     stride_partial_bh, stride_partial_split,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     """Program (bh, split) sums rope(phi(k))^T v and phi(k) over its run of tokens.
 
@@ -45,7 +45,7 @@ def kv_state_kernel(
         k = tl.where(mask, feature_map(load_tile(block_pointer(k_base, block_start, stride_qk_n), k_offsets, mask)),
                      0.0)
         k_blocks += k
-        cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
+        cos, sin = rope_cos_sin(block_start, head, width, HEAD_DIM, DIM_PAD, quarter_c, BLOCK_N, FAST_TRIG)
         values = load_tile(block_pointer(v_base, block_start, stride_v_n), v_offsets, mask)
         if DOT_MODE == "tf32x3":
             rk_hi, rk_lo = split_tf32(rope(k, cos, sin, BLOCK_N, DIM_PAD))
@@ -67,7 +67,7 @@ def output_kernel(
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
     stride_qk_b, stride_qk_n, stride_qk_c, stride_out_b, stride_out_n, stride_out_c,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_MODE: tl.constexpr, WRITE_STATE: tl.constexpr,
+    DOT_MODE: tl.constexpr, WRITE_STATE: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     """out_n = (rope(phi(q_n)) KV) / (phi(q_n) . kbar + eps) for program (bh, split)'s tokens.
 
@@ -94,7 +94,7 @@ def output_kernel(
         tokens = block_start + tl.arange(0, BLOCK_N)
         mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
         _, q, z = load_query_block(block_pointer(q_base, block_start, stride_qk_n), q_offsets, mask, kbar)
-        cos, sin = rope_cos_sin(tokens, head, width, HEAD_DIM, DIM_PAD, quarter_c)
+        cos, sin = rope_cos_sin(block_start, head, width, HEAD_DIM, DIM_PAD, quarter_c, BLOCK_N, FAST_TRIG)
         rq_hi, rq_lo = dot_operand(rope(q, cos, sin, BLOCK_N, DIM_PAD), DOT_MODE)
         unnormalized = matmul_parts(rq_hi, rq_lo, kv_hi, kv_lo, tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32),
                                     DOT_MODE)

@@ -32,6 +32,8 @@ MIN_BLOCKS_PER_PROGRAM = 4
 # 11% slower (bf16 forward) and 4 was slower everywhere.
 NUM_STAGES = 3
 FEW_BLOCKS_NUM_STAGES = 2
+# block_rows_cols splits tokens into rows in fp32, exact while width + BLOCK_N < 2**22.
+MAX_WIDTH = 2 ** 21
 # How the small matrix products (BLOCK_N x d x d per block) run: "ieee" (exact fp32 products on
 # the FMA units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or
 # "tf32" (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are
@@ -200,6 +202,9 @@ def check_triton_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: 
     if v.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton linear attention supports float32, float16 and bfloat16, got {v.dtype}; "
                         f"use impl='reference' for other dtypes")
+    if hw_shape[1] > MAX_WIDTH:
+        raise ValueError(f"the Triton linear attention takes widths up to {MAX_WIDTH} tokens (where its fp32 "
+                         f"row/column split is exact), got hw_shape {tuple(hw_shape)}; use impl='reference'")
     head_dim = v.shape[-1] // num_heads
     if head_dim % 2 != 0:
         raise ValueError(f"the Triton linear attention needs an even head dim (RoPE pairs must not straddle "
@@ -309,7 +314,7 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     cfg = launch_config(num_tokens, batch_heads, head_dim, v.device, "forward")
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, out)
-    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad)
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, FAST_TRIG=v.device.type == "cuda")
     with on_device(v.device):
         sums, partials = _reduce_over_tokens(
             kv_state_kernel, (qk, v),
@@ -343,7 +348,8 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     grad_qk = _output_buffer(grad_qk, (batch, num_tokens, 2 * channels), qk, "grad_qk")
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, grad_out, grad_qk, grad_v)
-    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "backward"))
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "backward"),
+                FAST_TRIG=v.device.type == "cuda")
     with on_device(v.device):
         grad_sums, partials = _reduce_over_tokens(
             query_grad_state_kernel, (qk, grad_out, state, grad_qk),
