@@ -181,10 +181,13 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 # slower at every stage); they stay listed to recheck after kernel changes. Tried and dropped
 # there: the fp32 state pass on tensor cores, 1.2-1.9x slower at stage 1 on either MMA; the
 # partial-state sums at 64 entries; folding 0 or 64 partials.
-_SWEEP_LAUNCH = {stage: [dict(), dict(num_stages=2), dict(num_stages_backward=2), dict(programs_per_sm=2),
+_SWEEP_LAUNCH = {stage: [dict(), dict(fast_trig_backward=False), dict(fast_trig=False), dict(num_stages=2),
+                         dict(num_stages_backward=2), dict(programs_per_sm=2),
                          dict(num_warps_backward=8), dict(num_warps_backward=8, reduce_programs_per_sm=2)]
                  for stage in (1, 2)}
-_SWEEP_LAUNCH.update({stage: [dict(), dict(num_stages=3), dict(dot_mode_state="tf32x3"), dict(num_warps_forward=8),
+_SWEEP_LAUNCH.update({stage: [dict(), dict(fast_trig_backward=True), dict(fast_trig=False),
+                              dict(fast_trig_backward=True, num_stages_backward=3), dict(num_stages=3),
+                              dict(dot_mode_state="tf32x3"), dict(num_warps_forward=8),
                               dict(num_warps_forward=8, dot_mode_state="tf32x3"), dict(block_n_forward=32),
                               dict(reduce_programs_per_sm=4), dict(programs_per_sm=2), dict(programs_per_sm=3),
                               dict(programs_per_sm=2, reduce_programs_per_sm=1), dict(num_warps_backward=8),
@@ -405,6 +408,9 @@ def compile_report():
                               BLOCK_N=cfg.block_n, DOT_MODE=dot_mode(DTYPES[dtype], pass_name))
                 if "ATOMIC" in kernel.arg_names:
                     consts["ATOMIC"] = False
+                if "WRITE_STATE" in kernel.arg_names:
+                    consts["WRITE_STATE"] = True
+                consts["FAST_TRIG"] = True  # as compiled on the GPU at stage 1
                 signature = {name: "constexpr" if name in consts else
                              ("*fp32" if name in ("state_ptr", "grad_state_ptr") else f"*{dtype}")
                              if name.endswith("_ptr") else "i32" for name in kernel.arg_names}

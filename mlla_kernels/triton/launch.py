@@ -77,6 +77,7 @@ class LaunchConfig:
     reduce_tokens_per_split: int
     num_stages: int       # software pipelining depth of the token loops
     reduce_num_stages: int  # the same for the reducing pass
+    fast_trig: bool       # RoPE's cos/sin on the special function unit (rope_cos_sin's FAST_TRIG)
 
 
 _overrides: dict = {}
@@ -88,15 +89,17 @@ def launch_overrides(**kwargs):
     programs_per_sm / reduce_splits and reduce_programs_per_sm (the reducing pass only) /
     fold_max_partials (0: never fold) / sum_block_state / num_warps (both directions) /
     num_warps_forward / num_warps_backward / num_stages (both directions) / num_stages_forward /
-    num_stages_backward / dot_mode (every pass) / dot_mode_forward (both forward
-    passes) / dot_mode_state / dot_mode_output / dot_mode_backward: tests use it to get many splits
+    num_stages_backward / fast_trig / fast_trig_forward / fast_trig_backward (True / False) /
+    dot_mode (every pass) / dot_mode_forward (both forward passes) / dot_mode_state /
+    dot_mode_output / dot_mode_backward: tests use it to get many splits
     and partial blocks from a few dozen tokens under the interpreter, the benchmark to sweep
     launch shapes."""
     mode_keys = {"dot_mode", "dot_mode_forward", *(f"dot_mode_{name}" for name in PASSES)}
     unknown = set(kwargs) - mode_keys - {"block_n", "block_n_forward", "block_n_backward", "splits",
                                          "num_warps", "num_warps_forward",
                                          "num_warps_backward", "num_stages", "num_stages_forward",
-                                         "num_stages_backward", "programs_per_sm",
+                                         "num_stages_backward", "fast_trig", "fast_trig_forward",
+                                         "fast_trig_backward", "programs_per_sm",
                                          "reduce_splits", "reduce_programs_per_sm", "fold_max_partials",
                                          "sum_block_state"}
     if unknown:
@@ -168,11 +171,16 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
                                                                    _overrides["reduce_programs_per_sm"])
     reduce_splits, reduce_tokens_per_split = _split(blocks, block_n, reduce_splits)
     reduce_num_stages = num_stages
+    fast_trig = _overrides.get(f"fast_trig_{direction}", _overrides.get("fast_trig"))
+    if fast_trig is None:
+        fast_trig = device.type == "cuda" and (direction == "forward" or not few_blocks)
+    elif fast_trig and device.type != "cuda":
+        raise ValueError("fast_trig needs compiled kernels on a CUDA device (the interpreter has no sin.approx)")
     if (few_blocks and direction == "forward" and not {"num_stages", "num_stages_forward"} & set(_overrides)
             and reduce_tokens_per_split >= MIN_BLOCKS_PER_PROGRAM * block_n):
         reduce_num_stages = NUM_STAGES
     return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, reduce_splits, reduce_tokens_per_split,
-                        num_stages, reduce_num_stages)
+                        num_stages, reduce_num_stages, bool(fast_trig))
 
 
 def _splits(batch_heads: int, device: torch.device, programs_per_sm: int) -> int:
@@ -314,7 +322,7 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
     cfg = launch_config(num_tokens, batch_heads, head_dim, v.device, "forward")
     out = _output_buffer(out, (batch, num_tokens, channels), v, "out")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, out)
-    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, FAST_TRIG=v.device.type == "cuda")
+    meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, FAST_TRIG=cfg.fast_trig)
     with on_device(v.device):
         sums, partials = _reduce_over_tokens(
             kv_state_kernel, (qk, v),
@@ -349,7 +357,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
     grad_v = _output_buffer(grad_v, (batch, num_tokens, channels), v, "grad_v")
     check_offsets_fit(cfg.block_n, dim_pad, qk, v, grad_out, grad_qk, grad_v)
     meta = dict(HEAD_DIM=head_dim, DIM_PAD=dim_pad, DOT_MODE=dot_mode(v.dtype, "backward"),
-                FAST_TRIG=v.device.type == "cuda")
+                FAST_TRIG=cfg.fast_trig)
     with on_device(v.device):
         grad_sums, partials = _reduce_over_tokens(
             query_grad_state_kernel, (qk, grad_out, state, grad_qk),
