@@ -164,6 +164,12 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
         if row[f"{mode}_fused_graph_ms"]:
             graph_gbps = row[f"bytes_{mode}"] / (row[f"{mode}_fused_graph_ms"] * 1e-3) / 1e9
             row[f"{mode}_fused_graph_copy_fraction"] = graph_gbps / ctx["copy_gbps"]
+        # The same bytes moved by one device copy (half read, half written), from a CUDA graph: at
+        # the small stages even a copy is far from the large copy's bandwidth (launch and ramp-up).
+        source = torch.empty(row[f"bytes_{mode}"] // 2, dtype=torch.uint8, device=DEVICE)
+        target = torch.empty_like(source)
+        row[f"{mode}_copy_same_bytes_graph_ms"] = do_bench_graph(lambda: target.copy_(source), rep=60,
+                                                                 return_mode="median")
     for name, fn in (("eager", eager), ("fused", fused)):
         row[f"peak_mb_{name}"] = peak_megabytes(forward_backward_runner(fn, ctx["sets_bwd"]))
     return row
@@ -366,16 +372,21 @@ def print_table(rows, copy_gbps, device_name):
                   f"{r[f'{mode}_fused_gbps']:>6.0f} {100 * r[f'{mode}_fused_copy_fraction']:>4.0f}% "
                   f"{fmt(None if frac_graph is None else 100 * frac_graph, '.0f'):>6}% | "
                   f"{fmt(r.get(f'{mode}_fused_atomic_ms')):>7}")
-    print("\nGPU time per call (CUDA-graph replay of each implementation: no host launch cost), ms")
+    print("\nGPU time per call (CUDA-graph replay of each implementation: no host launch cost), ms; "
+          "'copy': one device copy of the op's bytes, '%copy': fused's share of the large copy's bandwidth, "
+          "'%eq cp': copy / fused")
     header = (f"{'model':5} {'grid':>7} {'dt':4} | {'mode':7} {'eager':>7} {'compile':>7} {'fused':>7} "
-              f"{'vs eag':>6} {'vs cmp':>6}")
+              f"{'vs eag':>6} {'vs cmp':>6} {'copy':>7} {'%copy':>5} {'%eq cp':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
         for mode in ("fwd", "fwd_bwd"):
             eager, compiled, fused = (r.get(f"{mode}_{name}_graph_ms") for name in ("eager", "compile", "fused"))
+            copy_ms, frac = r.get(f"{mode}_copy_same_bytes_graph_ms"), r.get(f"{mode}_fused_graph_copy_fraction")
             print(f"{r['model']:5} {r['hw'][0]:>3}x{r['hw'][1]:<3} {r['dtype']:4} | {mode:7} {fmt(eager):>7} "
-                  f"{fmt(compiled):>7} {fmt(fused):>7} {ratio(eager, fused):>6} {ratio(compiled, fused):>6}")
+                  f"{fmt(compiled):>7} {fmt(fused):>7} {ratio(eager, fused):>6} {ratio(compiled, fused):>6} "
+                  f"{fmt(copy_ms):>7} {fmt(None if frac is None else 100 * frac, '.0f'):>4}% "
+                  f"{fmt(None if copy_ms is None or not fused else 100 * copy_ms / fused, '.0f'):>5}%")
     print("peak MB per fwd+bwd beyond inputs (eager / fused): " + ", ".join(
         f"{r['model']}{r['stage']}-{r['dtype']} {r['peak_mb_eager']:.0f}/{r['peak_mb_fused']:.0f}" for r in rows))
 
