@@ -46,10 +46,11 @@ def query_grad_state_kernel(
 
     # dKV and dkbar are reduced over the tokens as one (2 DIM_PAD, 2 DIM_PAD) running sum (see
     # token_reduction). tf32x3: [rqz_hi | rqz_lo]^T [g_hi | g_lo], whose blocks are the four
-    # hi/lo products of rqz^T g (dKV = all but lo*lo), dkbar summed apart in fp32. Other modes:
+    # hi/lo products of rqz^T g (dKV = all but lo*lo), dkbar summed apart in fp32 (elementwise over
+    # the blocks, across the rows once at the end: no cross-warp reduction per block). Other modes:
     # [rqz | phi(q)]^T [g | w e_0]: dKV top left, dkbar the first column of the bottom right.
     sums = tl.zeros((2 * DIM_PAD, 2 * DIM_PAD), dtype=tl.float32)
-    dkbar = tl.zeros((DIM_PAD,), dtype=tl.float32)
+    dkbar_tile = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
     first_column = (tl.arange(0, DIM_PAD) == 0)[None, :]
     start, end = token_run(split, tokens_per_split, num_tokens)
     for block_start in range(start, end, BLOCK_N):
@@ -69,7 +70,7 @@ def query_grad_state_kernel(
         # instructions but ran slower on an H200 (this kernel 75 -> 82 us, bf16, MLLA-T stage 1).
         rqz = rq * z[:, None]
         if DOT_MODE == "tf32x3":
-            dkbar += tl.sum(w[:, None] * q, axis=0)
+            dkbar_tile += w[:, None] * q
             rqz_hi, rqz_lo = split_tf32(rqz)
             sums += token_reduction(rqz_hi, rqz_lo, grad_hi, grad_lo, BLOCK_N, DIM_PAD, DOT_MODE)
         else:
@@ -82,6 +83,7 @@ def query_grad_state_kernel(
     hi_hi, hi_lo, lo_hi, bottom_right = quadrants(sums, DIM_PAD)
     if DOT_MODE == "tf32x3":
         dkv = hi_hi + (hi_lo + lo_hi)
+        dkbar = tl.sum(dkbar_tile, axis=0)
     else:
         dkv = hi_hi
         dkbar = tl.sum(bottom_right, axis=1)
