@@ -9,6 +9,8 @@ from .reference import linear_attention_reference
 IMPLS = ("auto", "reference", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The kernels split tokens into rows in fp32 (triton/_common.py block_rows_cols): exact up to here.
+TRITON_MAX_WIDTH = 2 ** 21
 
 
 def triton_interpreting() -> bool:
@@ -58,12 +60,14 @@ def normalize_hw_shape(hw_shape):
         raise TypeError(f"hw_shape must hold two ints, got {hw_shape!r}") from None
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = None, head_dim: int = None) -> str:
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = None, head_dim: int = None,
+                 width: int = None) -> str:
     """The implementation to run. "auto" takes the kernels on CUDA when they support the inputs
-    (fp32/fp16/bf16, even head dim) and the reference otherwise."""
+    (fp32/fp16/bf16, even head dim, width up to TRITON_MAX_WIDTH) and the reference otherwise."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    kernels_fit = (dtype is None or dtype in TRITON_DTYPES) and (head_dim is None or head_dim % 2 == 0)
+    kernels_fit = ((dtype is None or dtype in TRITON_DTYPES) and (head_dim is None or head_dim % 2 == 0)
+                   and (width is None or width <= TRITON_MAX_WIDTH))
     if impl == "auto":
         return "triton" if device.type == "cuda" and kernels_fit else "reference"
     if impl == "triton":
@@ -75,6 +79,9 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = None, hea
         if head_dim is not None and head_dim % 2 != 0:
             raise ValueError(f"impl='triton' needs an even head dim (RoPE pairs must not straddle heads), "
                              f"got {head_dim}; use impl='reference' (or 'auto')")
+        if width is not None and width > TRITON_MAX_WIDTH:
+            raise ValueError(f"impl='triton' takes widths up to {TRITON_MAX_WIDTH} tokens, got {width}; "
+                             f"use impl='reference' (or 'auto')")
     return impl
 
 
@@ -106,8 +113,8 @@ def linear_attention(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int
     """
     qk, v = _autocast_inputs(qk, v)
     check_inputs(qk, v, hw_shape, num_heads)
-    impl = resolve_impl(impl, v.device, v.dtype, v.shape[-1] // num_heads)
     hw_shape = normalize_hw_shape(hw_shape)
+    impl = resolve_impl(impl, v.device, v.dtype, v.shape[-1] // num_heads, hw_shape[1])
     if impl == "reference":
         return linear_attention_reference(qk, v, hw_shape, num_heads)
     from .triton import linear_attention_triton

@@ -361,6 +361,10 @@ def test_auto_falls_back_to_the_reference_where_the_kernels_do_not_fit():
     assert resolve_impl("auto", cuda, torch.float32, 32) == "triton"
     assert resolve_impl("auto", cuda, torch.float64, 32) == "reference"
     assert resolve_impl("auto", cuda, torch.float32, 3) == "reference"
+    assert resolve_impl("auto", cuda, torch.float32, 32, 2 ** 21) == "triton"
+    assert resolve_impl("auto", cuda, torch.float32, 32, 2 ** 21 + 1) == "reference"
+    with pytest.raises(ValueError, match="widths up to"):
+        resolve_impl("triton", cuda, torch.float32, 32, 2 ** 21 + 1)
     assert resolve_impl("auto", torch.device("cpu"), torch.float32, 32) == "reference"
 
 

@@ -11,7 +11,7 @@ import triton
 
 from ..cached_launch import launch
 from ..device import on_device
-from ..linear_attention import TRITON_DTYPES, check_inputs
+from ..linear_attention import TRITON_DTYPES, TRITON_MAX_WIDTH, check_inputs
 from .backward import key_value_grad_kernel, query_grad_state_kernel
 from .forward import kv_state_kernel, output_kernel, sum_partials_kernel
 
@@ -32,8 +32,6 @@ MIN_BLOCKS_PER_PROGRAM = 4
 # 11% slower (bf16 forward) and 4 was slower everywhere.
 NUM_STAGES = 3
 FEW_BLOCKS_NUM_STAGES = 2
-# block_rows_cols splits tokens into rows in fp32, exact while width + BLOCK_N < 2**22.
-MAX_WIDTH = 2 ** 21
 # How the small matrix products (BLOCK_N x d x d per block) run: "ieee" (exact fp32 products on
 # the FMA units), "tf32x3" (tensor cores, three tf32 products per fp32 one: fp32-level error) or
 # "tf32" (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are
@@ -210,8 +208,8 @@ def check_triton_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: 
     if v.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton linear attention supports float32, float16 and bfloat16, got {v.dtype}; "
                         f"use impl='reference' for other dtypes")
-    if hw_shape[1] > MAX_WIDTH:
-        raise ValueError(f"the Triton linear attention takes widths up to {MAX_WIDTH} tokens (where its fp32 "
+    if hw_shape[1] > TRITON_MAX_WIDTH:
+        raise ValueError(f"the Triton linear attention takes widths up to {TRITON_MAX_WIDTH} tokens (where its fp32 "
                          f"row/column split is exact), got hw_shape {tuple(hw_shape)}; use impl='reference'")
     head_dim = v.shape[-1] // num_heads
     if head_dim % 2 != 0:
