@@ -164,8 +164,8 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
         if row[f"{mode}_fused_graph_ms"]:
             graph_gbps = row[f"bytes_{mode}"] / (row[f"{mode}_fused_graph_ms"] * 1e-3) / 1e9
             row[f"{mode}_fused_graph_copy_fraction"] = graph_gbps / ctx["copy_gbps"]
-        # The same bytes moved by one device copy (half read, half written), from a CUDA graph: at
-        # the small stages even a copy is far from the large copy's bandwidth (launch and ramp-up).
+        # The same bytes moved by one device copy (half read, half written), from a CUDA graph: what
+        # the size alone allows, to tell it from the fused op's own latency at the small stages.
         source = torch.empty(row[f"bytes_{mode}"] // 2, dtype=torch.uint8, device=DEVICE)
         target = torch.empty_like(source)
         row[f"{mode}_copy_same_bytes_graph_ms"] = do_bench_graph(lambda: target.copy_(source), rep=60,
@@ -175,18 +175,19 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
     return row
 
 
-# Launch shapes tried per (dtype, stage). At stages 1-2 a head's tokens split into many programs:
-# how many per SM, and the other pipelining depth (v16 measured 2 against 3 at stages 1, 3 and 4
-# only). At stages 3-4 a head has few blocks, so a program's time is mostly the latency
+# Launch shapes tried per (dtype, stage). At every stage, the other RoPE trig path of each direction
+# (v18: the backward's depends on the blocks per program). At stages 1-2 a head's tokens split into
+# many programs: how many per SM, and the other pipelining depth (v16 measured 2 against 3 at stages
+# 1, 3 and 4 only). At stages 3-4 a head has few blocks, so a program's time is mostly the latency
 # of its few blocks: the forward with fewer instructions per block (the state pass on tensor cores
 # in fp32) or more warps, or 32-token blocks; how finely the reducing passes split them, and the
 # backward at 32-token blocks. At every stage, the backward at 8 warps: since v15 its
 # query_grad_state_kernel compiles at 8 warps without spilling (250 registers, so one program per
-# SM; 4 warps: 255 and 112 bytes spilled, two per SM), alone or with its reduction at fewer
-# programs per SM. In the v15 sweeps (H200) none of these beat the default (8 warps: 1.2-1.4x
-# slower at every stage); they stay listed to recheck after kernel changes. Tried and dropped
-# there: the fp32 state pass on tensor cores, 1.2-1.9x slower at stage 1 on either MMA; the
-# partial-state sums at 64 entries; folding 0 or 64 partials.
+# SM; 4 warps: 255 and 112 bytes spilled, two per SM), alone or with its reduction at fewer programs
+# per SM. In the v15 sweeps (H200) none of these beat the default (8 warps: 1.2-1.4x slower at every
+# stage); they stay listed to recheck after kernel changes. Tried and dropped there: the fp32 state
+# pass on tensor cores, 1.2-1.9x slower at stage 1 on either MMA; the partial-state sums at 64
+# entries; folding 0 or 64 partials.
 _SWEEP_LAUNCH = {stage: [dict(), dict(fast_trig_backward=False), dict(fast_trig=False), dict(num_stages=2),
                          dict(num_stages_backward=2), dict(programs_per_sm=2),
                          dict(num_warps_backward=8), dict(num_warps_backward=8, reduce_programs_per_sm=2)]

@@ -103,7 +103,8 @@ def linear_attention(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int
         hw_shape: (H, W) with H * W == N, tokens row-major.
         num_heads: heads; C must be divisible by it.
         impl: "reference" (eager PyTorch), "triton" (fused kernels, fp32/fp16/bf16, even head dim,
-            W up to TRITON_MAX_WIDTH = 2**21) or "auto" (the kernels on CUDA where they support the inputs, the reference elsewhere).
+            W up to TRITON_MAX_WIDTH = 2**21) or "auto" (the kernels on CUDA where they support the
+            inputs, the reference elsewhere).
     Returns:
         (B, N, C) tensor in v's dtype.
 

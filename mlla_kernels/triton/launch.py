@@ -169,14 +169,14 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
                                                                    _overrides["reduce_programs_per_sm"])
     reduce_splits, reduce_tokens_per_split = _split(blocks, block_n, reduce_splits)
     reduce_num_stages = num_stages
+    if (few_blocks and direction == "forward" and not {"num_stages", "num_stages_forward"} & set(_overrides)
+            and reduce_tokens_per_split >= MIN_BLOCKS_PER_PROGRAM * block_n):
+        reduce_num_stages = NUM_STAGES
     fast_trig = _overrides.get(f"fast_trig_{direction}", _overrides.get("fast_trig"))
     if fast_trig is None:
         fast_trig = device.type == "cuda" and (direction == "forward" or not few_blocks)
     elif fast_trig and device.type != "cuda":
         raise ValueError("fast_trig needs compiled kernels on a CUDA device (the interpreter has no sin.approx)")
-    if (few_blocks and direction == "forward" and not {"num_stages", "num_stages_forward"} & set(_overrides)
-            and reduce_tokens_per_split >= MIN_BLOCKS_PER_PROGRAM * block_n):
-        reduce_num_stages = NUM_STAGES
     return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, reduce_splits, reduce_tokens_per_split,
                         num_stages, reduce_num_stages, bool(fast_trig))
 
