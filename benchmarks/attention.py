@@ -61,8 +61,13 @@ def parse_args(argv=None):
                              "run each build's copy of this script in turn)")
     parser.add_argument("--sweep-first", type=int, default=0,
                         help="sweep only the first N launch configurations per stage and dtype")
+    parser.add_argument("--sweep-config", action="append", type=json.loads, default=[], metavar="JSON",
+                        help="sweep this launch_overrides dict (repeatable; '{}' is the default launch) instead "
+                             "of the built-in list")
     parser.add_argument("--sweep-stages", nargs="+", type=int, default=[1], choices=[1, 2, 3, 4],
-                        help="the MLLA-T stages the sweep runs at")
+                        help="the stages the sweep runs at")
+    parser.add_argument("--sweep-models", nargs="+", default=["T"], choices=list(MODELS),
+                        help="the models whose stage shapes the sweep runs at")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
     parser.add_argument("--compile-report", action="store_true",
                         help="no GPU needed: compile the four kernels for sm_90 at the default launch shapes and "
@@ -204,15 +209,15 @@ SWEEP_CONFIGS = {(dtype, stage): launch for dtype in DTYPES for stage, launch in
 
 
 def sweep(args, ctx):
-    """Launch configurations and matrix-product modes of the fused op at MLLA-T stages
-    (--sweep-stages): CUDA-graph times (device time without host overhead), the relative error of
+    """Launch configurations and matrix-product modes of the fused op at the stages (--sweep-stages)
+    of the models (--sweep-models): CUDA-graph times (device time without host overhead), the relative error of
     out / grad_qk / grad_v against float64 on one input set, and the time of each kernel
     (torch.profiler, plain calls)."""
     from mlla_kernels import linear_attention_reference
     from mlla_kernels.triton import launch_overrides, linear_attention_triton
     results, start = [], time.perf_counter()
-    for stage in args.sweep_stages:
-        hw, channels, heads = STAGE_GRIDS[stage - 1], MODELS["T"][0][stage - 1], MODELS["T"][1][stage - 1]
+    for model, stage in itertools.product(args.sweep_models, args.sweep_stages):
+        hw, channels, heads = STAGE_GRIDS[stage - 1], MODELS[model][0][stage - 1], MODELS[model][1][stage - 1]
         fused = lambda qk, v: linear_attention_triton(qk, v, hw, heads)  # noqa: E731
         for dtype_name in args.dtypes:
             sets = make_sets(BATCH, hw[0] * hw[1], channels, DTYPES[dtype_name], DEVICE, False)[:2]
@@ -222,7 +227,7 @@ def sweep(args, ctx):
             ref = linear_attention_reference(qk64, v64, hw, heads)
             ref.backward(grad.double())
             ref = ref.detach()
-            configs = [{}] if args.sweep_default_only else SWEEP_CONFIGS[dtype_name, stage]
+            configs = [{}] if args.sweep_default_only else args.sweep_config or SWEEP_CONFIGS[dtype_name, stage]
             for config in configs[:args.sweep_first or None]:
                 if time.perf_counter() - start > args.sweep_budget_s:
                     break
@@ -235,11 +240,11 @@ def sweep(args, ctx):
                     except Exception as exc:  # a failed capture must not cost the rest of the run
                         print(f"sweep {dtype_name} {config}: CUDA-graph timing failed: {exc!r}"[:300], flush=True)
                         fwd = fwd_bwd = float("nan")
-                    print(f"sweep stage {stage} {dtype_name} {config or 'default'}: graph fwd {fwd:.4f} ms, "
+                    print(f"sweep {model} stage {stage} {dtype_name} {config or 'default'}: graph fwd {fwd:.4f} ms, "
                           f"fwd+bwd {fwd_bwd:.4f} ms; rel err out {errs[0]:.1e} grad_qk {errs[1]:.1e} "
                           f"grad_v {errs[2]:.1e}", flush=True)
                     kernel_us = kernel_times(fused, sets_bwd)
-                results.append(dict(stage=stage, dtype=dtype_name, **config, fwd_graph_ms=fwd,
+                results.append(dict(model=model, stage=stage, dtype=dtype_name, **config, fwd_graph_ms=fwd,
                                     fwd_bwd_graph_ms=fwd_bwd, rel_err_out=errs[0], rel_err_grad_qk=errs[1],
                                     rel_err_grad_v=errs[2], kernel_us=kernel_us))
     return results
@@ -423,6 +428,10 @@ def compile_report():
                 if "WRITE_STATE" in kernel.arg_names:
                     consts["WRITE_STATE"] = True
                 consts["FAST_TRIG"] = True  # as compiled on the GPU at stage 1
+                if "NUM_PARTIALS" in kernel.arg_names:
+                    consts["NUM_PARTIALS"] = 1  # stage 1's partial states are summed by their own kernel
+                # As launched: Triton specializes the unit channel strides to the constant 1.
+                consts.update({name: 1 for name in kernel.arg_names if name.startswith("stride") and name.endswith("_c")})
                 signature = {name: "constexpr" if name in consts else
                              ("*fp32" if name in ("state_ptr", "grad_state_ptr") else f"*{dtype}")
                              if name.endswith("_ptr") else "i32" for name in kernel.arg_names}

@@ -175,19 +175,22 @@ def state_offsets(HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
 
 
 @triton.jit
-def load_state(partials_ptr, bh, num_partials, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
-    """Head bh's state, KV (DIM_PAD, DIM_PAD) and the key sum (DIM_PAD,), from its num_partials
-    consecutive flat (d*d + d) blocks, added in their order (the same bits in every program)."""
+def load_state(partials_ptr, bh, NUM_PARTIALS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """Head bh's state, KV (DIM_PAD, DIM_PAD) and the key sum (DIM_PAD,), from its NUM_PARTIALS
+    consecutive flat (d*d + d) blocks, added in their order (the same bits in every program).
+    Unrolled, so that every partial's load is in flight at once: as a runtime loop each add waited
+    for its own load, a chain of L2 round trips that took ~20% of the output and key_value_grad
+    kernels at MLLA stage 4 (8 partials; Nsight Compute on an H100, NOTES.md v20)."""
     state_size = HEAD_DIM * HEAD_DIM + HEAD_DIM
-    base = partials_ptr + bh.to(tl.int64) * num_partials * state_size
+    base = partials_ptr + bh.to(tl.int64) * NUM_PARTIALS * state_size
     offsets, mask = state_offsets(HEAD_DIM, DIM_PAD)
     channels = tl.arange(0, DIM_PAD)
     kv = tl.load(base + offsets, mask=mask, other=0.0)
     ksum = tl.load(base + HEAD_DIM * HEAD_DIM + channels, mask=channels < HEAD_DIM, other=0.0)
-    for partial in range(1, num_partials):
-        base += state_size
-        kv += tl.load(base + offsets, mask=mask, other=0.0)
-        ksum += tl.load(base + HEAD_DIM * HEAD_DIM + channels, mask=channels < HEAD_DIM, other=0.0)
+    for partial in tl.static_range(1, NUM_PARTIALS):
+        kv += tl.load(base + partial * state_size + offsets, mask=mask, other=0.0)
+        ksum += tl.load(base + partial * state_size + HEAD_DIM * HEAD_DIM + channels, mask=channels < HEAD_DIM,
+                        other=0.0)
     return kv, ksum
 
 

@@ -93,14 +93,14 @@ def query_grad_state_kernel(
 
 @triton.jit
 def key_value_grad_kernel(
-    qk_ptr, v_ptr, grad_partials_ptr, num_partials, grad_qk_ptr, grad_v_ptr,
+    qk_ptr, v_ptr, grad_partials_ptr, grad_qk_ptr, grad_v_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
     stride_qk_b, stride_qk_n, stride_qk_c, stride_v_b, stride_v_n, stride_v_c,
     stride_gqk_b, stride_gqk_n, stride_gqk_c, stride_gv_b, stride_gv_n, stride_gv_c,
-    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PARTIALS: tl.constexpr,
     DOT_MODE: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
-    """Program (bh, split) writes d(k) and dv for its tokens; dKV and dkbar come as num_partials
+    """Program (bh, split) writes d(k) and dv for its tokens; dKV and dkbar come as NUM_PARTIALS
     partial sums that it adds up itself (see output_kernel)."""
     bh, split, batch, head = program_head(num_heads)
     k_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
@@ -115,7 +115,7 @@ def key_value_grad_kernel(
     gv_base = grad_v_ptr + batch64 * stride_gv_b + head * HEAD_DIM * stride_gv_c
     # v and k see dKV and dkbar through the 1/N of the mean.
     inv_n = 1.0 / (num_tokens * 1.0)
-    dkv, dkbar = load_state(grad_partials_ptr, bh, num_partials, HEAD_DIM, DIM_PAD)
+    dkv, dkbar = load_state(grad_partials_ptr, bh, NUM_PARTIALS, HEAD_DIM, DIM_PAD)
     dkv = dkv * inv_n
     dkbar = dkbar * inv_n
     dkv_hi, dkv_lo = dot_operand(dkv, DOT_MODE)

@@ -63,15 +63,15 @@ def kv_state_kernel(
 
 @triton.jit
 def output_kernel(
-    qk_ptr, partials_ptr, num_partials, state_ptr, out_ptr,
+    qk_ptr, partials_ptr, state_ptr, out_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
     stride_qk_b, stride_qk_n, stride_qk_c, stride_out_b, stride_out_n, stride_out_c,
-    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PARTIALS: tl.constexpr,
     DOT_MODE: tl.constexpr, WRITE_STATE: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     """out_n = (rope(phi(q_n)) KV) / (phi(q_n) . kbar + eps) for program (bh, split)'s tokens.
 
-    The state comes as num_partials partial sums that every program adds up itself (few partials:
+    The state comes as NUM_PARTIALS partial sums that every program adds up itself (few partials:
     cheaper than a kernel launch to sum them); with WRITE_STATE, split 0 stores the total in
     state_ptr for the backward.
     """
@@ -80,7 +80,7 @@ def output_kernel(
     o_offsets = tile_offsets(stride_out_n, stride_out_c, BLOCK_N, DIM_PAD)
     q_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + head * HEAD_DIM * stride_qk_c
     o_base = out_ptr + batch.to(tl.int64) * stride_out_b + head * HEAD_DIM * stride_out_c
-    kv, kbar = load_state(partials_ptr, bh, num_partials, HEAD_DIM, DIM_PAD)
+    kv, kbar = load_state(partials_ptr, bh, NUM_PARTIALS, HEAD_DIM, DIM_PAD)
     if WRITE_STATE:
         if split == 0:
             store_state(state_ptr + bh * (HEAD_DIM * HEAD_DIM + HEAD_DIM), kv, kbar, HEAD_DIM, DIM_PAD, False)

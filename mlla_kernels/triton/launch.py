@@ -329,9 +329,10 @@ def attention_forward(qk: torch.Tensor, v: torch.Tensor, height: int, width: int
         state = sums.view(batch_heads, state_size) if partials == 1 else torch.empty(
             (batch_heads, state_size), dtype=torch.float32, device=v.device)
         _launch_pass(output_kernel, (batch_heads, cfg.splits),
-                     (qk, sums, partials, state, out, num_tokens, width, num_heads, channels // 4,
+                     (qk, sums, state, out, num_tokens, width, num_heads, channels // 4,
                       cfg.tokens_per_split, *qk.stride(), *out.stride()),
-                     cfg, DOT_MODE=dot_mode(v.dtype, "output"), WRITE_STATE=partials > 1, **meta)
+                     cfg, NUM_PARTIALS=partials, DOT_MODE=dot_mode(v.dtype, "output"), WRITE_STATE=partials > 1,
+                     **meta)
     return out, state.view(batch, num_heads, state_size)
 
 
@@ -363,7 +364,7 @@ def attention_backward(grad_out: torch.Tensor, qk: torch.Tensor, v: torch.Tensor
              *qk.stride(), *grad_out.stride(), *grad_qk.stride()),
             batch_heads, state_size, cfg, deterministic, v.device, **meta)
         _launch_pass(key_value_grad_kernel, (batch_heads, cfg.splits),
-                     (qk, v, grad_sums, partials, grad_qk, grad_v, num_tokens, width, num_heads, channels // 4,
+                     (qk, v, grad_sums, grad_qk, grad_v, num_tokens, width, num_heads, channels // 4,
                       cfg.tokens_per_split, *qk.stride(), *v.stride(), *grad_qk.stride(), *grad_v.stride()),
-                     cfg, **meta)
+                     cfg, NUM_PARTIALS=partials, **meta)
     return grad_qk, grad_v
