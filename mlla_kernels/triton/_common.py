@@ -23,6 +23,8 @@ TWO_PI_HI = tl.constexpr(6.28125)
 TWO_PI_LO = tl.constexpr(2.0 * math.pi - 6.28125)
 INV_TWO_PI = tl.constexpr(1.0 / (2.0 * math.pi))
 NORMALIZER_EPS = tl.constexpr(1e-6)
+# Partial states whose loads load_state keeps in flight at once.
+FOLD_LOADS_IN_FLIGHT = tl.constexpr(4)
 
 
 @triton.jit
@@ -85,8 +87,11 @@ def rope_cos_sin(block_start, head, width, HEAD_DIM: tl.constexpr, DIM_PAD: tl.c
     by_row = pair < QUARTER_C
     freq_index = tl.where(by_row, pair, pair - QUARTER_C).to(tl.float32)
     theta = tl.exp2(freq_index * (-LOG2_ROPE_BASE) / (QUARTER_C * 1.0))
-    position = tl.where(by_row[None, :], rows[:, None], cols[:, None]).to(tl.float32)
-    angle = position * theta[None, :]
+    # row * theta + column * 0 or row * 0 + column * theta: the same bits as position * theta, with
+    # the choice made once per pair and the conversions once per token, not per (token, pair).
+    row_theta = tl.where(by_row, theta, 0.0)
+    angle = (rows.to(tl.float32)[:, None] * row_theta[None, :]
+             + cols.to(tl.float32)[:, None] * (theta - row_theta)[None, :])
     # Positions reach several hundred radians: reduce to [-pi, pi] with a two-part 2*pi.
     turns = tl.floor(angle * INV_TWO_PI + 0.5)
     angle = (angle - turns * TWO_PI_HI) - turns * TWO_PI_LO
@@ -178,19 +183,22 @@ def state_offsets(HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
 def load_state(partials_ptr, bh, NUM_PARTIALS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
     """Head bh's state, KV (DIM_PAD, DIM_PAD) and the key sum (DIM_PAD,), from its NUM_PARTIALS
     consecutive flat (d*d + d) blocks, added in their order (the same bits in every program).
-    Unrolled, so that every partial's load is in flight at once: as a runtime loop each add waited
-    for its own load, a chain of L2 round trips that took ~20% of the output and key_value_grad
-    kernels at MLLA stage 4 (8 partials; Nsight Compute on an H100, NOTES.md v20)."""
+    FOLD_LOADS_IN_FLIGHT partials are loaded at a time: one load and add after another made every
+    program wait out a chain of L2 round trips (~20% of the output and key_value_grad kernels at
+    MLLA stage 4, 8 partials; Nsight Compute on an H100, NOTES.md v20), and unrolling all 16 doubled
+    the bf16 output kernel's registers."""
     state_size = HEAD_DIM * HEAD_DIM + HEAD_DIM
     base = partials_ptr + bh.to(tl.int64) * NUM_PARTIALS * state_size
     offsets, mask = state_offsets(HEAD_DIM, DIM_PAD)
     channels = tl.arange(0, DIM_PAD)
-    kv = tl.load(base + offsets, mask=mask, other=0.0)
-    ksum = tl.load(base + HEAD_DIM * HEAD_DIM + channels, mask=channels < HEAD_DIM, other=0.0)
-    for partial in tl.static_range(1, NUM_PARTIALS):
-        kv += tl.load(base + partial * state_size + offsets, mask=mask, other=0.0)
-        ksum += tl.load(base + partial * state_size + HEAD_DIM * HEAD_DIM + channels, mask=channels < HEAD_DIM,
-                        other=0.0)
+    kv = tl.zeros((DIM_PAD, DIM_PAD), dtype=tl.float32)
+    ksum = tl.zeros((DIM_PAD,), dtype=tl.float32)
+    for first in range(0, NUM_PARTIALS, FOLD_LOADS_IN_FLIGHT):
+        for partial in tl.static_range(FOLD_LOADS_IN_FLIGHT):
+            present = first + partial < NUM_PARTIALS
+            block = base + (first + partial) * state_size
+            kv += tl.load(block + offsets, mask=mask & present, other=0.0)
+            ksum += tl.load(block + HEAD_DIM * HEAD_DIM + channels, mask=(channels < HEAD_DIM) & present, other=0.0)
     return kv, ksum
 
 
