@@ -186,10 +186,9 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 # 1, 3 and 4 only). At stages 3-4 a head has few blocks, so a program's time is mostly the latency
 # of its few blocks: the forward with fewer instructions per block (the state pass on tensor cores
 # in fp32) or more warps, or 32-token blocks; how finely the reducing passes split them, and the
-# backward at 32-token blocks. At every stage, the backward at 8 warps: since v15 its
-# query_grad_state_kernel compiles at 8 warps without spilling (250 registers, so one program per
-# SM; 4 warps: 255 and 112 bytes spilled, two per SM), alone or with its reduction at fewer programs
-# per SM. In the v15 sweeps (H200) none of these beat the default (8 warps: 1.2-1.4x slower at every
+# backward at 32-token blocks. At every stage, the backward at 8 warps (its fp32
+# query_grad_state_kernel as launched: ~200 registers, one program per SM; 4 warps: ~250, two per
+# SM), alone or with its reduction at fewer programs per SM. In the v15 sweeps (H200) none of these beat the default (8 warps: 1.2-1.4x slower at every
 # stage); they stay listed to recheck after kernel changes. Tried and dropped there: the fp32 state
 # pass on tensor cores, 1.2-1.9x slower at stage 1 on either MMA; the partial-state sums at 64
 # entries; folding 0 or 64 partials.

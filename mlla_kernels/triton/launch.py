@@ -18,9 +18,9 @@ from .forward import kv_state_kernel, output_kernel, sum_partials_kernel
 SUPPORTED_DTYPES = TRITON_DTYPES
 # Programs to aim for per SM in a pass: enough to hide memory latency with several resident. Where
 # that would leave each program fewer than MIN_BLOCKS_PER_PROGRAM blocks (MLLA-T stages 3-4), the
-# backward runs FEW_BLOCKS_PROGRAMS_PER_SM with twice the blocks each (its kernels hold 255
-# registers a thread, two programs resident per SM; the v9 sweep on an H200 timed it 7-9% faster
-# there), and so does the forward's reducing pass when that leaves few enough partial states for
+# backward runs FEW_BLOCKS_PROGRAMS_PER_SM with twice the blocks each (its fp32 kernels hold
+# ~210-255 registers a thread, two programs resident per SM; the v9 sweep on an H200 timed it 7-9%
+# faster there), and so does the forward's reducing pass when that leaves few enough partial states for
 # the output pass to add up itself (FOLD_MAX_PARTIALS; v13 sweep: -3% fwd+bwd at stage 4 against
 # folding 16 partials from 4 programs per SM, slower at stage 2 where it would not fold).
 PROGRAMS_PER_SM = 4
@@ -37,8 +37,8 @@ FEW_BLOCKS_NUM_STAGES = 2
 # "tf32" (tensor cores, one product on operands rounded to 10 mantissa bits). The operands are
 # phi(x) after RoPE in fp32 whatever the input dtype. Defaults per input dtype and pass (state,
 # output, backward), from the H200 sweeps (NOTES.md v6, v7, v9): fp32 keeps fp32 accuracy with
-# ieee in the state pass (~170 registers instead of 255 with tf32x3, so a third program fits per
-# SM: 38 vs 54 us at MLLA-T stage 1) and tf32x3 in the output pass (29 vs 38 us) and the backward
+# ieee in the state pass (~90 registers instead of ~150 with tf32x3 as launched, so more programs
+# fit per SM: 38 vs 54 us at MLLA-T stage 1) and tf32x3 in the output pass (29 vs 38 us) and the backward
 # (0.26 vs 0.44 ms fwd+bwd); 16-bit inputs carry 8-11 mantissa bits, so tf32's rounding is below
 # their own. MLLA_DOT_MODE forces one mode for every dtype and pass.
 DOT_MODES = ("ieee", "tf32", "tf32x3")
