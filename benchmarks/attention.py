@@ -180,8 +180,8 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
     return row
 
 
-# Launch shapes tried per (dtype, stage). At every stage, the other RoPE trig path of each direction
-# (v18: the backward's depends on the blocks per program). At stages 1-2 a head's tokens split into
+# Launch shapes tried per (dtype, stage). At every stage, the polynomial RoPE trig path in each
+# direction (v18-v20: slower, except the fp32 backward at stages 3-4 until v20). At stages 1-2 a head's tokens split into
 # many programs: how many per SM, and the other pipelining depth (v16 measured 2 against 3 at stages
 # 1, 3 and 4 only). At stages 3-4 a head has few blocks, so a program's time is mostly the latency
 # of its few blocks: the forward with fewer instructions per block (the state pass on tensor cores
@@ -196,8 +196,8 @@ _SWEEP_LAUNCH = {stage: [dict(), dict(fast_trig_backward=False), dict(fast_trig=
                          dict(num_stages_backward=2), dict(programs_per_sm=2),
                          dict(num_warps_backward=8), dict(num_warps_backward=8, reduce_programs_per_sm=2)]
                  for stage in (1, 2)}
-_SWEEP_LAUNCH.update({stage: [dict(), dict(fast_trig_backward=True), dict(fast_trig=False),
-                              dict(fast_trig_backward=True, num_stages_backward=3), dict(num_stages=3),
+_SWEEP_LAUNCH.update({stage: [dict(), dict(fast_trig_backward=False), dict(fast_trig=False),
+                              dict(num_stages_backward=3), dict(num_stages=3),
                               dict(dot_mode_state="tf32x3"), dict(num_warps_forward=8),
                               dict(num_warps_forward=8, dot_mode_state="tf32x3"), dict(block_n_forward=32),
                               dict(reduce_programs_per_sm=4), dict(programs_per_sm=2), dict(programs_per_sm=3),

@@ -218,12 +218,11 @@ def test_partial_states_folded_or_summed_give_the_same_function(gen, monkeypatch
         assert_matches_reference(qk, v, hw, heads, gen)
 
 
-def test_pipelining_depth_and_rope_trig_follow_the_blocks_per_program():
+def test_pipelining_depth_follows_the_blocks_per_program_and_rope_trig_the_device():
     """Triton's default depth of 3, 2 where programs run few blocks (GPU only: the rule counts
     SMs) except in the forward's reducing pass while its programs still run several blocks, and
     the overrides, the direction's own first. RoPE's cos/sin: the special function unit in
-    compiled kernels except the backward's where programs run few blocks; never in the
-    interpreter."""
+    compiled kernels in both directions, never in the interpreter."""
     from mlla_kernels.triton import launch
     cpu = torch.device("cpu")
     assert launch_config(1000, 48, 32, cpu, "forward").num_stages == launch.NUM_STAGES
@@ -241,7 +240,7 @@ def test_pipelining_depth_and_rope_trig_follow_the_blocks_per_program():
             assert cfg.reduce_num_stages == (launch.NUM_STAGES if deep else launch.FEW_BLOCKS_NUM_STAGES)
             backward = launch_config(num_tokens, batch_heads, 32, DEVICE, "backward")
             assert backward.reduce_num_stages == backward.num_stages == launch.FEW_BLOCKS_NUM_STAGES
-            assert cfg.fast_trig and not backward.fast_trig
+            assert cfg.fast_trig and backward.fast_trig
     with launch_overrides(num_stages=4, num_stages_backward=1):
         cfg = launch_config(1000, 48, 32, DEVICE, "forward")
         assert cfg.num_stages == cfg.reduce_num_stages == 4
@@ -451,8 +450,8 @@ def test_gpu_every_product_mode_holds_its_bound(gen, dtype, dot_mode):
 @pytest.mark.parametrize("fast_trig", [False, True])
 @pytest.mark.parametrize("height, width", [(200, 320), (25, 39)])
 def test_gpu_both_rope_paths_hold_the_fp32_bound(gen, fast_trig, height, width):
-    """The launch picks sin.approx / cos.approx or the polynomials per direction and shape; each
-    must hold fp32's bound in both directions at a large and a small shape."""
+    """Compiled kernels take sin.approx / cos.approx unless launch_overrides asks for the
+    polynomials; each path must hold fp32's bound in both directions at a large and a small shape."""
     qk, v = make_inputs(gen, 2, height, width, 64, torch.float32)
     with launch_overrides(fast_trig=fast_trig):
         assert launch_config(height * width, 4, 32, DEVICE, "backward").fast_trig == fast_trig

@@ -44,8 +44,8 @@ def cos_sin_reduced(angle):
     """cos and sin of angles in [-pi, pi], from Taylor polynomials of the half angle (|h| <= pi/2:
     truncation below 6e-8) and the double-angle formulas; with fp32 rounding within 4e-7 of the
     exact values (tests). Plain FMAs: ~20 instructions against ~80 for the library's accurate
-    pair. The interpreter's path, and the compiled backward's where its programs run few blocks
-    (launch.LaunchConfig.fast_trig)."""
+    pair. The interpreter's path (compiled kernels take it only when launch_overrides sets
+    fast_trig=False)."""
     half = angle * 0.5
     h2 = half * half
     s = half * (1.0 + h2 * (-1.0 / 6 + h2 * (1.0 / 120 + h2 * (-1.0 / 5040 + h2 * (1.0 / 362880
@@ -76,7 +76,7 @@ def rope_cos_sin(block_start, head, width, HEAD_DIM: tl.constexpr, DIM_PAD: tl.c
 
     Pair j = head * d/2 + i of the whole C channels turns by row * theta_j when j < K = C/4 and by
     column * theta_(j-K) otherwise, with theta_i = 10000^(-i/K); token n sits at (n // W, n % W).
-    FAST_TRIG (compiled kernels only; the launch picks it per direction): the reduced angle goes to
+    FAST_TRIG (compiled kernels only; the launch's default on the GPU): the reduced angle goes to
     the GPU's special function unit (sin.approx / cos.approx, absolute error <= 2**-20.5 on
     [-pi, pi] by the PTX manual), two instructions where cos_sin_reduced takes ~25; otherwise the
     polynomials, which the interpreter can run.

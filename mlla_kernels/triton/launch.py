@@ -174,7 +174,7 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
         reduce_num_stages = NUM_STAGES
     fast_trig = _overrides.get(f"fast_trig_{direction}", _overrides.get("fast_trig"))
     if fast_trig is None:
-        fast_trig = device.type == "cuda" and (direction == "forward" or not few_blocks)
+        fast_trig = device.type == "cuda"
     elif fast_trig and device.type != "cuda":
         raise ValueError("fast_trig needs compiled kernels on a CUDA device (the interpreter has no sin.approx)")
     return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, reduce_splits, reduce_tokens_per_split,
