@@ -69,6 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-models", nargs="+", default=["T"], choices=list(MODELS),
                         help="the models whose stage shapes the sweep runs at")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
+    parser.add_argument("--profiler-range", nargs=3, metavar=("MODEL", "STAGE", "DTYPE"),
+                        help="only run one fused forward+backward at this stage shape (after warm-up calls) between "
+                             "cudaProfilerStart/Stop, for `ncu --profile-from-start off` (gpu_session.sh attention-ncu)")
     parser.add_argument("--compile-report", action="store_true",
                         help="no GPU needed: compile the four kernels for sm_90 at the default launch shapes and "
                              "both pipelining depths, and print registers, spills (ptxas -v) and shared memory")
@@ -475,6 +478,23 @@ def cpu_sanity():
     return 0 if err < 1e-5 else 1
 
 
+def profiler_range(model, stage, dtype_name):
+    """One fused forward+backward at MLLA-`model` stage `stage` between cudaProfilerStart and
+    cudaProfilerStop, after three warm-up calls (compiles and caches stay out of the range)."""
+    from mlla_kernels.triton import linear_attention_triton
+    stage = int(stage)
+    hw, channels, heads = STAGE_GRIDS[stage - 1], MODELS[model][0][stage - 1], MODELS[model][1][stage - 1]
+    qk, v, grad = make_sets(BATCH, hw[0] * hw[1], channels, DTYPES[dtype_name], DEVICE, True)[0]
+    for _ in range(3):
+        linear_attention_triton(qk, v, hw, heads).backward(grad)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    linear_attention_triton(qk, v, hw, heads).backward(grad)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.compile_worker:
@@ -486,6 +506,8 @@ def main(argv=None):
         return 0
     if device == "cpu":
         return cpu_sanity()
+    if args.profiler_range:
+        return profiler_range(*args.profiler_range)
     import triton
     import triton.testing
 

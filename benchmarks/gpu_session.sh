@@ -9,6 +9,8 @@
 #   attention-sweep  launch shapes and product modes of the fused op at MLLA-T stages 1, 3 and 4, per-kernel
 #                    times, host profile; no table (~1 min)
 #   tests-attention  the attention file alone, every test on the GPU (~3 min)
+#   attention-ncu    Nsight Compute stall sampling of the four kernels, one fp32 forward+backward at stage 4
+#                    of MLLA-T and MLLA-B (needs ncu's hardware counters: Firecracker machines; ~1.5 min)
 #   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
 #   attention        benchmarks/attention.py, MLLA-T and -B, the torch.compile graphs compiled by 8 workers
 #                    side by side first (~2.5 min)
@@ -93,6 +95,16 @@ for stage in "$@"; do
       timeout 300 python3 benchmarks/attention.py --json "$out/attention_sweep.json" --sweep-budget-s 220 \
         --sweep-stages 1 3 4 --sweep-only --profile-host > "$out/attention_sweep.log" 2>&1
       grep -E "^sweep|^  kernel|^host" "$out/attention_sweep.log" ;;
+    attention-ncu)
+      for model in T B; do
+        timeout 150 ncu --clock-control none --profile-from-start off \
+          -k regex:'kv_state|output_kernel|query_grad_state|key_value_grad' --section WarpStateStats \
+          --section SourceCounters -o "$out/ncu_${model}4" python3 benchmarks/attention.py --profiler-range "$model" 4 fp32 \
+          > "$out/ncu_${model}4.log" 2>&1
+        ncu --import "$out/ncu_${model}4.ncu-rep" --page source --csv --print-source sass > "$out/ncu_${model}4_source.csv" 2>&1
+        ncu --import "$out/ncu_${model}4.ncu-rep" --page details > "$out/ncu_${model}4_details.txt" 2>&1
+        grep -E "^  [a-z_]+kernel|Warp Cycles Per Issued|No Eligible" "$out/ncu_${model}4_details.txt"
+      done ;;
     attention)
       timeout 370 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \
         --compile-budget-s 150 > "$out/attention.log" 2>&1

@@ -323,3 +323,28 @@ def test_graph_rows_refuse_the_cpu_with_a_clear_error():
     tiny = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
     with pytest.raises(ValueError, match="fused-graph replays CUDA graphs: it needs a CUDA device"):
         backbone.prepare(tiny, torch.randn(1, 3, 32, 32), "train", "fused-graph", "fp32", "cpu")
+
+
+def test_ncu_stall_summary_shares_prologue_and_errors(tmp_path, capsys):
+    """Synthetic ncu source CSV: shares of stall reasons, running share at the first loop branch,
+    the most sampled instruction first; a CSV without kernel sections is refused by name."""
+    from benchmarks import ncu_stalls
+    header = ["Address", "Source", ncu_stalls.SAMPLES, "Instructions Executed", "stall_long_sb", "stall_wait",
+              "stall_long_sb (Not Issued)"]
+    lines = [["Kernel Name", "k_kernel"], header,
+             ["0x10", "LDG.E R2, [R4]", "1", "4", "0", "1", "9"],
+             ["0x20", "FADD R3, R2, R2", "6", "4", "6", "0", "9"],
+             ["0x30", "@P0 BRA 0x10", "1", "8", "0", "1", "9"],
+             ["0x40", "EXIT", "2", "4", "0", "2", "9"]]
+    path = tmp_path / "source.csv"
+    path.write_text("\n".join(",".join(f'"{cell}"' for cell in line) for line in lines) + "\n")
+    assert ncu_stalls.main([str(path), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "k_kernel: 4 instructions, 10 samples" in out
+    assert "long_sb 60%, wait 40%" in out
+    assert "samples so far  80.0%" in out and "samples so far 100.0%" in out
+    assert out.index("most sampled") < out.index("FADD R3")
+    bad = tmp_path / "other.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="no 'Kernel Name' sections"):
+        ncu_stalls.main([str(bad)])
