@@ -71,7 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--profile-host", action="store_true", help="cProfile the fused op's host path first")
     parser.add_argument("--profiler-range", nargs=3, metavar=("MODEL", "STAGE", "DTYPE"),
                         help="only run one fused forward+backward at this stage shape (after warm-up calls) between "
-                             "cudaProfilerStart/Stop, for `ncu --profile-from-start off` (gpu_session.sh attention-ncu)")
+                             "cudaProfilerStart/Stop, for `ncu --profile-from-start off` "
+                             "(gpu_session.sh attention-ncu)")
     parser.add_argument("--compile-report", action="store_true",
                         help="no GPU needed: compile the four kernels for sm_90 at the default launch shapes and "
                              "both pipelining depths, and print registers, spills (ptxas -v) and shared memory")
@@ -184,17 +185,18 @@ def bench_case(model, stage, hw, channels, heads, dtype_name, args, ctx):
 
 
 # Launch shapes tried per (dtype, stage). At every stage, the polynomial RoPE trig path in each
-# direction (v18-v20: slower, except the fp32 backward at stages 3-4 until v20). At stages 1-2 a head's tokens split into
-# many programs: how many per SM, and the other pipelining depth (v16 measured 2 against 3 at stages
-# 1, 3 and 4 only). At stages 3-4 a head has few blocks, so a program's time is mostly the latency
-# of its few blocks: the forward with fewer instructions per block (the state pass on tensor cores
-# in fp32) or more warps, or 32-token blocks; how finely the reducing passes split them, and the
-# backward at 32-token blocks. At every stage, the backward at 8 warps (its fp32
-# query_grad_state_kernel as launched: ~200 registers, one program per SM; 4 warps: ~250, two per
-# SM), alone or with its reduction at fewer programs per SM. In the v15 sweeps (H200) none of these beat the default (8 warps: 1.2-1.4x slower at every
-# stage); they stay listed to recheck after kernel changes. Tried and dropped there: the fp32 state
-# pass on tensor cores, 1.2-1.9x slower at stage 1 on either MMA; the partial-state sums at 64
-# entries; folding 0 or 64 partials.
+# direction (v18-v20: slower, except the fp32 backward at stages 3-4 until v20). At stages 1-2 a
+# head's tokens split into many programs: how many per SM, and the other pipelining depth (v16
+# measured 2 against 3 at stages 1, 3 and 4 only). At stages 3-4 a head has few blocks, so a
+# program's time is mostly the latency of its few blocks: the forward with fewer instructions per
+# block (the state pass on tensor cores in fp32) or more warps, or 32-token blocks; how finely the
+# reducing passes split them, and the backward at 32-token blocks. At every stage, the backward at
+# 8 warps (its fp32 query_grad_state_kernel as launched: ~200 registers, one program per SM; 4
+# warps: ~250, two per SM), alone or with its reduction at fewer programs per SM. In the v15 sweeps
+# (H200) none of these beat the default (8 warps: 1.2-1.4x slower at every stage); they stay listed
+# to recheck after kernel changes. Tried and dropped there: the fp32 state pass on tensor cores,
+# 1.2-1.9x slower at stage 1 on either MMA; the partial-state sums at 64 entries; folding 0 or 64
+# partials.
 _SWEEP_LAUNCH = {stage: [dict(), dict(fast_trig_backward=False), dict(fast_trig=False), dict(num_stages=2),
                          dict(num_stages_backward=2), dict(programs_per_sm=2),
                          dict(num_warps_backward=8), dict(num_warps_backward=8, reduce_programs_per_sm=2)]
@@ -433,7 +435,8 @@ def compile_report():
                 if "NUM_PARTIALS" in kernel.arg_names:
                     consts["NUM_PARTIALS"] = 1  # stage 1's partial states are summed by their own kernel
                 # As launched: Triton specializes the unit channel strides to the constant 1.
-                consts.update({name: 1 for name in kernel.arg_names if name.startswith("stride") and name.endswith("_c")})
+                consts.update({name: 1 for name in kernel.arg_names
+                               if name.startswith("stride") and name.endswith("_c")})
                 signature = {name: "constexpr" if name in consts else
                              ("*fp32" if name in ("state_ptr", "grad_state_ptr") else f"*{dtype}")
                              if name.endswith("_ptr") else "i32" for name in kernel.arg_names}

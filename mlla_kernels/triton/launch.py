@@ -11,7 +11,7 @@ import triton
 
 from ..cached_launch import launch
 from ..device import on_device
-from ..linear_attention import TRITON_DTYPES, TRITON_MAX_WIDTH, check_inputs
+from ..linear_attention import TRITON_DTYPES, check_inputs, resolve_impl
 from .backward import key_value_grad_kernel, query_grad_state_kernel
 from .forward import kv_state_kernel, output_kernel, sum_partials_kernel
 
@@ -114,10 +114,6 @@ def launch_overrides(**kwargs):
         _overrides.update(saved)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -200,22 +196,10 @@ def _padded(n: int) -> int:
 
 
 def check_triton_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int) -> None:
-    """check_inputs plus what the kernels in particular need."""
+    """check_inputs plus what the kernels in particular need: the checks of resolve_impl("triton")
+    (device, dtype, even head dim, width)."""
     check_inputs(qk, v, hw_shape, num_heads)
-    if v.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the Triton linear attention needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
-                         f"kernels on the CPU), got tensors on {v.device}")
-    if v.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton linear attention supports float32, float16 and bfloat16, got {v.dtype}; "
-                        f"use impl='reference' for other dtypes")
-    if hw_shape[1] > TRITON_MAX_WIDTH:
-        raise ValueError(f"the Triton linear attention takes widths up to {TRITON_MAX_WIDTH} tokens (where its fp32 "
-                         f"row/column split is exact), got hw_shape {tuple(hw_shape)}; use impl='reference'")
-    head_dim = v.shape[-1] // num_heads
-    if head_dim % 2 != 0:
-        raise ValueError(f"the Triton linear attention needs an even head dim (RoPE pairs must not straddle "
-                         f"heads), got C = {v.shape[-1]} over {num_heads} heads = {head_dim}; "
-                         f"use impl='reference'")
+    resolve_impl("triton", v.device, v.dtype, v.shape[-1] // num_heads, hw_shape[1])
 
 
 def check_offsets_fit(block_n: int, dim_pad: int, *tensors: torch.Tensor) -> None:
