@@ -62,8 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-first", type=int, default=0,
                         help="sweep only the first N launch configurations per stage and dtype")
     parser.add_argument("--sweep-config", action="append", type=json.loads, default=[], metavar="JSON",
-                        help="sweep this launch_overrides dict (repeatable; '{}' is the default launch) instead "
-                             "of the built-in list")
+                        help="sweep this launch_overrides dict (repeatable; '{}' is the default launch; the key "
+                             "\"deterministic\": false runs the op's atomic reductions) instead of the built-in list")
     parser.add_argument("--sweep-stages", nargs="+", type=int, default=[1], choices=[1, 2, 3, 4],
                         help="the stages the sweep runs at")
     parser.add_argument("--sweep-models", nargs="+", default=["T"], choices=list(MODELS),
@@ -222,7 +222,6 @@ def sweep(args, ctx):
     results, start = [], time.perf_counter()
     for model, stage in itertools.product(args.sweep_models, args.sweep_stages):
         hw, channels, heads = STAGE_GRIDS[stage - 1], MODELS[model][0][stage - 1], MODELS[model][1][stage - 1]
-        fused = lambda qk, v: linear_attention_triton(qk, v, hw, heads)  # noqa: E731
         for dtype_name in args.dtypes:
             sets = make_sets(BATCH, hw[0] * hw[1], channels, DTYPES[dtype_name], DEVICE, False)[:2]
             sets_bwd = [(qk.detach().requires_grad_(), v.detach().requires_grad_(), g) for qk, v, g in sets]
@@ -235,7 +234,12 @@ def sweep(args, ctx):
             for config in configs[:args.sweep_first or None]:
                 if time.perf_counter() - start > args.sweep_budget_s:
                     break
-                with launch_overrides(**config):
+                # "deterministic" is the op's argument, not a launch override.
+                overrides = {key: value for key, value in config.items() if key != "deterministic"}
+                deterministic = config.get("deterministic", True)
+                fused = lambda qk, v, hw=hw, heads=heads, deterministic=deterministic: linear_attention_triton(  # noqa: E731
+                    qk, v, hw, heads, deterministic=deterministic)
+                with launch_overrides(**overrides):
                     errs = _parity(fused, qk, v, grad, ref, qk64.grad, v64.grad)
                     try:
                         fwd = ctx["do_bench_graph"](forward_runner(fused, sets), rep=40, return_mode="median")

@@ -44,12 +44,17 @@ class CachedLauncher:
             return (arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31)
         return (type(arg), arg)
 
-    def __call__(self, grid, args, num_warps, num_stages=None, **constexprs):
-        options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+    def __call__(self, grid, args, num_warps, num_stages=None, max_registers=None, **constexprs):
+        options = dict(num_warps=num_warps)
+        if num_stages is not None:
+            options.update(num_stages=num_stages)
+        if max_registers is not None:
+            options.update(maxnreg=max_registers)
         if not CachedLauncher.enabled or len(args) != self.n_runtime:
             return self.fn[grid](*args, **options, **constexprs)
         const_values = tuple(constexprs[name] for name in self.constexpr_names)
-        key = (tuple(self._spec(a) for a in args), const_values, num_warps, num_stages, torch.cuda.current_device())
+        key = (tuple(self._spec(a) for a in args), const_values, num_warps, num_stages, max_registers,
+               torch.cuda.current_device())
         kernel = self.compiled.get(key)
         if kernel is not None:
             grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
@@ -69,14 +74,15 @@ class CachedLauncher:
 _LAUNCHERS = {}
 
 
-def launch(fn, grid, args: tuple, num_warps: int, num_stages: int = None, **constexprs) -> None:
-    """fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs), args being every
-    runtime parameter in order (num_stages None: Triton's default); through CachedLauncher for
-    CUDA tensors, the ordinary way in the interpreter."""
+def launch(fn, grid, args: tuple, num_warps: int, num_stages: int = None, max_registers: int = None,
+           **constexprs) -> None:
+    """fn[grid](*args, num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers, **constexprs),
+    args being every runtime parameter in order (None: Triton's default); through CachedLauncher for
+    CUDA tensors, the ordinary way in the interpreter (which has no registers to cap)."""
     if args[0].device.type != "cuda":
         fn[grid](*args, num_warps=num_warps, **constexprs)
         return
     launcher = _LAUNCHERS.get(fn)
     if launcher is None:
         launcher = _LAUNCHERS[fn] = CachedLauncher(fn)
-    launcher(grid, args, num_warps, num_stages, **constexprs)
+    launcher(grid, args, num_warps, num_stages, max_registers, **constexprs)

@@ -247,6 +247,36 @@ def test_pipelining_depth_follows_the_blocks_per_program_and_rope_trig_the_devic
         assert launch_config(1000, 48, 32, DEVICE, "backward").num_stages == 1
 
 
+def test_backward_applying_pass_runs_three_programs_per_sm_at_few_blocks():
+    """Where programs run few blocks (GPU only), key_value_grad_kernel runs 3 programs per SM with
+    its registers capped so that 3 fit at 4 warps, while query_grad_state_kernel keeps 2 uncapped;
+    not at 8 warps (d = 64), where the cap would not let 3 fit. Register caps and programs per SM
+    can be forced per direction and pass."""
+    from mlla_kernels.triton import launch
+    cpu = torch.device("cpu")
+    assert launch_config(1000, 48, 32, cpu, "backward").max_registers is None
+    with launch_overrides(max_registers_backward=160, reduce_max_registers=128):
+        forward, backward = (launch_config(1000, 48, 32, cpu, direction) for direction in ("forward", "backward"))
+        assert (forward.max_registers, forward.reduce_max_registers) == (None, 128)
+        assert (backward.max_registers, backward.reduce_max_registers) == (160, 128)
+    if ON_GPU:
+        sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+        blocks = 16  # MLLA-B stage 4: 1000 tokens, 64 a block, 2 x 24 heads
+        backward = launch_config(1000, 48, 32, DEVICE, "backward")
+        assert backward.max_registers == launch.FEW_BLOCKS_APPLY_MAX_REGISTERS_BACKWARD
+        assert backward.reduce_max_registers is None
+        assert backward.splits == launch._split(blocks, 64, triton.cdiv(3 * sms, 48))[0]
+        assert backward.reduce_splits == launch._split(blocks, 64, triton.cdiv(2 * sms, 48))[0]
+        assert launch_config(1000, 48, 32, DEVICE, "forward").max_registers is None
+        assert launch_config(1000, 48, 64, DEVICE, "backward").max_registers is None
+        assert launch_config(64000, 4, 32, DEVICE, "backward").max_registers is None
+        forward = launch_config(1000, 48, 32, DEVICE, "forward")
+        with launch_overrides(programs_per_sm_backward=1, reduce_programs_per_sm_backward=1):
+            backward = launch_config(1000, 48, 32, DEVICE, "backward")
+            assert backward.splits == backward.reduce_splits == launch._split(blocks, 64, triton.cdiv(sms, 48))[0]
+            assert launch_config(1000, 48, 32, DEVICE, "forward") == forward
+
+
 def test_forward_and_backward_may_use_different_blocks(gen):
     """The backward recomputes from the inputs and the state alone, so its token blocks need not
     be the forward's."""
@@ -459,6 +489,17 @@ def test_gpu_both_rope_paths_hold_the_fp32_bound(gen, fast_trig, height, width):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_register_caps_keep_the_bound(gen, dtype):
+    """Capping every kernel's registers (Triton's maxnreg) below what it wants makes the compiler
+    spill; the results must still hold the dtype's bound (MLLA-B stage 4 shape)."""
+    qk, v = make_inputs(gen, 2, 25, 40, 768, dtype)
+    with launch_overrides(max_registers=128, reduce_max_registers=128):
+        assert launch_config(1000, 48, 32, DEVICE, "backward").max_registers == 128
+        assert_matches_reference(qk, v, (25, 40), 24, gen)
+
+
+@pytest.mark.gpu
 def test_gpu_fp16_large_activations_do_not_overflow(gen):
     height, width, channels = 336, 200, 64
     qk = (torch.rand(1, height * width, 2 * channels, generator=gen) * 60 - 30).to(DEVICE, torch.float16)
@@ -499,7 +540,6 @@ def test_gpu_deterministic_mode_is_bitwise_reproducible(gen, dtype):
         assert torch.equal(a, b)
 
 
-@pytest.mark.gpu
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_matches_eager_bits(gen):
     """Forward and backward captured in one CUDA graph and replayed on new inputs give the eager

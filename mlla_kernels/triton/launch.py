@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -26,6 +27,16 @@ SUPPORTED_DTYPES = TRITON_DTYPES
 PROGRAMS_PER_SM = 4
 FEW_BLOCKS_PROGRAMS_PER_SM = 2
 MIN_BLOCKS_PER_PROGRAM = 4
+# Under that rule the backward's applying pass (key_value_grad_kernel, ~208 registers a thread in
+# fp32 as the compiler chooses, ~155 in bf16) runs 3 programs per SM where its registers capped so
+# that 3 fit leave enough (4 warps, d <= 32) (65536 / (3 x 128 threads) -> 168: no spills in fp32 or bf16, compiler
+# report, triton 3.6). H200 sweep (NOTES.md v23): its time 13.0 -> 11.6 us at MLLA-B stage 4 fp32,
+# 24.0 -> 21.0 at stage 3; fwd+bwd -2..5% at MLLA-B stages 3-4 and MLLA-T stage 3. The reducing
+# pass keeps 2 per SM: capping query_grad_state_kernel (~250 registers) to fit 3 spilled and ran
+# slower everywhere.
+FEW_BLOCKS_APPLY_PROGRAMS_PER_SM_BACKWARD = 3
+FEW_BLOCKS_APPLY_MAX_REGISTERS_BACKWARD = 168
+REGISTERS_PER_SM = 65536  # sm_80 / sm_90
 # Software pipelining depth of the token loops (Triton's num_stages): Triton's default of 3, and 2
 # where a program runs only a few blocks (the rule above). Measured on an H100 (NOTES.md v16):
 # MLLA-T stage 4 fp32 fwd+bwd 6% faster at 2 (bf16 and stage 3 unchanged); 2 at stage 1 was up to
@@ -76,6 +87,8 @@ class LaunchConfig:
     num_stages: int       # software pipelining depth of the token loops
     reduce_num_stages: int  # the same for the reducing pass
     fast_trig: bool       # RoPE's cos/sin on the special function unit (rope_cos_sin's FAST_TRIG)
+    max_registers: Optional[int] = None  # Triton's maxnreg for the applying pass (None: the compiler's choice)
+    reduce_max_registers: Optional[int] = None  # the same for the reducing pass
 
 
 _overrides: dict = {}
@@ -85,6 +98,10 @@ _overrides: dict = {}
 def launch_overrides(**kwargs):
     """Force block_n (both directions) / block_n_forward / block_n_backward / splits /
     programs_per_sm / reduce_splits and reduce_programs_per_sm (the reducing pass only) /
+    programs_per_sm_forward / programs_per_sm_backward (that direction's applying pass, within the
+    few-blocks rule) / reduce_programs_per_sm_forward / reduce_programs_per_sm_backward /
+    max_registers[_forward|_backward] and reduce_max_registers[_forward|_backward] (Triton's maxnreg of
+    the applying / reducing pass) /
     fold_max_partials (0: never fold) / sum_block_state / num_warps (both directions) /
     num_warps_forward / num_warps_backward / num_stages (both directions) / num_stages_forward /
     num_stages_backward / fast_trig / fast_trig_forward / fast_trig_backward (True / False) /
@@ -99,7 +116,11 @@ def launch_overrides(**kwargs):
                                          "num_stages_backward", "fast_trig", "fast_trig_forward",
                                          "fast_trig_backward", "programs_per_sm",
                                          "reduce_splits", "reduce_programs_per_sm", "fold_max_partials",
-                                         "sum_block_state"}
+                                         "sum_block_state",
+                                         *(f"{name}{suffix}" for name in ("programs_per_sm", "reduce_programs_per_sm")
+                                           for suffix in ("_forward", "_backward")),
+                                         *(f"{name}{suffix}" for name in ("max_registers", "reduce_max_registers")
+                                           for suffix in ("", "_forward", "_backward"))}
     if unknown:
         raise TypeError(f"unknown launch overrides {sorted(unknown)}")
     for key in mode_keys & set(kwargs):
@@ -154,15 +175,22 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
         and blocks < MIN_BLOCKS_PER_PROGRAM * splits
     num_stages = (_overrides.get(f"num_stages_{direction}") or _overrides.get("num_stages")
                   or (FEW_BLOCKS_NUM_STAGES if few_blocks else NUM_STAGES))
+    max_registers = None
     if few_blocks:
         few_blocks_splits = _splits(batch_heads, device, FEW_BLOCKS_PROGRAMS_PER_SM)
         if direction == "backward":
             splits = reduce_splits = few_blocks_splits
+            if (num_warps * 32 * FEW_BLOCKS_APPLY_PROGRAMS_PER_SM_BACKWARD * FEW_BLOCKS_APPLY_MAX_REGISTERS_BACKWARD
+                    <= REGISTERS_PER_SM):
+                splits = _splits(batch_heads, device, FEW_BLOCKS_APPLY_PROGRAMS_PER_SM_BACKWARD)
+                max_registers = FEW_BLOCKS_APPLY_MAX_REGISTERS_BACKWARD
         elif _split(blocks, block_n, few_blocks_splits)[0] <= FOLD_MAX_PARTIALS:
             reduce_splits = few_blocks_splits
-    if "reduce_splits" in _overrides or "reduce_programs_per_sm" in _overrides:
-        reduce_splits = _overrides.get("reduce_splits") or _splits(batch_heads, device,
-                                                                   _overrides["reduce_programs_per_sm"])
+    if f"programs_per_sm_{direction}" in _overrides:
+        splits = _splits(batch_heads, device, _overrides[f"programs_per_sm_{direction}"])
+    reduce_programs = _overrides.get(f"reduce_programs_per_sm_{direction}") or _overrides.get("reduce_programs_per_sm")
+    if "reduce_splits" in _overrides or reduce_programs:
+        reduce_splits = _overrides.get("reduce_splits") or _splits(batch_heads, device, reduce_programs)
     reduce_splits, reduce_tokens_per_split = _split(blocks, block_n, reduce_splits)
     reduce_num_stages = num_stages
     if (few_blocks and direction == "forward" and not {"num_stages", "num_stages_forward"} & set(_overrides)
@@ -173,8 +201,11 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
         fast_trig = device.type == "cuda"
     elif fast_trig and device.type != "cuda":
         raise ValueError("fast_trig needs compiled kernels on a CUDA device (the interpreter has no sin.approx)")
+    max_registers = _overrides.get(f"max_registers_{direction}") or _overrides.get("max_registers") or max_registers
+    reduce_max_registers = (_overrides.get(f"reduce_max_registers_{direction}")
+                            or _overrides.get("reduce_max_registers"))
     return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, reduce_splits, reduce_tokens_per_split,
-                        num_stages, reduce_num_stages, bool(fast_trig))
+                        num_stages, reduce_num_stages, bool(fast_trig), max_registers, reduce_max_registers)
 
 
 def _splits(batch_heads: int, device: torch.device, programs_per_sm: int) -> int:
@@ -229,7 +260,8 @@ def _launch_pass(kernel, grid, args: tuple, cfg: LaunchConfig, reducing: bool = 
     """A kernel with a token loop, at cfg's block of tokens, warps and pipelining depth (the
     reducing pass's depth if `reducing`)."""
     num_stages = cfg.reduce_num_stages if reducing else cfg.num_stages
-    launch(kernel, grid, args, cfg.num_warps, num_stages, BLOCK_N=cfg.block_n, **constexprs)
+    max_registers = cfg.reduce_max_registers if reducing else cfg.max_registers
+    launch(kernel, grid, args, cfg.num_warps, num_stages, max_registers, BLOCK_N=cfg.block_n, **constexprs)
 
 
 def _reduce_over_tokens(kernel, pointers: tuple, rest: tuple, batch_heads: int, state_size: int,
