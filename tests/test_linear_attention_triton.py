@@ -218,63 +218,88 @@ def test_partial_states_folded_or_summed_give_the_same_function(gen, monkeypatch
         assert_matches_reference(qk, v, hw, heads, gen)
 
 
-def test_pipelining_depth_follows_the_blocks_per_program_and_rope_trig_the_device():
-    """Triton's default depth of 3, 2 where programs run few blocks (GPU only: the rule counts
-    SMs) except in the forward's reducing pass while its programs still run several blocks, and
-    the overrides, the direction's own first. RoPE's cos/sin: the special function unit in
-    compiled kernels in both directions, never in the interpreter."""
+@pytest.fixture
+def gpu_of_132_sms(monkeypatch):
+    """A CUDA device as the launch rules see it (132 SMs, as on an H100 SXM or H200), so the
+    rules that count SMs are checked without a GPU; the cache of launch configurations starts
+    empty and is thrown away afterwards."""
     from mlla_kernels.triton import launch
-    cpu = torch.device("cpu")
+    monkeypatch.setattr(launch, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(launch, "_launch_configs", {})
+    return torch.device("cuda", 0)
+
+
+def test_pipelining_depth_follows_the_blocks_per_program_and_rope_trig_the_device(gpu_of_132_sms):
+    """Triton's default depth of 3, 2 where programs run few blocks (the rule counts SMs) except
+    in the forward's reducing pass while its programs still run several blocks, and the overrides,
+    the direction's own first. RoPE's cos/sin: the special function unit in compiled kernels in
+    both directions, never in the interpreter."""
+    from mlla_kernels.triton import launch
+    cpu, gpu = torch.device("cpu"), gpu_of_132_sms
     assert launch_config(1000, 48, 32, cpu, "forward").num_stages == launch.NUM_STAGES
     assert not launch_config(64000, 4, 32, cpu, "forward").fast_trig
     with launch_overrides(fast_trig=True), pytest.raises(ValueError, match="fast_trig needs"):
         launch_config(64000, 4, 32, cpu, "forward")
-    if ON_GPU:
-        assert launch_config(1000, 48, 32, DEVICE, "backward").num_stages == launch.FEW_BLOCKS_NUM_STAGES
-        assert launch_config(64000, 4, 32, DEVICE, "backward").num_stages == launch.NUM_STAGES
-        assert launch_config(64000, 4, 32, DEVICE, "backward").fast_trig
-        for num_tokens, batch_heads in ((1000, 32), (4000, 16), (1000, 48)):  # MLLA-T stages 4, 3; -B 4
-            cfg = launch_config(num_tokens, batch_heads, 32, DEVICE, "forward")
-            deep = cfg.reduce_tokens_per_split >= launch.MIN_BLOCKS_PER_PROGRAM * cfg.block_n
-            assert cfg.num_stages == launch.FEW_BLOCKS_NUM_STAGES
-            assert cfg.reduce_num_stages == (launch.NUM_STAGES if deep else launch.FEW_BLOCKS_NUM_STAGES)
-            backward = launch_config(num_tokens, batch_heads, 32, DEVICE, "backward")
-            assert backward.reduce_num_stages == backward.num_stages == launch.FEW_BLOCKS_NUM_STAGES
-            assert cfg.fast_trig and backward.fast_trig
+    assert launch_config(1000, 48, 32, gpu, "backward").num_stages == launch.FEW_BLOCKS_NUM_STAGES
+    assert launch_config(64000, 4, 32, gpu, "backward").num_stages == launch.NUM_STAGES
+    assert launch_config(64000, 4, 32, gpu, "backward").fast_trig
+    for num_tokens, batch_heads in ((1000, 32), (4000, 16), (1000, 48), (4000, 24)):  # MLLA-T/-B stages 4, 3
+        cfg = launch_config(num_tokens, batch_heads, 32, gpu, "forward")
+        deep = cfg.reduce_tokens_per_split >= launch.MIN_BLOCKS_PER_PROGRAM * cfg.block_n
+        assert cfg.num_stages == launch.FEW_BLOCKS_NUM_STAGES
+        assert cfg.reduce_num_stages == (launch.NUM_STAGES if deep else launch.FEW_BLOCKS_NUM_STAGES)
+        backward = launch_config(num_tokens, batch_heads, 32, gpu, "backward")
+        assert backward.reduce_num_stages == backward.num_stages == launch.FEW_BLOCKS_NUM_STAGES
+        assert cfg.fast_trig and backward.fast_trig
     with launch_overrides(num_stages=4, num_stages_backward=1):
-        cfg = launch_config(1000, 48, 32, DEVICE, "forward")
+        cfg = launch_config(1000, 48, 32, gpu, "forward")
         assert cfg.num_stages == cfg.reduce_num_stages == 4
-        assert launch_config(1000, 48, 32, DEVICE, "backward").num_stages == 1
+        assert launch_config(1000, 48, 32, gpu, "backward").num_stages == 1
 
 
-def test_backward_applying_pass_runs_three_programs_per_sm_at_few_blocks():
-    """Where programs run few blocks (GPU only), key_value_grad_kernel runs 3 programs per SM with
-    its registers capped so that 3 fit at 4 warps, while query_grad_state_kernel keeps 2 uncapped;
+# (tokens, batch x heads) of MLLA-T and MLLA-B at 1280x800, batch 2 -> forward (reduce splits,
+# splits), backward (reduce splits, splits) on 132 SMs: 64-token blocks; where a head has few
+# blocks the forward's reduction runs 3 programs per SM if its partials still fold (<= 16), else 2;
+# the backward's reduction 2 per SM and its second pass 3.
+FEW_BLOCKS_SPLITS = {
+    (64000, 4): ((125, 125), (125, 125)),   # MLLA-T stage 1: not few blocks, 4 per SM (132 runs of 8 blocks -> 125)
+    (4000, 16): ((16, 32), (16, 21)),       # MLLA-T stage 3: 3 per SM would leave 21 partials
+    (1000, 32): ((8, 16), (8, 8)),          # MLLA-T stage 4
+    (4000, 24): ((16, 21), (11, 16)),       # MLLA-B stage 3
+    (1000, 48): ((8, 8), (6, 8)),           # MLLA-B stage 4
+}
+
+
+@pytest.mark.parametrize("shape", list(FEW_BLOCKS_SPLITS))
+def test_split_counts_at_the_mlla_stage_shapes(gpu_of_132_sms, shape):
+    forward, backward = (launch_config(*shape, 32, gpu_of_132_sms, direction) for direction in ("forward", "backward"))
+    assert ((forward.reduce_splits, forward.splits), (backward.reduce_splits, backward.splits)) == \
+        FEW_BLOCKS_SPLITS[shape]
+
+
+def test_backward_applying_pass_runs_three_programs_per_sm_at_few_blocks(gpu_of_132_sms):
+    """Where programs run few blocks, key_value_grad_kernel runs 3 programs per SM with its
+    registers capped so that 3 fit at 4 warps, while query_grad_state_kernel keeps 2 uncapped;
     not at 8 warps (d = 64), where the cap would not let 3 fit. Register caps and programs per SM
     can be forced per direction and pass."""
     from mlla_kernels.triton import launch
-    cpu = torch.device("cpu")
+    cpu, gpu = torch.device("cpu"), gpu_of_132_sms
     assert launch_config(1000, 48, 32, cpu, "backward").max_registers is None
     with launch_overrides(max_registers_backward=160, reduce_max_registers=128):
         forward, backward = (launch_config(1000, 48, 32, cpu, direction) for direction in ("forward", "backward"))
         assert (forward.max_registers, forward.reduce_max_registers) == (None, 128)
         assert (backward.max_registers, backward.reduce_max_registers) == (160, 128)
-    if ON_GPU:
-        sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
-        blocks = 16  # MLLA-B stage 4: 1000 tokens, 64 a block, 2 x 24 heads
-        backward = launch_config(1000, 48, 32, DEVICE, "backward")
-        assert backward.max_registers == launch.FEW_BLOCKS_APPLY_MAX_REGISTERS_BACKWARD
-        assert backward.reduce_max_registers is None
-        assert backward.splits == launch._split(blocks, 64, triton.cdiv(3 * sms, 48))[0]
-        assert backward.reduce_splits == launch._split(blocks, 64, triton.cdiv(2 * sms, 48))[0]
-        assert launch_config(1000, 48, 32, DEVICE, "forward").max_registers is None
-        assert launch_config(1000, 48, 64, DEVICE, "backward").max_registers is None
-        assert launch_config(64000, 4, 32, DEVICE, "backward").max_registers is None
-        forward = launch_config(1000, 48, 32, DEVICE, "forward")
-        with launch_overrides(programs_per_sm_backward=1, reduce_programs_per_sm_backward=1):
-            backward = launch_config(1000, 48, 32, DEVICE, "backward")
-            assert backward.splits == backward.reduce_splits == launch._split(blocks, 64, triton.cdiv(sms, 48))[0]
-            assert launch_config(1000, 48, 32, DEVICE, "forward") == forward
+    backward = launch_config(1000, 48, 32, gpu, "backward")  # MLLA-B stage 4
+    assert backward.max_registers == launch.FEW_BLOCKS_APPLY_MAX_REGISTERS_BACKWARD
+    assert backward.reduce_max_registers is None
+    assert launch_config(1000, 48, 32, gpu, "forward").max_registers is None
+    assert launch_config(1000, 48, 64, gpu, "backward").max_registers is None
+    assert launch_config(64000, 4, 32, gpu, "backward").max_registers is None
+    forward = launch_config(1000, 48, 32, gpu, "forward")
+    with launch_overrides(programs_per_sm_backward=1, reduce_programs_per_sm_backward=1):
+        backward = launch_config(1000, 48, 32, gpu, "backward")
+        assert backward.splits == backward.reduce_splits == 3  # 48 heads on 132 SMs: 3 programs of 6, 6, 4 blocks
+        assert launch_config(1000, 48, 32, gpu, "forward") == forward
 
 
 def test_forward_and_backward_may_use_different_blocks(gen):

@@ -35,6 +35,12 @@ MIN_BLOCKS_PER_PROGRAM = 4
 # pass keeps 2 per SM: capping query_grad_state_kernel (~250 registers) to fit 3 spilled and ran
 # slower everywhere.
 FEW_BLOCKS_APPLY_PROGRAMS_PER_SM_BACKWARD = 3
+# The forward's reducing pass under the same rule: the first of these programs per SM whose
+# partial states the output pass can still fold (FOLD_MAX_PARTIALS); otherwise as above. kv_state
+# (~70-90 registers) fits 3 per SM. H200 sweep (NOTES.md v25): 3 rather than 2 at MLLA-B stage 4
+# (8 partials instead of 6) made the fp32 forward 18.5 -> 17.5 us, fwd+bwd -3%; at MLLA-T stage 3
+# 3 per SM would leave 21 partials, summed by an extra kernel: +12% forward, so 2 there.
+FEW_BLOCKS_REDUCE_PROGRAMS_PER_SM_FORWARD = (3, 2)
 FEW_BLOCKS_APPLY_MAX_REGISTERS_BACKWARD = 168
 REGISTERS_PER_SM = 65536  # sm_80 / sm_90
 # Software pipelining depth of the token loops (Triton's num_stages): Triton's default of 3, and 2
@@ -184,8 +190,12 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
                     <= REGISTERS_PER_SM):
                 splits = _splits(batch_heads, device, FEW_BLOCKS_APPLY_PROGRAMS_PER_SM_BACKWARD)
                 max_registers = FEW_BLOCKS_APPLY_MAX_REGISTERS_BACKWARD
-        elif _split(blocks, block_n, few_blocks_splits)[0] <= FOLD_MAX_PARTIALS:
-            reduce_splits = few_blocks_splits
+        else:
+            for programs in FEW_BLOCKS_REDUCE_PROGRAMS_PER_SM_FORWARD:
+                candidate = _splits(batch_heads, device, programs)
+                if _split(blocks, block_n, candidate)[0] <= FOLD_MAX_PARTIALS:
+                    reduce_splits = candidate
+                    break
     if f"programs_per_sm_{direction}" in _overrides:
         splits = _splits(batch_heads, device, _overrides[f"programs_per_sm_{direction}"])
     reduce_programs = _overrides.get(f"reduce_programs_per_sm_{direction}") or _overrides.get("reduce_programs_per_sm")
