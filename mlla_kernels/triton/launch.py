@@ -21,28 +21,30 @@ SUPPORTED_DTYPES = TRITON_DTYPES
 # that would leave each program fewer than MIN_BLOCKS_PER_PROGRAM blocks (MLLA-T stages 3-4), the
 # backward runs FEW_BLOCKS_PROGRAMS_PER_SM with twice the blocks each (its fp32 kernels hold
 # ~210-255 registers a thread, two programs resident per SM; the v9 sweep on an H200 timed it 7-9%
-# faster there), and so does the forward's reducing pass when that leaves few enough partial states for
-# the output pass to add up itself (FOLD_MAX_PARTIALS; v13 sweep: -3% fwd+bwd at stage 4 against
-# folding 16 partials from 4 programs per SM, slower at stage 2 where it would not fold).
+# faster there). The forward's reducing pass runs fewer programs too where that leaves few enough
+# partial states for the output pass to add up itself (FOLD_MAX_PARTIALS; v13 sweep: -3% fwd+bwd
+# at stage 4 against folding 16 partials from 4 programs per SM, slower at stage 2 where it would
+# not fold; how many: FEW_BLOCKS_REDUCE_PROGRAMS_PER_SM_FORWARD).
 PROGRAMS_PER_SM = 4
 FEW_BLOCKS_PROGRAMS_PER_SM = 2
 MIN_BLOCKS_PER_PROGRAM = 4
-# Under that rule the backward's applying pass (key_value_grad_kernel, ~208 registers a thread in
-# fp32 as the compiler chooses, ~155 in bf16) runs 3 programs per SM where its registers capped so
-# that 3 fit leave enough (4 warps, d <= 32) (65536 / (3 x 128 threads) -> 168: no spills in fp32 or bf16, compiler
-# report, triton 3.6). H200 sweep (NOTES.md v23): its time 13.0 -> 11.6 us at MLLA-B stage 4 fp32,
-# 24.0 -> 21.0 at stage 3; fwd+bwd -2..5% at MLLA-B stages 3-4 and MLLA-T stage 3. The reducing
-# pass keeps 2 per SM: capping query_grad_state_kernel (~250 registers) to fit 3 spilled and ran
-# slower everywhere.
+# Under that rule the backward's applying pass (key_value_grad_kernel: ~208 registers a thread in
+# fp32 as the compiler chooses, ~155 in bf16) runs 3 programs per SM, its registers capped so that
+# 3 fit (65536 / (3 x 128 threads) -> 168; no spills in fp32 or bf16 at 4 warps, compiler report,
+# triton 3.6); not where the cap would not let 3 fit (8 warps, d = 64). H200 sweep (NOTES.md v23):
+# its time 13.0 -> 11.6 us at MLLA-B stage 4 fp32, 24.0 -> 21.0 at stage 3; fwd+bwd -2..5% at
+# MLLA-B stages 3-4 and MLLA-T stage 3. The backward's reducing pass keeps 2 per SM: capping
+# query_grad_state_kernel (~250 registers) to fit 3 spilled and ran slower everywhere.
 FEW_BLOCKS_APPLY_PROGRAMS_PER_SM_BACKWARD = 3
-# The forward's reducing pass under the same rule: the first of these programs per SM whose
-# partial states the output pass can still fold (FOLD_MAX_PARTIALS); otherwise as above. kv_state
-# (~70-90 registers) fits 3 per SM. H200 sweep (NOTES.md v25): 3 rather than 2 at MLLA-B stage 4
-# (8 partials instead of 6) made the fp32 forward 18.5 -> 17.5 us, fwd+bwd -3%; at MLLA-T stage 3
-# 3 per SM would leave 21 partials, summed by an extra kernel: +12% forward, so 2 there.
-FEW_BLOCKS_REDUCE_PROGRAMS_PER_SM_FORWARD = (3, 2)
 FEW_BLOCKS_APPLY_MAX_REGISTERS_BACKWARD = 168
 REGISTERS_PER_SM = 65536  # sm_80 / sm_90
+# The forward's reducing pass under the same rule: the first of these programs per SM whose
+# partial states the output pass can still fold (FOLD_MAX_PARTIALS); otherwise as many as the
+# rest of the forward. kv_state (~70-90 registers) fits 3 per SM. H200 sweep (NOTES.md v25): 3
+# rather than 2 at MLLA-B stage 4 (8 partials instead of 6) made the fp32 forward 18.5 -> 17.5 us,
+# fwd+bwd -3%; at MLLA-T stage 3, 3 per SM would leave 21 partials for an extra summing kernel
+# (+12% forward), so 2 there.
+FEW_BLOCKS_REDUCE_PROGRAMS_PER_SM_FORWARD = (3, 2)
 # Software pipelining depth of the token loops (Triton's num_stages): Triton's default of 3, and 2
 # where a program runs only a few blocks (the rule above). Measured on an H100 (NOTES.md v16):
 # MLLA-T stage 4 fp32 fwd+bwd 6% faster at 2 (bf16 and stage 3 unchanged); 2 at stage 1 was up to
