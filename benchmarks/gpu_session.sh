@@ -11,7 +11,9 @@
 #   tests-attention  the attention file alone, every test on the GPU (~3 min)
 #   attention-ncu    Nsight Compute stall sampling of the four kernels, one fp32 forward+backward at stage 4
 #                    of MLLA-T and MLLA-B (needs ncu's hardware counters: Firecracker machines; ~1.5 min)
-#   tests-no-dwconv  the same without tests/test_dwconv.py (when only the attention changed; ~2 min)
+#   attention-floor  benchmarks/attention_floor.py: the fused op against a skeleton of its four passes (same
+#                    launches and traffic, no math) and the same grids empty, MLLA-T and -B stages 1-4 (~1 min)
+#   tests-no-dwconv  the tests stage without tests/test_dwconv.py (when only the attention changed; ~2 min)
 #   attention        benchmarks/attention.py, MLLA-T and -B, the torch.compile graphs compiled by 8 workers
 #                    side by side first (~2.5 min)
 #   dwconv-sweep     launch shapes of the dwconv kernels at the four MLLA-T stages, CUDA-graph timed (~1 min)
@@ -105,6 +107,10 @@ for stage in "$@"; do
         ncu --import "$out/ncu_${model}4.ncu-rep" --page details > "$out/ncu_${model}4_details.txt" 2>&1
         grep -E "^  [a-z_]+kernel|Warp Cycles Per Issued|No Eligible" "$out/ncu_${model}4_details.txt"
       done ;;
+    attention-floor)
+      timeout 200 python3 benchmarks/attention_floor.py --empty --json "$out/attention_floor.json" \
+        > "$out/attention_floor.log" 2>&1
+      cat "$out/attention_floor.log" ;;
     attention)
       timeout 370 python3 benchmarks/attention.py --json "$out/attention.json" --compile-workers 8 \
         --compile-budget-s 150 > "$out/attention.log" 2>&1

@@ -157,7 +157,7 @@ def test_detector_features_scope_runs_every_compiled_callable(monkeypatch):
     assert all(count == 1 for count in calls.values()), calls
 
 
-@pytest.mark.parametrize("script", ["backbone.py", "detector.py"])
+@pytest.mark.parametrize("script", ["backbone.py", "detector.py", "attention_floor.py"])
 def test_without_gpu_scripts_say_so_and_exit_0(script):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script)], env=env,
@@ -348,3 +348,15 @@ def test_ncu_stall_summary_shares_prologue_and_errors(tmp_path, capsys):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="no 'Kernel Name' sections"):
         ncu_stalls.main([str(bad)])
+
+
+def test_attention_floor_skeleton_writes_what_it_says():
+    """attention_floor.py's skeleton of the op's four passes (the op's launches and memory
+    traffic, an elementwise product for the math) fills every output with the values
+    expected_skeleton computes in float64, with several splits per head and a partial last block
+    (interpreter without a GPU)."""
+    from benchmarks import attention_floor
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for seed, (height, width, channels, heads) in enumerate(((5, 7, 32, 2), (3, 11, 64, 4))):
+        errors = attention_floor.check_skeleton(device, height, width, channels, heads, seed)
+        assert all(error < 1e-5 for error in errors), errors
