@@ -172,17 +172,15 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
     # in both directions (fewest instructions per token; 8 warps or 32 tokens were slower at
     # every stage in the sweeps).
     wide_head = triton.next_power_of_2(head_dim) > 32
-    block_n = _overrides.get(f"block_n_{direction}") or _overrides.get("block_n") or (16 if wide_head else 64)
-    num_warps = (_overrides.get(f"num_warps_{direction}") or _overrides.get("num_warps")
-                 or (8 if wide_head else 4))
+    block_n = _override("block_n", direction) or (16 if wide_head else 64)
+    num_warps = _override("num_warps", direction) or (8 if wide_head else 4)
     blocks = triton.cdiv(num_tokens, block_n)
     programs_per_sm = _overrides.get("programs_per_sm") or PROGRAMS_PER_SM
     splits = _overrides.get("splits") or _splits(batch_heads, device, programs_per_sm)
     reduce_splits = splits
     few_blocks = device.type == "cuda" and not {"splits", "programs_per_sm"} & set(_overrides) \
         and blocks < MIN_BLOCKS_PER_PROGRAM * splits
-    num_stages = (_overrides.get(f"num_stages_{direction}") or _overrides.get("num_stages")
-                  or (FEW_BLOCKS_NUM_STAGES if few_blocks else NUM_STAGES))
+    num_stages = _override("num_stages", direction) or (FEW_BLOCKS_NUM_STAGES if few_blocks else NUM_STAGES)
     max_registers = None
     if few_blocks:
         few_blocks_splits = _splits(batch_heads, device, FEW_BLOCKS_PROGRAMS_PER_SM)
@@ -200,24 +198,31 @@ def _new_launch_config(num_tokens: int, batch_heads: int, head_dim: int, device:
                     break
     if f"programs_per_sm_{direction}" in _overrides:
         splits = _splits(batch_heads, device, _overrides[f"programs_per_sm_{direction}"])
-    reduce_programs = _overrides.get(f"reduce_programs_per_sm_{direction}") or _overrides.get("reduce_programs_per_sm")
+    reduce_programs = _override("reduce_programs_per_sm", direction)
     if "reduce_splits" in _overrides or reduce_programs:
         reduce_splits = _overrides.get("reduce_splits") or _splits(batch_heads, device, reduce_programs)
     reduce_splits, reduce_tokens_per_split = _split(blocks, block_n, reduce_splits)
     reduce_num_stages = num_stages
-    if (few_blocks and direction == "forward" and not {"num_stages", "num_stages_forward"} & set(_overrides)
+    if (few_blocks and direction == "forward" and _override("num_stages", direction) is None
             and reduce_tokens_per_split >= MIN_BLOCKS_PER_PROGRAM * block_n):
         reduce_num_stages = NUM_STAGES
-    fast_trig = _overrides.get(f"fast_trig_{direction}", _overrides.get("fast_trig"))
+    fast_trig = _override("fast_trig", direction)
     if fast_trig is None:
         fast_trig = device.type == "cuda"
     elif fast_trig and device.type != "cuda":
         raise ValueError("fast_trig needs compiled kernels on a CUDA device (the interpreter has no sin.approx)")
-    max_registers = _overrides.get(f"max_registers_{direction}") or _overrides.get("max_registers") or max_registers
-    reduce_max_registers = (_overrides.get(f"reduce_max_registers_{direction}")
-                            or _overrides.get("reduce_max_registers"))
+    max_registers = _override("max_registers", direction) or max_registers
+    reduce_max_registers = _override("reduce_max_registers", direction)
     return LaunchConfig(block_n, *_split(blocks, block_n, splits), num_warps, reduce_splits, reduce_tokens_per_split,
                         num_stages, reduce_num_stages, bool(fast_trig), max_registers, reduce_max_registers)
+
+
+def _override(name: str, direction: str):
+    """launch_overrides' value of `name` for this direction: name_direction's, else name's, else None."""
+    for key in (f"{name}_{direction}", name):
+        if key in _overrides:
+            return _overrides[key]
+    return None
 
 
 def _splits(batch_heads: int, device: torch.device, programs_per_sm: int) -> int:
