@@ -219,7 +219,7 @@ def sweep(args, ctx):
     out / grad_qk / grad_v against float64 on one input set, and the time of each kernel
     (torch.profiler, plain calls)."""
     from mlla_kernels import linear_attention_reference
-    from mlla_kernels.triton import launch_overrides
+    from mlla_kernels.triton import launch_overrides, linear_attention_triton
     results, start = [], time.perf_counter()
     for model, stage in itertools.product(args.sweep_models, args.sweep_stages):
         hw, channels, heads = STAGE_GRIDS[stage - 1], MODELS[model][0][stage - 1], MODELS[model][1][stage - 1]
@@ -238,7 +238,8 @@ def sweep(args, ctx):
                 # "deterministic" is the op's argument, not a launch override.
                 overrides = {key: value for key, value in config.items() if key != "deterministic"}
                 deterministic = config.get("deterministic", True)
-                fused = functools.partial(_fused_call, hw=hw, heads=heads, deterministic=deterministic)
+                fused = functools.partial(linear_attention_triton, hw_shape=hw, num_heads=heads,
+                                          deterministic=deterministic)
                 with launch_overrides(**overrides):
                     errs = _parity(fused, qk, v, grad, ref, qk64.grad, v64.grad)
                     try:
@@ -256,11 +257,6 @@ def sweep(args, ctx):
                                     fwd_bwd_graph_ms=fwd_bwd, rel_err_out=errs[0], rel_err_grad_qk=errs[1],
                                     rel_err_grad_v=errs[2], kernel_us=kernel_us))
     return results
-
-
-def _fused_call(qk, v, hw, heads, deterministic):
-    from mlla_kernels.triton import linear_attention_triton
-    return linear_attention_triton(qk, v, hw, heads, deterministic=deterministic)
 
 
 def kernel_times(fused, sets_bwd, steps=10):

@@ -16,6 +16,7 @@ against torch.compile that the op could reach at a shape is compile's time over 
     python benchmarks/attention_floor.py --cpu-sanity   # tiny shape in the Triton interpreter
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -216,9 +217,7 @@ def time_shape(model, stage, dtype_name, empty):
     sets = make_sets(BATCH, height * width, channels, DTYPES[dtype_name], "cuda", False)[:4]
     sets_grad = [(qk.detach().requires_grad_(), v.detach().requires_grad_(), g) for qk, v, g in sets]
     row = dict(model=model, stage=stage, dtype=dtype_name, device=torch.cuda.get_device_name())
-
-    def fused(qk, v):
-        return linear_attention_triton(qk, v, (height, width), heads)
+    fused = functools.partial(linear_attention_triton, hw_shape=(height, width), num_heads=heads)
     row["fwd_fused_us"] = 1e3 * bench(forward_runner(fused, sets), rep=40, return_mode="median")
     row["fwd_bwd_fused_us"] = 1e3 * bench(forward_backward_runner(fused, sets_grad), rep=40, return_mode="median")
     for name, skip_tokens in [("skeleton", False)] + ([("empty", True)] if empty else []):
