@@ -57,15 +57,17 @@ def query_grad_state_kernel(
         tokens = block_start + tl.arange(0, BLOCK_N)
         mask = block_mask(tokens, end, HEAD_DIM, DIM_PAD)
         zeros = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
-        q_lin, q, z = load_query_block(block_pointer(q_base, block_start, stride_qk_n), q_offsets, mask, kbar)
+        _, q, z = load_query_block(block_pointer(q_base, block_start, stride_qk_n), q_offsets, mask, kbar)
         cos, sin = rope_cos_sin(block_start, head, width, HEAD_DIM, DIM_PAD, quarter_c, BLOCK_N, FAST_TRIG)
         rq = rope(q, cos, sin, BLOCK_N, DIM_PAD)
         grad = load_tile(block_pointer(g_base, block_start, stride_g_n), g_offsets, mask)
         grad_hi, grad_lo = dot_operand(grad, DOT_MODE)
         # g KV^T serves both dz = (rq KV) . g = rq . (g KV^T) and d rq = z g KV^T: one product
-        # where u = rq KV took a second.
+        # where u = rq KV took a second. And as unrope is rope's transpose, rq . (g KV^T) =
+        # phi(q) . unrope(g KV^T): one unrope serves dz and d phi(q) = z unrope(g KV^T) + w kbar.
         grad_kv = matmul_parts(grad_hi, grad_lo, tl.trans(kv_hi), tl.trans(kv_lo), zeros, DOT_MODE)
-        w = -tl.sum(rq * grad_kv, axis=1) * z * z
+        unroped = unrope(grad_kv, cos, sin, BLOCK_N, DIM_PAD)
+        w = -tl.sum(q * unroped, axis=1) * z * z
         # z scales rq's rows, not dout's: one split of z * dout serving both products has fewer
         # instructions but ran slower on an H200 (this kernel 75 -> 82 us, bf16, MLLA-T stage 1).
         rqz = rq * z[:, None]
@@ -76,8 +78,8 @@ def query_grad_state_kernel(
         else:
             sums += token_reduction(rqz, q, grad, tl.where(first_column, w[:, None], 0.0), BLOCK_N, DIM_PAD,
                                     DOT_MODE)
-        drq = grad_kv * z[:, None]
-        dq = (unrope(drq, cos, sin, BLOCK_N, DIM_PAD) + w[:, None] * kbar[None, :]) * feature_map_grad(q_lin)
+        # phi'(t) = 1 above zero and exp(t) = phi(t) <= 1 below: min(phi, 1), no second exp.
+        dq = (unroped * z[:, None] + w[:, None] * kbar[None, :]) * tl.minimum(q, 1.0)
         store_tile(block_pointer(gq_base, block_start, stride_gqk_n), gq_offsets, mask, dq)
 
     hi_hi, hi_lo, lo_hi, bottom_right = quadrants(sums, DIM_PAD)
