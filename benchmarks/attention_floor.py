@@ -33,8 +33,8 @@ import triton.language as tl  # noqa: E402
 
 from benchmarks.attention import BATCH, DTYPES, MODELS, STAGE_GRIDS  # noqa: E402
 from mlla_kernels.cached_launch import launch  # noqa: E402
-from mlla_kernels.triton._common import (block_mask, block_pointer, load_state, load_tile, program_head,  # noqa: E402
-                                          store_state, store_tile, tile_offsets, token_run)
+from mlla_kernels.triton._common import (block_mask, block_pointer, head_pointer, load_state, load_tile,  # noqa: E402
+                                          program_head, store_state, store_tile, tile_offsets, token_run)
 from mlla_kernels.triton.launch import FOLD_MAX_PARTIALS, _padded, _sum_partials, launch_config  # noqa: E402
 
 
@@ -54,9 +54,9 @@ def skeleton_reduce_kernel(
     x_offsets = tile_offsets(stride_x_n, stride_x_c, BLOCK_N, DIM_PAD)
     y_offsets = tile_offsets(stride_y_n, stride_y_c, BLOCK_N, DIM_PAD)
     o_offsets = tile_offsets(stride_o_n, stride_o_c, BLOCK_N, DIM_PAD)
-    x_base = x_ptr + batch.to(tl.int64) * stride_x_b + (x_first_head + head) * HEAD_DIM * stride_x_c
-    y_base = y_ptr + batch.to(tl.int64) * stride_y_b + (y_first_head + head) * HEAD_DIM * stride_y_c
-    o_base = out_ptr + batch.to(tl.int64) * stride_o_b + head * HEAD_DIM * stride_o_c
+    x_base = head_pointer(x_ptr, batch, (x_first_head + head) * HEAD_DIM, stride_x_b, stride_x_c)
+    y_base = head_pointer(y_ptr, batch, (y_first_head + head) * HEAD_DIM, stride_y_b, stride_y_c)
+    o_base = head_pointer(out_ptr, batch, head * HEAD_DIM, stride_o_b, stride_o_c)
     products = tl.zeros((BLOCK_N, DIM_PAD), dtype=tl.float32)
     start, end = token_run(split, tokens_per_split, num_tokens)
     if not SKIP_TOKENS:
@@ -92,10 +92,10 @@ def skeleton_apply_kernel(
     y_offsets = tile_offsets(stride_y_n, stride_y_c, BLOCK_N, DIM_PAD)
     ox_offsets = tile_offsets(stride_ox_n, stride_ox_c, BLOCK_N, DIM_PAD)
     oy_offsets = tile_offsets(stride_oy_n, stride_oy_c, BLOCK_N, DIM_PAD)
-    x_base = x_ptr + batch.to(tl.int64) * stride_x_b + (x_first_head + head) * HEAD_DIM * stride_x_c
-    y_base = y_ptr + batch.to(tl.int64) * stride_y_b + (y_first_head + head) * HEAD_DIM * stride_y_c
-    ox_base = out_x_ptr + batch.to(tl.int64) * stride_ox_b + (x_first_head + head) * HEAD_DIM * stride_ox_c
-    oy_base = out_y_ptr + batch.to(tl.int64) * stride_oy_b + (y_first_head + head) * HEAD_DIM * stride_oy_c
+    x_base = head_pointer(x_ptr, batch, (x_first_head + head) * HEAD_DIM, stride_x_b, stride_x_c)
+    y_base = head_pointer(y_ptr, batch, (y_first_head + head) * HEAD_DIM, stride_y_b, stride_y_c)
+    ox_base = head_pointer(out_x_ptr, batch, (x_first_head + head) * HEAD_DIM, stride_ox_b, stride_ox_c)
+    oy_base = head_pointer(out_y_ptr, batch, (y_first_head + head) * HEAD_DIM, stride_oy_b, stride_oy_c)
     start, end = token_run(split, tokens_per_split, num_tokens)
     if not SKIP_TOKENS:
         for block_start in range(start, end, BLOCK_N):

@@ -147,6 +147,13 @@ def block_mask(tokens, end, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
 
 
 @triton.jit
+def head_pointer(ptr, batch, first_channel, stride_b, stride_c):
+    """Pointer to token 0, channel first_channel of the batch's (N, C) plane; the batch offset in
+    int64, as B x N x C may pass 2**31 elements."""
+    return ptr + batch.to(tl.int64) * stride_b + first_channel * stride_c
+
+
+@triton.jit
 def block_pointer(base_ptr, block_start, stride_n):
     return base_ptr + tl.cast(block_start, tl.int64) * stride_n
 

@@ -13,7 +13,7 @@ state, so it is written by the pass that reduces dKV: q and dout are read once.
 import triton
 import triton.language as tl
 
-from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, load_state,
+from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, head_pointer, load_state,
                       load_query_block, load_tile, matmul_parts, program_head, quadrants, rope, rope_cos_sin,
                       split_tf32, store_state, store_tile, tile_offsets, token_reduction, token_run, unrope)
 
@@ -34,10 +34,9 @@ def query_grad_state_kernel(
     q_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     g_offsets = tile_offsets(stride_g_n, stride_g_c, BLOCK_N, DIM_PAD)
     gq_offsets = tile_offsets(stride_gqk_n, stride_gqk_c, BLOCK_N, DIM_PAD)
-    batch64 = batch.to(tl.int64)
-    q_base = qk_ptr + batch64 * stride_qk_b + head * HEAD_DIM * stride_qk_c
-    g_base = grad_ptr + batch64 * stride_g_b + head * HEAD_DIM * stride_g_c
-    gq_base = grad_qk_ptr + batch64 * stride_gqk_b + head * HEAD_DIM * stride_gqk_c
+    q_base = head_pointer(qk_ptr, batch, head * HEAD_DIM, stride_qk_b, stride_qk_c)
+    g_base = head_pointer(grad_ptr, batch, head * HEAD_DIM, stride_g_b, stride_g_c)
+    gq_base = head_pointer(grad_qk_ptr, batch, head * HEAD_DIM, stride_gqk_b, stride_gqk_c)
     inv_n = 1.0 / (num_tokens * 1.0)
     kv, kbar = load_state(state_ptr, bh, 1, HEAD_DIM, DIM_PAD)
     kv = kv * inv_n
@@ -109,12 +108,11 @@ def key_value_grad_kernel(
     gk_offsets = tile_offsets(stride_gqk_n, stride_gqk_c, BLOCK_N, DIM_PAD)
     v_offsets = tile_offsets(stride_v_n, stride_v_c, BLOCK_N, DIM_PAD)
     gv_offsets = tile_offsets(stride_gv_n, stride_gv_c, BLOCK_N, DIM_PAD)
-    batch64 = batch.to(tl.int64)
     key_column = (num_heads + head) * HEAD_DIM
-    k_base = qk_ptr + batch64 * stride_qk_b + key_column * stride_qk_c
-    gk_base = grad_qk_ptr + batch64 * stride_gqk_b + key_column * stride_gqk_c
-    v_base = v_ptr + batch64 * stride_v_b + head * HEAD_DIM * stride_v_c
-    gv_base = grad_v_ptr + batch64 * stride_gv_b + head * HEAD_DIM * stride_gv_c
+    k_base = head_pointer(qk_ptr, batch, key_column, stride_qk_b, stride_qk_c)
+    gk_base = head_pointer(grad_qk_ptr, batch, key_column, stride_gqk_b, stride_gqk_c)
+    v_base = head_pointer(v_ptr, batch, head * HEAD_DIM, stride_v_b, stride_v_c)
+    gv_base = head_pointer(grad_v_ptr, batch, head * HEAD_DIM, stride_gv_b, stride_gv_c)
     # v and k see dKV and dkbar through the 1/N of the mean.
     inv_n = 1.0 / (num_tokens * 1.0)
     dkv, dkbar = load_state(grad_partials_ptr, bh, NUM_PARTIALS, HEAD_DIM, DIM_PAD)

@@ -6,7 +6,7 @@ channel) followed by sum_m phi(k_m) (d). The output pass scales both by 1/N.
 import triton
 import triton.language as tl
 
-from ._common import (block_mask, block_pointer, dot_operand, feature_map, load_state, load_query_block,
+from ._common import (block_mask, block_pointer, dot_operand, feature_map, head_pointer, load_state, load_query_block,
                       load_tile, matmul, matmul_parts, program_head, quadrants, rope, rope_cos_sin, split_tf32,
                       store_state, store_tile, tile_offsets, token_reduction, token_run)
 
@@ -28,8 +28,8 @@ def kv_state_kernel(
     bh, split, batch, head = program_head(num_heads)
     k_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     v_offsets = tile_offsets(stride_v_n, stride_v_c, BLOCK_N, DIM_PAD)
-    k_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + (num_heads + head) * HEAD_DIM * stride_qk_c
-    v_base = v_ptr + batch.to(tl.int64) * stride_v_b + head * HEAD_DIM * stride_v_c
+    k_base = head_pointer(qk_ptr, batch, (num_heads + head) * HEAD_DIM, stride_qk_b, stride_qk_c)
+    v_base = head_pointer(v_ptr, batch, head * HEAD_DIM, stride_v_b, stride_v_c)
 
     kv = tl.zeros((DIM_PAD, DIM_PAD), dtype=tl.float32)
     # tf32x3: the block's KV as one 64-row product of the hi/lo parts side by side (see
@@ -78,8 +78,8 @@ def output_kernel(
     bh, split, batch, head = program_head(num_heads)
     q_offsets = tile_offsets(stride_qk_n, stride_qk_c, BLOCK_N, DIM_PAD)
     o_offsets = tile_offsets(stride_out_n, stride_out_c, BLOCK_N, DIM_PAD)
-    q_base = qk_ptr + batch.to(tl.int64) * stride_qk_b + head * HEAD_DIM * stride_qk_c
-    o_base = out_ptr + batch.to(tl.int64) * stride_out_b + head * HEAD_DIM * stride_out_c
+    q_base = head_pointer(qk_ptr, batch, head * HEAD_DIM, stride_qk_b, stride_qk_c)
+    o_base = head_pointer(out_ptr, batch, head * HEAD_DIM, stride_out_b, stride_out_c)
     kv, kbar = load_state(partials_ptr, bh, NUM_PARTIALS, HEAD_DIM, DIM_PAD)
     if WRITE_STATE:
         if split == 0:
