@@ -35,8 +35,17 @@ def feature_map(x):
 
 @triton.jit
 def feature_map_grad(x):
-    # Recomputing exp is cheaper than keeping phi's tile live to the end of a block (tried, H200).
+    """phi'(t) from t: 1 above zero, exp(t) below. For key_value_grad, where phi(k) is not kept to
+    the end of the block: recomputing exp was cheaper than keeping phi's tile live (tried, H200), and
+    feature_map_grad_from_phi there made the loop longer (compiler report, NOTES.md v26)."""
     return tl.where(x > 0, 1.0, tl.exp(x))
+
+
+@triton.jit
+def feature_map_grad_from_phi(phi):
+    """phi'(t) from phi(t): 1 above zero and exp(t) = phi(t) <= 1 below, i.e. min(phi, 1), no exp.
+    For query_grad_state, which keeps phi(q) for the whole block anyway (NOTES.md v26)."""
+    return tl.minimum(phi, 1.0)
 
 
 @triton.jit

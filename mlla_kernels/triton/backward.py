@@ -13,9 +13,10 @@ state, so it is written by the pass that reduces dKV: q and dout are read once.
 import triton
 import triton.language as tl
 
-from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad, head_pointer, load_state,
-                      load_query_block, load_tile, matmul_parts, program_head, quadrants, rope, rope_cos_sin,
-                      split_tf32, store_state, store_tile, tile_offsets, token_reduction, token_run, unrope)
+from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad,
+                      feature_map_grad_from_phi, head_pointer, load_state, load_query_block, load_tile, matmul_parts,
+                      program_head, quadrants, rope, rope_cos_sin, split_tf32, store_state, store_tile, tile_offsets,
+                      token_reduction, token_run, unrope)
 
 
 @triton.jit
@@ -77,8 +78,7 @@ def query_grad_state_kernel(
         else:
             sums += token_reduction(rqz, q, grad, tl.where(first_column, w[:, None], 0.0), BLOCK_N, DIM_PAD,
                                     DOT_MODE)
-        # phi'(t) = 1 above zero and exp(t) = phi(t) <= 1 below: min(phi, 1), no second exp.
-        dq = (unroped * z[:, None] + w[:, None] * kbar[None, :]) * tl.minimum(q, 1.0)
+        dq = (unroped * z[:, None] + w[:, None] * kbar[None, :]) * feature_map_grad_from_phi(q)
         store_tile(block_pointer(gq_base, block_start, stride_gqk_n), gq_offsets, mask, dq)
 
     hi_hi, hi_lo, lo_hi, bottom_right = quadrants(sums, DIM_PAD)
