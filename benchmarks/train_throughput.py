@@ -1,0 +1,506 @@
+"""Training and evaluation throughput of the shipped 1x config, as tools/train.py runs it.
+
+    python benchmarks/train_throughput.py [--iters 120] [--amp bf16|fp16|off] [--json PATH]
+    python benchmarks/train_throughput.py --sanity --json PATH     # CPU, 2 iterations, tiny images, fp32
+
+Each variant runs in its own process: mmengine's Runner built from
+configs/mlla/mask-rcnn_mlla-{arch}_fpn_1x_coco.py with its own train pipeline (flip, multi-scale
+resize or resize -> crop -> resize, pad to 32), sampler (AspectRatioBatchSampler) and dataloader,
+2 images per GPU, random weights, on a generated COCO-like set (COCO image sizes, 3-15 polygon
+instances of 80 classes, JPEG + COCO json; nothing downloaded). Only the loop is shortened (an
+IterBasedTrainLoop of --iters iterations, no validation, no checkpoints).
+
+Per variant: s/iteration (median and mean after --warmup iterations), images/s, data wait,
+distinct padded input sizes, compiles, peak memory, the GPU's busy fraction (kernel time over
+wall time, from a profiler window of a few iterations), and each part of the iteration (data,
+preprocessing, backbone, neck, RPN with its proposals and losses, RoI heads with targets and
+losses, backward, optimizer), host time and GPU time (CUDA events at the part's bounds). From the
+median it projects the 1x schedule (88.5k iterations of 16 images) on 8 GPUs at 2 images per GPU,
+assuming each GPU keeps the measured pace. Evaluation: images/s of the test pipeline (1333x800
+keep-ratio, batch 1, as tools/test.py runs it) with the detection threshold at 0, so that random
+weights give the 100 detections and masks per image a trained model gives.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmengine.hooks import Hook  # noqa: E402
+
+ITERATIONS_1X = 88_500  # 12 epochs of COCO train2017 (118k images) at 16 images per iteration
+GPUS_1X, IMAGES_PER_GPU = 8, 2
+
+# COCO's most common image sizes (width, height); every image is one of these.
+COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (612, 612), (640, 426), (500, 375),
+              (375, 500), (640, 360), (640, 512), (512, 640), (640, 424), (333, 500), (640, 640))
+
+# Each variant: the backbone's kernels, the optimizer constructor ("paper": mmengine's default, one
+# AdamW group per parameter, as the paper's recipe; "repo": the configs' merged groups and fused
+# AdamW) and --cfg-options style overrides.
+VARIANTS = {
+    "paper": dict(attn_impl="reference", conv_impl="reference", optimizer="paper",
+                  describe="the paper's model and recipe (eager attention and convs, per-parameter AdamW)"),
+    "paper+repo-optim": dict(attn_impl="reference", conv_impl="reference", optimizer="repo",
+                             describe="the paper's model with this repository's optimizer"),
+    "default": dict(attn_impl="auto", conv_impl="auto", optimizer="repo",
+                    describe="this repository's defaults (fused kernels)"),
+}
+# Diagnostics of the per-size cost of cuDNN (benchmarks/conv_setup_cost.py times it per convolution).
+VARIANTS.update({
+    "default-no-cudnn": dict(VARIANTS["default"], cudnn=False,
+                             describe="defaults with torch.backends.cudnn.enabled = False"),
+    "default-cudnn-v7": dict(VARIANTS["default"], env={"TORCH_CUDNN_V8_API_DISABLED": "1"},
+                             describe="defaults on cuDNN's v7 API (TORCH_CUDNN_V8_API_DISABLED=1)"),
+    "default-cudnn-heurB": dict(VARIANTS["default"], env={"TORCH_CUDNN_USE_HEURISTIC_MODE_B": "1"},
+                                describe="defaults with cuDNN's heuristics mode B"),
+})
+DEFAULT_VARIANTS = ("paper", "paper+repo-optim", "default")
+
+PARTS = ("preprocess", "backbone", "neck", "rpn", "roi", "backward", "optimizer")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+def polygon_instance(rng, width: int, height: int):
+    """A random star-convex polygon inside the image: (flat polygon, bbox xywh, area)."""
+    cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
+    radius = rng.uniform(0.04, 0.3) * min(width, height)
+    vertices = int(rng.integers(5, 12))
+    angles = sorted(rng.uniform(0, 2 * math.pi, size=vertices))
+    radii = radius * rng.uniform(0.5, 1.0, size=vertices)
+    xs = [min(max(cx + r * math.cos(a), 0.0), width - 1.0) for r, a in zip(radii, angles)]
+    ys = [min(max(cy + r * math.sin(a), 0.0), height - 1.0) for r, a in zip(radii, angles)]
+    polygon = [round(v, 2) for xy in zip(xs, ys) for v in xy]
+    x0, y0 = min(xs), min(ys)
+    w, h = max(xs) - x0, max(ys) - y0
+    area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(vertices)))
+    return polygon, [x0, y0, w, h], area
+
+
+def write_coco_like(out_dir: Path, num_images: int, seed: int, sizes=COCO_SIZES, scale: float = 1.0) -> Path:
+    """Images of COCO's sizes (times scale) with 3-15 polygons of 80 classes each, as JPEG files
+    and a COCO instances json; returns the json's path. Reuses a folder written with the same
+    arguments."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ann_file = out_dir / "instances.json"
+    stamp = dict(num_images=num_images, seed=seed, scale=scale, sizes=[list(s) for s in sizes], version=2)
+    if ann_file.is_file() and json.loads(ann_file.read_text()).get("info", {}).get("stamp") == stamp:
+        return ann_file
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for index in range(num_images):
+        width, height = (max(32, int(side * scale)) for side in sizes[int(rng.integers(len(sizes)))])
+        pixels = rng.integers(0, 256, size=(height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize((width, height), Image.BILINEAR)
+        draw = ImageDraw.Draw(image)
+        name = f"{index:06d}.jpg"
+        for _ in range(int(rng.integers(3, 16))):
+            polygon, bbox, area = polygon_instance(rng, width, height)
+            if bbox[2] < 2 or bbox[3] < 2:
+                continue
+            draw.polygon(polygon, fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
+            annotations.append(dict(id=len(annotations) + 1, image_id=index + 1,
+                                    category_id=int(rng.integers(80)) + 1, segmentation=[polygon],
+                                    bbox=[round(v, 2) for v in bbox], area=round(area, 2), iscrowd=0))
+        image.save(out_dir / name, quality=90)
+        images.append(dict(id=index + 1, file_name=name, width=width, height=height))
+    import mlla_det  # noqa: F401  the mmcv stand-in, which mmdet.datasets needs
+    from mmdet.datasets import CocoDataset  # mmdet maps categories to its classes by COCO's names
+    categories = [dict(id=i + 1, name=name, supercategory="thing")
+                  for i, name in enumerate(CocoDataset.METAINFO["classes"])]
+    ann_file.write_text(json.dumps(dict(info=dict(stamp=stamp), images=images, annotations=annotations,
+                                        categories=categories)))
+    return ann_file
+
+
+# ------------------------------------------------------------------------------- measurement
+
+class PartClock:
+    """Host time and GPU time of each part of a training iteration.
+
+    Wraps the parts' methods on the model and the optimizer wrapper; each call records the host
+    clock and (on CUDA) an event at entry and exit. GPU time of a part is the time between its two
+    events: its kernels plus any gap in which the GPU waited for the host inside that part."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.records = []  # per iteration: {part: [(host_s, start_event, end_event), ...]}
+
+    def new_iteration(self):
+        self.records.append({})
+
+    def wrap(self, owner, method: str, part: str):
+        original = getattr(owner, method)
+        clock = self
+
+        def timed(*args, **kwargs):
+            if not clock.records:
+                return original(*args, **kwargs)
+            import torch
+            start_event = end_event = None
+            if clock.cuda:
+                start_event = torch.cuda.Event(enable_timing=True)
+                end_event = torch.cuda.Event(enable_timing=True)
+                start_event.record()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                host = time.perf_counter() - start
+                if clock.cuda:
+                    end_event.record()
+                clock.records[-1].setdefault(part, []).append((host, start_event, end_event))
+
+        setattr(owner, method, timed)
+
+    def medians(self, skip: int) -> dict:
+        """Median per iteration of each part's host and GPU milliseconds, over iterations after skip."""
+        import torch
+        if self.cuda:
+            torch.cuda.synchronize()
+        result = {}
+        for part in PARTS:
+            host, gpu = [], []
+            for record in self.records[skip:]:
+                calls = record.get(part, [])
+                host.append(1e3 * sum(c[0] for c in calls))
+                if self.cuda:
+                    gpu.append(sum(c[1].elapsed_time(c[2]) for c in calls))
+            result[part] = dict(host_ms=statistics.median(host) if host else None,
+                                gpu_ms=statistics.median(gpu) if gpu else None)
+        return result
+
+
+class ThroughputHook(Hook):
+    """Iteration times, data wait, padded input sizes, a profiler window for the GPU's busy
+    fraction, and the part clock's iteration boundaries. Registered on the Runner."""
+
+    priority = "VERY_LOW"
+
+    def __init__(self, clock: PartClock, profile_window: tuple, pad_divisor: int = 32):
+        self.clock, self.profile_window, self.pad_divisor = clock, profile_window, pad_divisor
+        self.iteration_s, self.data_wait_s, self.sizes = [], [], []
+        self.last_end = None
+        self.profiler, self.profile_start, self.busy_fraction = None, None, None
+        self.compiles = []
+
+    def before_train(self, runner):
+        # The runner builds its optimizer wrapper inside train(), so its parts are wrapped here.
+        self.clock.wrap(runner.optim_wrapper, "backward", "backward")
+        self.clock.wrap(runner.optim_wrapper, "step", "optimizer")
+        self.clock.wrap(runner.optim_wrapper, "zero_grad", "optimizer")
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        now = time.perf_counter()
+        if self.last_end is not None:
+            self.data_wait_s.append(now - self.last_end)
+        heights = [img.shape[-2] for img in data_batch["inputs"]]
+        widths = [img.shape[-1] for img in data_batch["inputs"]]
+        d = self.pad_divisor
+        self.sizes.append((-(-max(heights) // d) * d, -(-max(widths) // d) * d))
+        if batch_idx == self.profile_window[0]:
+            self._start_profiler()
+        self.clock.new_iteration()
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        now = time.perf_counter()
+        if self.last_end is not None:
+            self.iteration_s.append(now - self.last_end)
+        self.last_end = now
+        self.compiles.append(compile_count())
+        if batch_idx + 1 == self.profile_window[1] and self.profiler is not None:
+            self._stop_profiler()
+
+    def _start_profiler(self):
+        import torch
+        if not torch.cuda.is_available():
+            return
+        torch.cuda.synchronize()
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        self.profiler.__enter__()
+        self.profile_start = time.perf_counter()
+
+    def _stop_profiler(self):
+        import torch
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.profile_start
+        self.profiler.__exit__(None, None, None)
+        intervals = sorted((e.time_range.start, e.time_range.end) for e in self.profiler.events()
+                           if e.device_type == torch.autograd.DeviceType.CUDA)
+        busy_us, end = 0.0, -math.inf
+        for start, stop in intervals:  # union of kernel intervals (streams may overlap)
+            if stop > end:
+                busy_us += stop - max(start, end)
+                end = stop
+        self.busy_fraction = busy_us / 1e6 / wall
+        self.profiler = None
+
+
+def compile_count() -> int:
+    """Graphs torch.compile has produced in this process so far (0 when nothing is compiled)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return 0
+
+
+def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: Path):
+    from mmengine.config import Config
+
+    from benchmarks.common import config_path
+    cfg = Config.fromfile(str(config_path(args.arch)))
+    cfg.work_dir = str(work_dir)
+    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.attn_impl = variant["attn_impl"]
+    cfg.model.backbone.conv_impl = variant["conv_impl"]
+    if variant["optimizer"] == "paper":
+        cfg.optim_wrapper.pop("constructor", None)
+        cfg.optim_wrapper.optimizer.pop("fused", None)
+    if args.amp != "off":
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    for key, value in variant.get("cfg_options", {}).items():
+        _set_path(cfg, key, value)
+    for loader in ("train_dataloader", "test_dataloader"):
+        dataset = cfg[loader].dataset
+        dataset.data_root = str(data_dir)
+        dataset.ann_file = str(ann_file)
+        dataset.data_prefix = dict(img="")
+        cfg[loader].num_workers = args.workers
+        cfg[loader].persistent_workers = args.workers > 0
+    cfg.train_dataloader.sampler = dict(type="InfiniteSampler", shuffle=True, seed=args.seed)
+    cfg.test_evaluator.ann_file = str(ann_file)
+    cfg.test_evaluator.metric = ["bbox"]
+    # Random weights score every class near 1/81: a zero threshold keeps the 100 detections (and
+    # masks) per image that a trained model gives.
+    cfg.model.test_cfg.rcnn.score_thr = 0.0
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=args.iters, val_interval=10 ** 9)
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=500)]
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=10 ** 9, by_epoch=False)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=10 ** 9)
+    cfg.default_hooks.visualization = dict(type="DetVisualizationHook", draw=False)
+    cfg.log_processor = dict(type="LogProcessor", window_size=10, by_epoch=False)
+    cfg.randomness = dict(seed=args.seed)
+    cfg.log_level = "WARNING"
+    if args.sanity:
+        from benchmarks.detector import shrink_heads_workload
+        shrink_heads_workload(cfg)
+        cfg.model.backbone.update(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
+        cfg.model.neck.in_channels = [16, 32, 64, 128]
+        small = [(int(s * 0.25), 1333) for s in range(480, 801, 32)]
+        _scale_resizes(cfg.train_dataloader.dataset.pipeline, small)
+        _scale_resizes(cfg.test_dataloader.dataset.pipeline, [(200, 333)])
+    return cfg
+
+
+def _set_path(cfg, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _scale_resizes(pipeline, scales) -> None:
+    """--sanity: every resize of the pipeline to small sides, keeping the pipeline's structure."""
+    for step in pipeline:
+        if step.get("type") == "RandomChoice":
+            for branch in step["transforms"]:
+                _scale_resizes(branch, scales)
+        elif step.get("type") == "RandomChoiceResize":
+            step["scales"] = scales
+        elif step.get("type") == "Resize":
+            step["scale"] = scales[0][::-1] if len(scales) == 1 else scales[-1]
+        elif step.get("type") == "RandomCrop":
+            step["crop_size"] = (max(8, step["crop_size"][0] // 4), max(8, step["crop_size"][1] // 4))
+
+
+def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
+    import torch
+    from mmengine.runner import Runner
+
+    import mlla_det  # noqa: F401  registers MLLA and the mmcv stand-in
+    from benchmarks.common import environment, quiet_mmengine
+
+    variant = VARIANTS[name]
+    if not variant.get("cudnn", True):
+        torch.backends.cudnn.enabled = False
+    cuda = torch.cuda.is_available()
+    row = dict(variant=name, describe=variant["describe"], arch=args.arch.upper(), amp=args.amp,
+               images_per_gpu=2, iterations=args.iters, warmup=args.warmup)
+    with tempfile.TemporaryDirectory() as work_dir:
+        cfg = build_config(args, variant, data_dir, ann_file, Path(work_dir))
+        with quiet_mmengine():
+            runner = Runner.from_cfg(cfg)
+        clock = PartClock(cuda)
+        window = (max(args.warmup, args.iters - args.profile_iters), args.iters)
+        hook = ThroughputHook(clock, window)
+        runner.register_hook(hook)
+        model = runner.model
+        clock.wrap(model.data_preprocessor, "forward", "preprocess")
+        clock.wrap(model.backbone, "forward", "backbone")
+        clock.wrap(model.neck, "forward", "neck")
+        clock.wrap(model.rpn_head, "loss_and_predict", "rpn")
+        clock.wrap(model.roi_head, "loss", "roi")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with quiet_mmengine():
+            runner.train()
+        row["train_wall_s"] = time.perf_counter() - start
+        steady = hook.iteration_s[args.warmup:] or hook.iteration_s
+        median = statistics.median(steady)
+        row.update(
+            s_per_iter_median=median, s_per_iter_mean=statistics.mean(steady),
+            images_per_s=IMAGES_PER_GPU / median,
+            data_wait_ms=1e3 * statistics.median(hook.data_wait_s[args.warmup:] or hook.data_wait_s or [0.0]),
+            distinct_input_sizes=len(set(hook.sizes)),
+            distinct_input_sizes_after_warmup=len(set(hook.sizes[args.warmup:])),
+            compiles=hook.compiles[-1] if hook.compiles else 0,
+            compiles_after_warmup=(hook.compiles[-1] - hook.compiles[min(args.warmup, len(hook.compiles)) - 1])
+            if hook.compiles else 0,
+            peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+            gpu_busy_fraction=hook.busy_fraction,
+            parts=clock.medians(args.warmup),
+            iteration_s=hook.iteration_s,
+            projection_1x_hours=ITERATIONS_1X * median / 3600,
+        )
+        row.update(evaluate(args, runner) if args.eval_images else {})
+    row["environment"] = environment()
+    return row
+
+
+def evaluate(args, runner) -> dict:
+    """Images/s of the test pipeline over --eval-images images (after 3 untimed ones)."""
+    import torch
+    loader = runner.build_dataloader(runner.cfg.test_dataloader)
+    model = runner.model
+    model.eval()
+    times = []
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    last = time.perf_counter()
+    for index, batch in enumerate(loader):
+        if index >= args.eval_images + 3:
+            break
+        with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None):
+            model.test_step(batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if index >= 3:
+            times.append(now - last)
+        last = now
+    median = statistics.median(times) if times else float("nan")
+    return dict(eval_s_per_image_median=median, eval_images_per_s=1.0 / median, eval_images=len(times))
+
+
+# ------------------------------------------------------------------------------------ driver
+
+def print_rows(rows) -> None:
+    from benchmarks.common import print_table
+    table = []
+    paper = next((r for r in rows if r["variant"] == "paper" and "error" not in r), None)
+    for r in rows:
+        if "error" in r:
+            table.append(dict(variant=r["variant"], error=r["error"]))
+            continue
+        table.append(dict(
+            variant=r["variant"], s_iter_median=r["s_per_iter_median"], s_iter_mean=r["s_per_iter_mean"],
+            images_per_s=r["images_per_s"],
+            vs_paper=(r["images_per_s"] / paper["images_per_s"]) if paper else None,
+            data_wait_ms=r["data_wait_ms"], sizes=r["distinct_input_sizes"], compiles=r["compiles"],
+            peak_gb=r["peak_memory_gb"], gpu_busy=r["gpu_busy_fraction"],
+            proj_1x_h=r["projection_1x_hours"], eval_img_s=r.get("eval_images_per_s")))
+    columns = ["variant", "s_iter_median", "s_iter_mean", "images_per_s", "vs_paper", "data_wait_ms", "sizes",
+               "compiles", "peak_gb", "gpu_busy", "proj_1x_h", "eval_img_s", "error"]
+    print_table(table, [c for c in columns if any(c in t for t in table)],
+                title="training on the 1x pipeline (2 images per GPU); 1x projection: 8 GPUs, 88.5k iterations")
+    parts = []
+    for r in rows:
+        if "parts" in r:
+            cells = {"variant": r["variant"]}
+            for part, t in r["parts"].items():
+                gpu = "-" if t["gpu_ms"] is None else f"{t['gpu_ms']:.1f}"
+                cells[part] = f"{t['host_ms']:.1f} ({gpu})"
+            parts.append(cells)
+    print_table(parts, ["variant", *PARTS], title="median ms per iteration, host (GPU)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="t", choices=("t", "s", "b"))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--iters", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=20, help="iterations left out of the statistics")
+    parser.add_argument("--profile-iters", type=int, default=5, help="iterations in the profiler window")
+    parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
+    parser.add_argument("--images", type=int, default=400, help="images in the generated set")
+    parser.add_argument("--eval-images", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=4, help="dataloader workers")
+    parser.add_argument("--data", help="folder for the generated set (default: a temporary one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--sanity", action="store_true",
+                        help="CPU, 2 iterations of each variant on small images, a small model")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sanity:
+        args.iters, args.warmup, args.images, args.eval_images, args.workers = 2, 0, 6, 2, 0
+        args.profile_iters = 1
+        args.amp = "off"  # mmengine's AmpOptimWrapper refuses the CPU
+
+    data_parent = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="coco_like_"))
+    scale = 0.25 if args.sanity else 1.0
+    ann_file = write_coco_like(data_parent, args.images, args.seed, scale=scale)
+    if args.child:
+        try:
+            row = run_variant(args, args.child, data_parent, ann_file)
+        except Exception as exc:  # the parent reports it beside the other variants
+            import traceback
+            traceback.print_exc()
+            row = dict(variant=args.child, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        Path(args.json).write_text(json.dumps(row))
+        return
+
+    rows = []
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--json", out.name,
+                   "--data", str(data_parent)]
+            for flag in ("arch", "iters", "warmup", "profile_iters", "amp", "images", "eval_images", "workers",
+                         "seed"):
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            if args.sanity:
+                cmd.append("--sanity")
+            print(f"--- {name}: {VARIANTS[name]['describe']}", flush=True)
+            start = time.perf_counter()
+            subprocess.run(cmd, check=False, env=dict(os.environ, **VARIANTS[name].get("env", {})))
+            text = Path(out.name).read_text()
+            row = json.loads(text) if text else dict(variant=name, error="the variant's process wrote nothing")
+            row["process_s"] = time.perf_counter() - start
+            rows.append(row)
+    print_rows(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
