@@ -10,7 +10,9 @@ Mask R-CNN only runs three of those ops: ``nms`` (through ``mmcv.ops.nms``/``bat
 ``roi_align_forward``/``roi_align_backward`` (``mmcv.ops.RoIAlign`` in the RoI extractor and
 ``roi_align`` in mmdet's mask-target cropping). torchvision ships both ops for CPU and CUDA on
 every torch, so this module provides them with the exact call signatures of mmcv 2.1's pybind
-functions, and gives every other name an attribute that raises a clear error when called.
+functions. Two more box ops that mmdet configs reach are written here in PyTorch: ``softnms``
+(``nms=dict(type='soft_nms')`` in a test_cfg, through ``batched_nms``) and ``nms_match`` (mmdet's
+ScoreHLRSampler). Every other name gets an attribute that raises a clear error when called.
 When a full (compiled) mmcv is installed, nothing here is used.
 """
 import importlib
@@ -28,11 +30,11 @@ EXT_MODULE_NAME = "mmcv._ext"
 # Marks the module object we put in sys.modules, so a second install recognises its own work.
 _STAND_IN_FLAG = "__mlla_det_stand_in__"
 
-SUPPORTED_OPS = ("nms", "roi_align_forward", "roi_align_backward")
+SUPPORTED_OPS = ("nms", "softnms", "nms_match", "roi_align_forward", "roi_align_backward")
 
 # Every name mmcv 2.1's op modules request from mmcv._ext at import, by the mmcv.ops module that
-# asks for it (read from each module's ext_loader.load_ext call). The names Mask R-CNN does not use
-# become callables that raise MissingCompiledOpError. tests/test_mmcv_ext.py re-reads the installed
+# asks for it (read from each module's ext_loader.load_ext call). The names this module does not
+# implement become callables that raise MissingCompiledOpError. tests/test_mmcv_ext.py re-reads the installed
 # mmcv's sources and fails if a name is missing here, so an mmcv upgrade cannot slip by.
 _REQUESTED_BY_OP_MODULE = {
     "active_rotated_filter": ["active_rotated_filter_forward", "active_rotated_filter_backward"],
@@ -120,8 +122,9 @@ def _missing_op(name, op_module):
 
 
 def _compute_dtype(*tensors):
-    """torchvision has no bf16 kernels for nms/roi_align on the CPU (nor fp16 nms there), and
-    autocast can hand us reduced-precision tensors: run those in fp32, keep fp32/fp64 as is."""
+    """torchvision has no bf16 kernels for nms/roi_align on the CPU (nor fp16 nms there), mmcv's
+    own box kernels compute in fp32, and autocast can hand us reduced-precision tensors: run those
+    in fp32, keep fp32/fp64 as is."""
     dtype = tensors[0].dtype
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)
@@ -138,6 +141,16 @@ def _torchvision_ops():
     return torch.ops.torchvision
 
 
+def _check_boxes_and_scores(op_name, boxes, scores, offset):
+    if boxes.dim() != 2 or boxes.size(1) != 4:
+        raise ValueError(f"{op_name} expects boxes of shape (N, 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+    if scores.dim() != 1 or scores.size(0) != boxes.size(0):
+        raise ValueError(f"{op_name} expects scores of shape ({boxes.size(0)},) matching the boxes, "
+                         f"got {tuple(scores.shape)}")
+    if offset not in (0, 1):
+        raise ValueError(f"{op_name} offset must be 0 or 1 (boxes are x2 - x1 + offset wide), got {offset!r}")
+
+
 def nms(boxes, scores, iou_threshold, offset):
     """mmcv's ``nms(boxes, scores, iou_threshold, offset)``: indices of the kept boxes, highest
     score first. A box is suppressed when its IoU with a kept, higher-scoring box is > threshold.
@@ -146,18 +159,117 @@ def nms(boxes, scores, iou_threshold, offset):
     for areas and intersections; that is exactly torchvision's NMS on boxes whose far corner is
     moved by +1, so both conventions run on torchvision.
     """
-    if boxes.dim() != 2 or boxes.size(1) != 4:
-        raise ValueError(f"nms expects boxes of shape (N, 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
-    if scores.dim() != 1 or scores.size(0) != boxes.size(0):
-        raise ValueError(f"nms expects scores of shape ({boxes.size(0)},) matching the boxes, "
-                         f"got {tuple(scores.shape)}")
-    if offset not in (0, 1):
-        raise ValueError(f"nms offset must be 0 or 1 (boxes are x2 - x1 + offset wide), got {offset!r}")
+    _check_boxes_and_scores("nms", boxes, scores, offset)
     dtype = _compute_dtype(boxes, scores)
     boxes = boxes.to(dtype)
     if offset == 1:
         boxes = torch.cat([boxes[:, :2], boxes[:, 2:] + 1], dim=1)
     return _torchvision_ops().nms(boxes, scores.to(dtype), float(iou_threshold))
+
+
+def _box_areas(boxes, offset):
+    return (boxes[:, 2] - boxes[:, 0] + offset) * (boxes[:, 3] - boxes[:, 1] + offset)
+
+
+def _overlaps_with_one(box, box_area, boxes, areas, offset):
+    """IoU of one box (shape (1, 4), area (1,)) with each of boxes (K, 4), in mmcv's arithmetic:
+    boxes are x2 - x1 + offset wide and the union is (area + area) - intersection.
+
+    Two boxes of zero area have IoU 0 here where mmcv divides 0 by 0: its NaN IoU counts as no
+    overlap in naive/linear Soft-NMS and nms_match anyway, but gives NaN scores in gaussian."""
+    width = (torch.minimum(box[:, 2], boxes[:, 2]) - torch.maximum(box[:, 0], boxes[:, 0]) + offset).clamp(min=0)
+    height = (torch.minimum(box[:, 3], boxes[:, 3]) - torch.maximum(box[:, 1], boxes[:, 1]) + offset).clamp(min=0)
+    intersection = width * height
+    union = box_area + areas - intersection
+    return torch.where(union > 0, intersection / union, 0)
+
+
+SOFT_NMS_METHODS = {0: "naive", 1: "linear", 2: "gaussian"}
+
+
+@torch.no_grad()
+def softnms(boxes, scores, dets, iou_threshold, sigma, min_score, method, offset):
+    """mmcv's ``softnms(boxes, scores, dets, iou_threshold, sigma, min_score, method, offset)``:
+    Soft-NMS (Bodla et al., 2017) as mmcv defines it. Repeatedly take the remaining box with the
+    highest current score and multiply the score of every other remaining box by a weight of its
+    IoU with the taken one: naive (method 0) 0 if IoU >= iou_threshold, linear (1) 1 - IoU if
+    IoU >= iou_threshold, gaussian (2) exp(-IoU^2 / sigma) always; a box whose score falls below
+    min_score is dropped. The first box taken is kept whatever its score, as in mmcv.
+
+    Returns the indices of the kept boxes in the order taken (long, on the boxes' device) and
+    writes their (x1, y1, x2, y2, score when taken) into ``dets[:K]`` in place (mmcv.ops.soft_nms
+    slices dets by K). Among equal scores the lowest index is taken first (mmcv's loop takes the
+    first in an internal order that its swaps reshuffle).
+    """
+    _check_boxes_and_scores("softnms", boxes, scores, offset)
+    if method not in SOFT_NMS_METHODS:
+        raise ValueError(f"softnms method must be one of {SOFT_NMS_METHODS} (number: name), got {method!r}")
+    if tuple(dets.shape) != (boxes.size(0), 5) or dets.device != boxes.device:
+        raise ValueError(f"softnms writes into dets of shape ({boxes.size(0)}, 5) on {boxes.device}, "
+                         f"got {tuple(dets.shape)} on {dets.device}")
+    method_name = SOFT_NMS_METHODS[method]
+    dtype = _compute_dtype(boxes, scores)
+    boxes = boxes.to(dtype)
+    areas = _box_areas(boxes, offset)
+    # A device tensor, not a Python float: CUDA divides by a host scalar as a multiplication by
+    # its reciprocal, one rounding away from mmcv's division.
+    sigma = boxes.new_tensor(sigma)
+    kept = torch.empty(boxes.size(0), dtype=torch.long, device=boxes.device)
+    kept_scores = boxes.new_empty(boxes.size(0))
+    remaining = torch.arange(boxes.size(0), device=boxes.device)
+    remaining_boxes, remaining_areas, remaining_scores = boxes, areas, scores.to(dtype)
+    num_kept = 0
+    while remaining.numel() > 0:
+        best = remaining_scores.argmax(dim=0, keepdim=True)  # the first of equal maxima
+        kept[num_kept:num_kept + 1] = remaining[best]
+        kept_scores[num_kept:num_kept + 1] = remaining_scores[best]
+        num_kept += 1
+        overlaps = _overlaps_with_one(remaining_boxes[best], remaining_areas[best], remaining_boxes,
+                                      remaining_areas, offset)
+        if method_name == "gaussian":
+            weights = torch.exp(-(overlaps * overlaps) / sigma)
+        else:
+            decayed_weight = torch.zeros_like(overlaps) if method_name == "naive" else 1 - overlaps
+            weights = torch.where(overlaps >= iou_threshold, decayed_weight, torch.ones_like(overlaps))
+        decayed_scores = remaining_scores * weights
+        # "not below" rather than ">=": a NaN score stays, as in mmcv's loop.
+        survivors = ~(decayed_scores < min_score)
+        survivors.index_fill_(0, best, False)
+        survivors = survivors.nonzero().squeeze(1)
+        remaining, remaining_boxes, remaining_areas, remaining_scores = (
+            values.index_select(0, survivors)
+            for values in (remaining, remaining_boxes, remaining_areas, decayed_scores))
+    kept = kept[:num_kept]
+    dets[:num_kept, :4] = boxes[kept]
+    dets[:num_kept, 4] = kept_scores[:num_kept]
+    return kept
+
+
+@torch.no_grad()
+def nms_match(dets, iou_threshold):
+    """mmcv's ``nms_match(dets, iou_threshold)``: greedy NMS that records what each kept box
+    suppresses. dets is (N, 5) as (x1, y1, x2, y2, score); boxes are x2 - x1 wide (no offset).
+    Returns one list of indices per kept box, highest score first: the kept box, then the boxes
+    it suppressed (IoU >= iou_threshold, not already in a group) by decreasing score. Equal
+    scores go by index (mmcv's unstable sort leaves their order open)."""
+    if dets.dim() != 2 or dets.size(1) != 5:
+        raise ValueError(f"nms_match expects dets of shape (N, 5) as (x1, y1, x2, y2, score), "
+                         f"got {tuple(dets.shape)}")
+    dets = dets.to(_compute_dtype(dets))
+    remaining = torch.argsort(dets[:, 4], descending=True, stable=True)
+    remaining_boxes = dets[remaining, :4]
+    remaining_areas = _box_areas(remaining_boxes, 0)
+    groups = []
+    while remaining.numel() > 0:
+        overlaps = _overlaps_with_one(remaining_boxes[:1], remaining_areas[:1], remaining_boxes,
+                                      remaining_areas, 0)
+        in_group = overlaps >= iou_threshold
+        in_group[0] = True  # the kept box heads its group even at zero area (IoU 0 with itself)
+        groups.append(remaining[in_group].tolist())
+        outside = (~in_group).nonzero().squeeze(1)
+        remaining, remaining_boxes, remaining_areas = (
+            values.index_select(0, outside) for values in (remaining, remaining_boxes, remaining_areas))
+    return groups
 
 
 def _check_roi_align_args(rois, pool_mode):
@@ -221,6 +333,8 @@ def get_compiling_cuda_version():
 
 _IMPLEMENTED = {
     "nms": nms,
+    "softnms": softnms,
+    "nms_match": nms_match,
     "roi_align_forward": roi_align_forward,
     "roi_align_backward": roi_align_backward,
     "get_compiler_version": get_compiler_version,

@@ -1,6 +1,7 @@
 """The torchvision-backed mmcv._ext stand-in (mlla_det/mmcv_ext.py) against plain-PyTorch
-references: greedy IoU NMS and mmcv-semantics bilinear RoIAlign, forward, input gradient,
-fp16/bf16 autocast; plus the install logic and the errors of the ops it does not provide."""
+references: greedy IoU NMS, Soft-NMS, nms_match and mmcv-semantics bilinear RoIAlign, forward,
+input gradient, fp16/bf16 autocast; plus the install logic and the errors of the ops it does not
+provide."""
 import ast
 import importlib
 import importlib.abc
@@ -11,6 +12,7 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +51,64 @@ def reference_nms(boxes, scores, iou_threshold, offset=0):
         if all(iou[index, other] <= iou_threshold for other in kept):
             kept.append(index)
     return torch.tensor(kept, dtype=torch.long)
+
+
+def reference_box_overlap(a, b, offset, real):
+    """IoU of two boxes (x1, y1, x2, y2 as `real` numbers) in mmcv's arithmetic, every operation
+    rounded to `real` (np.float32 as mmcv's kernels compute, or np.float64). Two boxes of zero
+    area have IoU 0 (the stand-in's choice where mmcv divides 0 by 0)."""
+    offset, zero = real(offset), real(0)
+    width = max(zero, min(a[2], b[2]) - max(a[0], b[0]) + offset)
+    height = max(zero, min(a[3], b[3]) - max(a[1], b[1]) + offset)
+    intersection = width * height
+    union = (a[2] - a[0] + offset) * (a[3] - a[1] + offset) + (b[2] - b[0] + offset) * (b[3] - b[1] + offset) - intersection
+    return intersection / union if union > 0 else zero
+
+
+def reference_soft_nms(boxes, scores, iou_threshold, sigma, min_score, method, offset, real=np.float32):
+    """Soft-NMS as mmcv defines it, one pair at a time: take the remaining box with the highest
+    score (the lowest index among equals) and weight every other remaining box's score by its IoU
+    with it -- naive: 0 if IoU >= threshold; linear: 1 - IoU if IoU >= threshold; gaussian:
+    exp(-IoU^2 / sigma) -- dropping boxes whose score falls below min_score. Arithmetic in `real`.
+    Returns the taken indices and their scores when taken (float64), in the order taken."""
+    boxes = [[real(value) for value in box] for box in boxes.tolist()]
+    current = {index: real(score) for index, score in enumerate(scores.tolist())}
+    threshold, sigma, min_score, one = real(iou_threshold), real(sigma), real(min_score), real(1)
+    taken, taken_scores = [], []
+    while current:
+        best = max(current, key=lambda index: (current[index], -index))
+        taken.append(best)
+        taken_scores.append(float(current.pop(best)))
+        for index in list(current):
+            overlap = reference_box_overlap(boxes[best], boxes[index], offset, real)
+            if method == "naive":
+                weight = real(0) if overlap >= threshold else one
+            elif method == "linear":
+                weight = one - overlap if overlap >= threshold else one
+            else:
+                weight = real(math.exp(-(overlap * overlap) / sigma))
+            current[index] = current[index] * weight
+            if current[index] < min_score:
+                del current[index]
+    return torch.tensor(taken, dtype=torch.long), torch.tensor(taken_scores, dtype=torch.float64)
+
+
+def reference_nms_match(dets, iou_threshold, real=np.float32):
+    """Greedy NMS by decreasing score (the lowest index first among equals) that groups each kept
+    box with the boxes it suppresses: those not yet grouped with IoU >= threshold, boxes x2 - x1
+    wide. Arithmetic in `real`. Returns the groups, each as [kept, suppressed...] by score."""
+    rows = [[real(value) for value in row] for row in dets.tolist()]
+    order = sorted(range(len(rows)), key=lambda index: (-rows[index][4], index))
+    threshold = real(iou_threshold)
+    grouped, groups = set(), []
+    for position, kept in enumerate(order):
+        if kept in grouped:
+            continue
+        group = [kept] + [other for other in order[position + 1:] if other not in grouped
+                          and reference_box_overlap(rows[kept], rows[other], 0, real) >= threshold]
+        grouped.update(group)
+        groups.append(group)
+    return groups
 
 
 def bilinear_weight_matrix(coords, size):
@@ -316,6 +376,173 @@ def test_nms_empty_and_bad_input():
             mmcv._ext.nms(torch.zeros(3, 4), torch.zeros(3), iou_threshold=0.5, offset=2)
 
 
+# ----------------------------------------------------------------------------- soft-NMS and nms_match
+
+SOFT_NMS_METHODS = {"naive": 0, "linear": 1, "gaussian": 2}  # mmcv.ops.soft_nms's numbering
+SOFT_NMS_SETTINGS = dict(iou_threshold=0.4, sigma=0.5, min_score=0.05)
+
+
+def check_ext_softnms(boxes, scores, method, offset, device):
+    """mmcv._ext.softnms on `device` against the reference in the arithmetic the stand-in uses."""
+    real = np.float64 if boxes.dtype == torch.float64 else np.float32
+    expected, expected_scores = reference_soft_nms(boxes, scores, method=method, offset=offset, real=real,
+                                                   **SOFT_NMS_SETTINGS)
+    assert 0 < len(expected) < len(boxes)  # min_score dropped some boxes
+    if method != "naive":
+        assert not torch.equal(expected_scores, scores[expected].double())  # and scores decayed
+    dets = torch.full((len(boxes), 5), float("nan"), dtype=boxes.dtype, device=device)
+    kept = mmcv._ext.softnms(boxes.to(device), scores.to(device), dets, method=SOFT_NMS_METHODS[method],
+                             offset=offset, **SOFT_NMS_SETTINGS)
+    assert kept.dtype == torch.long and kept.device == dets.device
+    assert torch.equal(kept.cpu(), expected)
+    assert torch.equal(dets[:len(expected), :4].cpu(), boxes[expected])
+    torch.testing.assert_close(dets[:len(expected), 4].cpu(), expected_scores.to(boxes.dtype))
+
+
+@needs_stand_in
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("method", list(SOFT_NMS_METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ext_softnms_matches_reference(generator, dtype, method, offset):
+    boxes, scores = random_boxes(100, generator, dtype=dtype)
+    check_ext_softnms(boxes, scores, method, offset, "cpu")
+
+
+@pytest.mark.parametrize("method", list(SOFT_NMS_METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mmcv_soft_nms_wrapper_matches_reference(generator, dtype, method):
+    boxes, scores = random_boxes(80, generator, dtype=dtype)
+    # fp16/bf16 values, fp32 arithmetic: what the stand-in does with them
+    expected, expected_scores = reference_soft_nms(boxes, scores, method=method, offset=0, **SOFT_NMS_SETTINGS)
+    dets, kept = mmcv.ops.soft_nms(boxes, scores, method=method, **SOFT_NMS_SETTINGS)
+    assert dets.dtype == dtype and torch.equal(kept, expected)
+    assert torch.equal(dets[:, :4], boxes[expected])
+    torch.testing.assert_close(dets[:, 4], expected_scores.to(dtype))
+    if dtype == torch.float32:
+        dets_array, kept_array = mmcv.ops.soft_nms(boxes.numpy(), scores.numpy(), method=method,
+                                                   **SOFT_NMS_SETTINGS)
+        assert isinstance(dets_array, np.ndarray) and np.array_equal(kept_array, expected.numpy())
+        assert np.array_equal(dets_array, dets.numpy())
+
+
+def expected_batched_soft_nms(boxes, scores, classes, method):
+    """Soft-NMS class by class, merged by decreasing score (the lowest index first among equals):
+    a joint run over classes that never overlap takes the boxes in that order."""
+    taken = []
+    for label in classes.unique().tolist():
+        members = torch.nonzero(classes == label).squeeze(1)
+        kept, kept_scores = reference_soft_nms(boxes[members], scores[members], method=method, offset=0,
+                                               **SOFT_NMS_SETTINGS)
+        taken += zip(kept_scores.tolist(), members[kept].tolist())
+    taken.sort(key=lambda score_and_index: (-score_and_index[0], score_and_index[1]))
+    return (torch.tensor([index for _, index in taken], dtype=torch.long),
+            torch.tensor([score for score, _ in taken], dtype=torch.float64))
+
+
+def random_classed_boxes(num_boxes, generator):
+    """Boxes on a 1/16 grid with non-negative coordinates, and a class for each. batched_nms
+    shifts each class by class * (max coordinate + 1): on the grid that shift is exact in fp32, so
+    the per-class reference on unshifted boxes sees the very IoUs of the joint run, and with
+    coordinates >= 0 the shift really keeps classes apart."""
+    boxes, scores = random_boxes(num_boxes, generator)
+    boxes = ((boxes - boxes.min()) * 16).round() / 16
+    classes = torch.randint(0, 3, (num_boxes,), generator=generator)
+    return boxes, scores, classes
+
+
+@pytest.mark.parametrize("split_thr", [None, 16])  # 16: batched_nms runs soft_nms class by class
+@pytest.mark.parametrize("method", list(SOFT_NMS_METHODS))
+def test_mmcv_batched_nms_with_soft_nms_matches_per_class_reference(generator, method, split_thr):
+    boxes, scores, classes = random_classed_boxes(150, generator)
+    expected, expected_scores = expected_batched_soft_nms(boxes, scores, classes, method)
+    nms_cfg = dict(type="soft_nms", method=method, **SOFT_NMS_SETTINGS)
+    if split_thr is not None:
+        nms_cfg["split_thr"] = split_thr
+    dets, keep = mmcv.ops.batched_nms(boxes, scores, classes, nms_cfg)
+    assert torch.equal(keep, expected)
+    assert torch.equal(dets[:, :4], boxes[expected])
+    torch.testing.assert_close(dets[:, 4], expected_scores.float())
+
+
+def test_soft_nms_on_mmcv_docstring_example_with_zero_area_boxes():
+    # mmcv.ops.soft_nms's docstring example: the first box and the last four have zero area.
+    boxes = torch.tensor([[4.0, 3.0, 5.0, 3.0], [4.0, 3.0, 5.0, 4.0], [3.0, 1.0, 3.0, 1.0],
+                          [3.0, 1.0, 3.0, 1.0], [3.0, 1.0, 3.0, 1.0], [3.0, 1.0, 3.0, 1.0]])
+    scores = torch.tensor([0.9, 0.9, 0.5, 0.5, 0.4, 0.0])
+    dets, kept = mmcv.ops.soft_nms(boxes, scores, 0.6, sigma=0.5)
+    assert len(kept) == len(dets) == 5  # the docstring's claim
+    if USING_STAND_IN:
+        # Zero-area pairs do not overlap, for every method: nothing decays, no NaN scores (mmcv's
+        # gaussian divides 0 by 0 there).
+        for method in SOFT_NMS_METHODS:
+            dets, kept = mmcv.ops.soft_nms(boxes, scores, 0.6, sigma=0.5, method=method)
+            assert kept.tolist() == [0, 1, 2, 3, 4] and torch.equal(dets[:, 4], scores[:5])
+
+
+@pytest.mark.parametrize("iou_threshold", [0.3, 0.6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mmcv_nms_match_matches_reference(generator, dtype, iou_threshold):
+    boxes, scores = random_boxes(100, generator, dtype=dtype)
+    dets = torch.cat([boxes, scores[:, None]], dim=1)
+    expected = reference_nms_match(dets, iou_threshold)
+    assert 1 < len(expected) < len(dets)  # several groups, some of more than one box
+    groups = mmcv.ops.nms_match(dets, iou_threshold)
+    assert all(group.dtype == torch.long for group in groups)
+    assert [group.tolist() for group in groups] == expected
+    if dtype == torch.float32:
+        arrays = mmcv.ops.nms_match(dets.numpy(), iou_threshold)
+        assert [array.tolist() for array in arrays] == expected
+
+
+@needs_stand_in
+def test_softnms_and_nms_match_empty_and_bad_input():
+    settings = dict(SOFT_NMS_SETTINGS, method=1, offset=0)
+    kept = mmcv._ext.softnms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5), **settings)
+    assert kept.shape == (0,) and kept.dtype == torch.long
+    dets, kept = mmcv.ops.soft_nms(torch.zeros(0, 4), torch.zeros(0))
+    assert dets.shape == (0, 5) and kept.shape == (0,)
+    assert mmcv._ext.nms_match(torch.zeros(0, 5), iou_threshold=0.5) == []
+    assert mmcv.ops.nms_match(torch.zeros(0, 5), 0.5) == []
+
+    boxes, scores, dets = torch.rand(3, 4), torch.rand(3), torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        mmcv._ext.softnms(boxes, scores, dets, **dict(settings, method=3))
+    with pytest.raises(ValueError, match="offset must be 0 or 1"):
+        mmcv._ext.softnms(boxes, scores, dets, **dict(settings, offset=2))
+    with pytest.raises(ValueError, match=r"dets of shape \(3, 5\)"):
+        mmcv._ext.softnms(boxes, scores, torch.zeros(3, 4), **settings)
+    with pytest.raises(ValueError, match=r"boxes of shape \(N, 4\)"):
+        mmcv._ext.softnms(torch.zeros(3, 5), scores, dets, **settings)
+    with pytest.raises(ValueError, match=r"dets of shape \(N, 5\)"):
+        mmcv._ext.nms_match(torch.zeros(3, 4), iou_threshold=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_soft_nms_and_nms_match_on_cuda_match_references(generator, dtype):
+    """Soft-NMS and nms_match on CUDA tensors (skipped without a GPU): the ext ops directly
+    (mmcv's wrappers move everything to the CPU), then the wrappers' results coming back."""
+    for method in SOFT_NMS_METHODS:
+        for offset in (0, 1):
+            boxes, scores = random_boxes(100, generator, dtype=dtype)
+            check_ext_softnms(boxes, scores, method, offset, "cuda")
+        expected, _ = reference_soft_nms(boxes, scores, method=method, offset=0, **SOFT_NMS_SETTINGS)
+        dets, kept = mmcv.ops.soft_nms(boxes.cuda(), scores.cuda(), method=method, **SOFT_NMS_SETTINGS)
+        assert dets.is_cuda and kept.is_cuda and torch.equal(kept.cpu(), expected)
+
+        boxes, scores, classes = random_classed_boxes(150, generator)
+        expected, _ = expected_batched_soft_nms(boxes, scores, classes, method)
+        dets, keep = mmcv.ops.batched_nms(boxes.cuda(), scores.cuda(), classes.cuda(),
+                                          dict(type="soft_nms", method=method, **SOFT_NMS_SETTINGS))
+        assert dets.is_cuda and torch.equal(keep.cpu(), expected)
+
+    boxes, scores = random_boxes(100, generator, dtype=dtype)
+    dets = torch.cat([boxes, scores[:, None]], dim=1)
+    expected = reference_nms_match(dets, 0.5)
+    assert mmcv._ext.nms_match(dets.cuda(), iou_threshold=0.5) == expected
+    assert [group.tolist() for group in mmcv.ops.nms_match(dets.cuda(), 0.5)] == expected
+
+
 # ----------------------------------------------------------------------------- roi_align
 
 ROI_ALIGN_CASES = [
@@ -552,3 +779,18 @@ def test_tiny_mask_rcnn_trains_and_predicts_on_the_stand_in(generator, autocast_
         results = model(**data, mode="predict")
     assert len(results) == 2 and hasattr(results[0].pred_instances, "masks")
     assert all(calls.values()), f"Mask R-CNN did not reach every mmcv._ext op: {calls}"
+
+
+def test_tiny_mask_rcnn_predicts_with_soft_nms(generator, monkeypatch):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    calls = count_ext_calls(monkeypatch, ["softnms"])
+    model = _tiny_mask_rcnn().eval()
+    # What a config's test_cfg.rcnn.nms=dict(type='soft_nms', ...) becomes; multiclass_nms reads it per call.
+    model.roi_head.test_cfg.nms = dict(type="soft_nms", iou_threshold=0.5, min_score=0.05)
+    data = model.data_preprocessor(_toy_batch(generator), training=False)
+    with torch.no_grad():
+        results = model(**data, mode="predict")
+    assert calls["softnms"] > 0
+    instances = results[0].pred_instances
+    assert len(instances) > 0 and hasattr(instances, "masks")
+    assert torch.all(instances.scores[:-1] >= instances.scores[1:])
