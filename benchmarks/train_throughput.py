@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmengine.hooks import Hook  # noqa: E402
 
+from benchmarks.common import write_json  # noqa: E402
+
 ITERATIONS_1X = 88_500  # 12 epochs of COCO train2017 (118k images) at 16 images per iteration
 GPUS_1X, IMAGES_PER_GPU = 8, 2
 
@@ -373,6 +375,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             compiles=hook.compiles[-1] if hook.compiles else 0,
             compiles_after_warmup=(hook.compiles[-1] - hook.compiles[min(args.warmup, len(hook.compiles)) - 1])
             if hook.compiles else 0,
+            optimizer_groups=len(runner.optim_wrapper.optimizer.param_groups),
             peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
             gpu_busy_fraction=hook.busy_fraction,
             parts=clock.medians(args.warmup),
@@ -475,7 +478,7 @@ def main(argv=None) -> None:
             import traceback
             traceback.print_exc()
             row = dict(variant=args.child, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-        Path(args.json).write_text(json.dumps(row))
+        write_json(args.json, [row])
         return
 
     rows = []
@@ -494,12 +497,12 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             subprocess.run(cmd, check=False, env=dict(os.environ, **VARIANTS[name].get("env", {})))
             text = Path(out.name).read_text()
-            row = json.loads(text) if text else dict(variant=name, error="the variant's process wrote nothing")
+            row = json.loads(text)[0] if text else dict(variant=name, error="the variant's process wrote nothing")
             row["process_s"] = time.perf_counter() - start
             rows.append(row)
     print_rows(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

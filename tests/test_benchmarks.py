@@ -360,3 +360,32 @@ def test_attention_floor_skeleton_writes_what_it_says():
     for seed, (height, width, channels, heads) in enumerate(((5, 7, 32, 2), (3, 11, 64, 4))):
         errors = attention_floor.check_skeleton(device, height, width, channels, heads, seed)
         assert all(error < 1e-5 for error in errors), errors
+
+
+def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path):
+    """The CI check of benchmarks/train_throughput.py: each default variant trains 2 iterations of
+    the 1x config's own pipeline on generated COCO-like images and reports what the GPU run reports."""
+    from benchmarks import train_throughput
+    out = tmp_path / "throughput.json"
+    data = tmp_path / "coco_like"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"), "--sanity",
+                             "--json", str(out), "--data", str(data)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = load_rows(out)
+    assert [r["variant"] for r in rows] == list(train_throughput.DEFAULT_VARIANTS)
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["images_per_s"] > 0 and row["s_per_iter_median"] > 0
+        assert row["projection_1x_hours"] == pytest.approx(88_500 * row["s_per_iter_median"] / 3600)
+        assert 1 <= row["distinct_input_sizes"] <= 2
+        assert row["eval_images_per_s"] > 0
+        assert set(row["parts"]) == set(train_throughput.PARTS)
+        assert all(part["host_ms"] > 0 for part in row["parts"].values()), row["parts"]
+    # The paper's recipe: one AdamW group per parameter; this repository's: one per setting.
+    assert rows[0]["optimizer_groups"] > 100 and [r["optimizer_groups"] for r in rows[1:]] == [2, 2]
+    annotations = json.loads((data / "instances.json").read_text())
+    per_image = {}
+    for ann in annotations["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+        assert len(ann["segmentation"][0]) >= 10 and 1 <= ann["category_id"] <= 80
+    assert len(annotations["images"]) == 6 and all(1 <= n <= 15 for n in per_image.values())
