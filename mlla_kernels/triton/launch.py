@@ -11,8 +11,8 @@ import torch
 import triton
 
 from ..cached_launch import launch
+from ..checks import TRITON_DTYPES, check_triton_inputs
 from ..device import on_device
-from ..linear_attention import TRITON_DTYPES, check_inputs, resolve_impl
 from .backward import key_value_grad_kernel, query_grad_state_kernel
 from .forward import kv_state_kernel, output_kernel, sum_partials_kernel
 
@@ -241,13 +241,6 @@ def _split(blocks: int, block_n: int, splits: int):
 
 def _padded(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
-
-
-def check_triton_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int) -> None:
-    """check_inputs plus what the kernels in particular need: the checks of resolve_impl("triton")
-    (device, dtype, even head dim, width)."""
-    check_inputs(qk, v, hw_shape, num_heads)
-    resolve_impl("triton", v.device, v.dtype, v.shape[-1] // num_heads, hw_shape[1])
 
 
 def check_offsets_fit(block_n: int, dim_pad: int, *tensors: torch.Tensor) -> None:
