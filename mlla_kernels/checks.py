@@ -49,15 +49,20 @@ def check_inputs(qk: torch.Tensor, v: torch.Tensor, hw_shape, num_heads: int) ->
 
 
 def normalize_hw_shape(hw_shape):
-    """(H, W) as two ints; SymInts (torch.compile with dynamic shapes) pass through unspecialized."""
+    """(H, W) as two positive ints; SymInts (torch.compile with dynamic shapes) pass through
+    unspecialized."""
     try:
         height, width = hw_shape
     except (TypeError, ValueError):
         raise ValueError(f"hw_shape must be (H, W), got {hw_shape!r}") from None
     try:
-        return tuple(s if isinstance(s, (int, torch.SymInt)) else operator.index(s) for s in (height, width))
+        sides = tuple(s if isinstance(s, (int, torch.SymInt)) else operator.index(s) for s in (height, width))
     except TypeError:
         raise TypeError(f"hw_shape must hold two ints, got {hw_shape!r}") from None
+    # Two negative sides pass H * W == N and would fail deep inside (torch.arange) instead.
+    if any(side <= 0 for side in sides):
+        raise ValueError(f"hw_shape's sides must be positive integers, got {hw_shape!r}")
+    return sides
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = None, head_dim: int = None,

@@ -5,6 +5,8 @@ turns by row * theta_j and pair j >= K by column * theta_(j-K). Tokens are row-m
 """
 import torch
 
+from .checks import normalize_hw_shape
+
 ROPE_BASE = 10000
 
 
@@ -19,7 +21,7 @@ def rope_frequencies(channels: int, dtype: torch.dtype = torch.float32, device=N
 
 def rope_angles(hw_shape, channels: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """Angles (H*W, channels/2): the first K columns follow the row, the last K the column."""
-    height, width = hw_shape
+    height, width = normalize_hw_shape(hw_shape)
     theta = rope_frequencies(channels, dtype, device)
     rows = torch.arange(height, dtype=dtype, device=device).repeat_interleave(width)
     cols = torch.arange(width, dtype=dtype, device=device).repeat(height)

@@ -2,8 +2,17 @@
 mlla_kernels that keeps them in one place."""
 import ast
 import os
+import re
+
+import pytest
+import torch
 
 import mlla_kernels
+from mlla_kernels import apply_rope, linear_attention, rope_angles
+from mlla_kernels.triton import linear_attention_triton
+
+# The kernels run on the CPU only under the interpreter (tests/conftest.py sets it without a GPU).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 PACKAGE_DIR = os.path.dirname(mlla_kernels.__file__)
 
@@ -82,3 +91,41 @@ def test_mlla_kernels_imports_are_one_way():
     assert "mlla_kernels.dwconv.kernels" in graph["mlla_kernels.dwconv.op"]  # `from . import kernels`
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
     assert graph["mlla_kernels.checks"] == set()  # the checks depend on nothing of the package
+
+
+# Two negative sides multiply to a valid N and used to fail deep inside (torch.arange).
+NON_POSITIVE_HW_SHAPES = [(-3, -4), (-1, -12), (0, 5), (4, 0), (-4, 3)]
+
+
+def _non_positive_sides_message(hw_shape):
+    return re.escape(f"hw_shape's sides must be positive integers, got {hw_shape!r}")
+
+
+@pytest.mark.parametrize("hw_shape", NON_POSITIVE_HW_SHAPES)
+@pytest.mark.parametrize("impl", ["reference", "triton", "auto"])
+def test_linear_attention_refuses_non_positive_hw_sides(impl, hw_shape):
+    qk, v = torch.randn(2, 12, 16, device=DEVICE), torch.randn(2, 12, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=_non_positive_sides_message(hw_shape)):
+        linear_attention(qk, v, hw_shape, 2, impl=impl)
+
+
+@pytest.mark.parametrize("hw_shape", NON_POSITIVE_HW_SHAPES)
+def test_triton_entry_point_refuses_non_positive_hw_sides(hw_shape):
+    qk, v = torch.randn(2, 12, 16, device=DEVICE), torch.randn(2, 12, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=_non_positive_sides_message(hw_shape)):
+        linear_attention_triton(qk, v, hw_shape, 2)
+
+
+@pytest.mark.parametrize("hw_shape", [(-3, -4), (0, 5)])
+def test_rope_refuses_non_positive_hw_sides(hw_shape):
+    with pytest.raises(ValueError, match=_non_positive_sides_message(hw_shape)):
+        rope_angles(hw_shape, 8)
+    with pytest.raises(ValueError, match=_non_positive_sides_message(hw_shape)):
+        apply_rope(torch.randn(1, 12, 8), hw_shape)
+
+
+def test_hw_shape_as_size_or_index_likes_still_works():
+    qk, v = torch.randn(1, 12, 16), torch.randn(1, 12, 8)
+    expected = linear_attention(qk, v, (3, 4), 2, impl="reference")
+    for hw_shape in (torch.Size([3, 4]), [3, 4], (torch.tensor(3), torch.tensor(4))):
+        assert torch.equal(linear_attention(qk, v, hw_shape, 2, impl="reference"), expected)
