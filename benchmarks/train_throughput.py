@@ -510,6 +510,8 @@ def main(argv=None) -> None:
             row = json.loads(text)[0] if text else dict(variant=name, error="the variant's process wrote nothing")
             row["process_s"] = time.perf_counter() - start
             rows.append(row)
+            if args.json:  # after every variant: a run cut short keeps what it measured
+                write_json(args.json, rows)
     print_rows(rows)
     if args.json:
         write_json(args.json, rows)
