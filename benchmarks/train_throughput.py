@@ -64,6 +64,15 @@ VARIANTS.update({
     "default-cudnn-heurB": dict(VARIANTS["default"], env={"TORCH_CUDNN_USE_HEURISTIC_MODE_B": "1"},
                                 describe="defaults with cuDNN's heuristics mode B"),
 })
+# Candidate per-size fixes, applied to the paper's model too so that ratios measure the kernels.
+VARIANTS.update({
+    "default-buckets": dict(VARIANTS["default"], hooks=[dict(type="ConvShapeBucketsHook")],
+                            describe="defaults with bucketed convolutions (ConvShapeBucketsHook)"),
+    "paper-buckets": dict(VARIANTS["paper"], hooks=[dict(type="ConvShapeBucketsHook")],
+                          describe="the paper's model and recipe with bucketed convolutions"),
+    "paper-no-cudnn": dict(VARIANTS["paper"], cudnn=False,
+                           describe="the paper's model and recipe with torch.backends.cudnn.enabled = False"),
+})
 # The per-size target's yardstick: the same model at one input size of about the pipeline's mean
 # padded area (704 x 1024 = 0.72 MP; the 1x pipeline over COCO's sizes averages 0.71 MP padded).
 FIXED_SIZE = (704, 1024)
@@ -279,6 +288,7 @@ def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: 
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
         cfg.optim_wrapper.loss_scale = "dynamic"
+    cfg.custom_hooks = list(cfg.get("custom_hooks", [])) + list(variant.get("hooks", []))
     for key, value in variant.get("cfg_options", {}).items():
         _set_path(cfg, key, value)
     for loader in ("train_dataloader", "test_dataloader"):

@@ -21,7 +21,7 @@ from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 
 from mmdet.registry import HOOKS
 
-__all__ = ['RNGStateHook', 'capture_rng_state', 'restore_rng_state']
+__all__ = ['ConvShapeBucketsHook', 'RNGStateHook', 'capture_rng_state', 'restore_rng_state']
 
 RNG_STATE_KEY = 'rng_state'
 
@@ -206,3 +206,24 @@ class RNGStateHook(Hook):
         if self._state_before_val is not None:
             restore_rng_state(self._state_before_val)
             self._state_before_val = None
+
+
+@HOOKS.register_module()
+class ConvShapeBucketsHook(Hook):
+    """Before the run (training or testing), make the model's convolutions bucketed
+    (mlla_det/models/conv_buckets.py): same outputs, but cuDNN meets a bounded set of input
+    shapes, so its per-shape setup is paid during a warm-up instead of at nearly every iteration
+    of a multi-scale pipeline. ``exclude`` names submodules to leave as they are."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, exclude=()):
+        self.exclude = tuple(exclude)
+
+    def before_run(self, runner) -> None:
+        from mmengine.model import is_model_wrapper
+
+        from ..models.conv_buckets import bucket_convolutions
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        count = bucket_convolutions(model, self.exclude)
+        print_log(f'ConvShapeBucketsHook: {count} convolutions bucketed', logger='current')
