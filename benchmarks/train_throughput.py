@@ -464,6 +464,22 @@ def print_rows(rows) -> None:
     print_table(parts, ["variant", *PARTS], title="median ms per iteration, host (GPU)")
 
 
+def markdown_table(rows, link: str) -> str:
+    """The README's table: one line per variant, ratios against the paper's rows of the same run."""
+    by_name = {r["variant"]: r for r in rows if "error" not in r}
+    lines = ["| variant | s / iteration (median) | images / s | vs the paper's model | GPU busy | "
+             "distinct sizes | eval images / s | 1x on 8 GPUs |",
+             "|---|---|---|---|---|---|---|---|"]
+    paper = by_name.get("paper-buckets") or by_name.get("paper")
+    for r in by_name.values():
+        ratio = f"{r['images_per_s'] / paper['images_per_s']:.2f}x" if paper else "-"
+        busy = "-" if r.get("gpu_busy_fraction") is None else f"{100 * r['gpu_busy_fraction']:.0f}%"
+        evaluation = "-" if r.get("eval_images_per_s") is None else f"{r['eval_images_per_s']:.1f}"
+        lines.append(f"| {r['describe']} | {r['s_per_iter_median']:.3f} | {r['images_per_s']:.2f} | {ratio} | {busy} | "
+                     f"{r['distinct_input_sizes']} | {evaluation} | {r['projection_1x_hours']:.1f} h |")
+    return "\n".join(lines) + f"\n\n([JSON]({link}))"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="t", choices=("t", "s", "b"))
@@ -481,8 +497,14 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--sanity", action="store_true",
                         help="CPU, 2 iterations of each variant on small images, a small model")
+    parser.add_argument("--from-json", metavar="PATH", help="print the tables of an earlier run and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+        print_rows(rows)
+        print(markdown_table(rows, args.from_json))
+        return
     if args.sanity:
         args.iters, args.warmup, args.images, args.eval_images, args.workers = 2, 0, 6, 2, 0
         args.profile_iters = 1
