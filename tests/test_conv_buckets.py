@@ -21,15 +21,15 @@ CONVS = {
 SHAPES = [(2, 37, 51), (11, 14, 14), (1, 9, 300), (19, 10, 10)]
 
 
-@pytest.mark.parametrize('n', list(range(1, 3000)))
-def test_bucket_size_bounds(n):
-    size = bucket_size(n)
-    assert size >= n
-    if n <= SMALLEST_BUCKETED:
-        assert size == n
-    else:
-        assert size <= n * 1.25 + 1e-9, (n, size)
-        assert bucket_size(size) == size  # a bucket is its own bucket
+def test_bucket_size_bounds():
+    for n in range(1, 5000):
+        size = bucket_size(n)
+        assert size >= n
+        if n <= SMALLEST_BUCKETED:
+            assert size == n
+        else:
+            assert size <= n * 1.25, (n, size)
+            assert bucket_size(size) == size, n  # a bucket is its own bucket
 
 
 def test_bucket_size_has_few_values_per_octave():
