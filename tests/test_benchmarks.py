@@ -377,12 +377,19 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
         assert "error" not in row, row.get("error")
         assert row["images_per_s"] > 0 and row["s_per_iter_median"] > 0
         assert row["projection_1x_hours"] == pytest.approx(88_500 * row["s_per_iter_median"] / 3600)
-        assert 1 <= row["distinct_input_sizes"] <= 2
+        assert 1 <= row["distinct_input_sizes"] <= 2  # 2 iterations
         assert row["eval_images_per_s"] > 0
         assert set(row["parts"]) == set(train_throughput.PARTS)
         assert all(part["host_ms"] > 0 for part in row["parts"].values()), row["parts"]
+    by_name = {r["variant"]: r for r in rows}
     # The paper's recipe: one AdamW group per parameter; this repository's: one per setting.
-    assert rows[0]["optimizer_groups"] > 100 and [r["optimizer_groups"] for r in rows[1:]] == [2, 2]
+    assert by_name["paper"]["optimizer_groups"] > 100 and by_name["paper-no-cudnn"]["optimizer_groups"] > 100
+    assert by_name["paper+repo-optim"]["optimizer_groups"] == by_name["default"]["optimizer_groups"] == 2
+    # The paper's recipe keeps cuDNN; the configs (and the baselines given the same fix) switch it off.
+    assert by_name["paper"]["cudnn"] is True
+    assert [by_name[n]["cudnn"] for n in ("paper-no-cudnn", "paper+repo-optim", "default")] == [False] * 3
+    # The yardstick of the per-size target sees one input size.
+    assert by_name["default@fixed"]["distinct_input_sizes"] == 1
     annotations = json.loads((data / "instances.json").read_text())
     per_image = {}
     for ann in annotations["annotations"]:

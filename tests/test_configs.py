@@ -210,3 +210,36 @@ def test_weight_decay_spares_exactly_the_norm_layers(configs, detectors):
 def test_rope_tables_are_not_parameters(detectors):
     model = detectors['t']
     assert not [name for name, _ in model.named_parameters() if 'rope' in name or 'rotation' in name]
+
+
+@pytest.mark.parametrize('key', CONFIGS, ids=CONFIG_IDS)
+def test_coco_configs_switch_cudnn_off_and_the_documented_switch_turns_it_back_on(configs, key):
+    cfg = configs[key]
+    hooks = [h['type'] for h in cfg.custom_hooks]
+    assert hooks == ['RNGStateHook', 'CudnnHook'] and cfg.custom_hooks[1]['enabled'] is False
+    switched = Config.fromfile(config_path(*key))
+    switched.merge_from_dict({'custom_hooks.1.enabled': True})  # what --cfg-options does
+    assert switched.custom_hooks[1] == dict(type='CudnnHook', enabled=True)
+
+
+def test_cudnn_hook_sets_cudnn_for_the_run_and_restores_it():
+    import torch
+    from mlla_det.engine import CudnnHook
+
+    before = torch.backends.cudnn.enabled
+    try:
+        torch.backends.cudnn.enabled = True
+        hook = CudnnHook(enabled=False)
+        hook.before_run(runner=None)
+        assert torch.backends.cudnn.enabled is False
+        hook.after_run(runner=None)
+        assert torch.backends.cudnn.enabled is True
+        hook.after_run(runner=None)  # a second after_run leaves it alone
+        assert torch.backends.cudnn.enabled is True
+    finally:
+        torch.backends.cudnn.enabled = before
+
+
+def test_shapes_quickstart_keeps_cudnn_as_measured():
+    cfg = Config.fromfile(osp.join(CONFIG_DIR, 'mask-rcnn_mlla-t_fpn_shapes.py'))
+    assert cfg.custom_hooks[-1] == dict(type='CudnnHook', enabled=True)

@@ -21,7 +21,7 @@ from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 
 from mmdet.registry import HOOKS
 
-__all__ = ['ConvShapeBucketsHook', 'RNGStateHook', 'capture_rng_state', 'restore_rng_state']
+__all__ = ['ConvShapeBucketsHook', 'CudnnHook', 'RNGStateHook', 'capture_rng_state', 'restore_rng_state']
 
 RNG_STATE_KEY = 'rng_state'
 
@@ -227,3 +227,35 @@ class ConvShapeBucketsHook(Hook):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         count = bucket_convolutions(model, self.exclude)
         print_log(f'ConvShapeBucketsHook: {count} convolutions bucketed', logger='current')
+
+
+@HOOKS.register_module()
+class CudnnHook(Hook):
+    """Switch cuDNN on or off (``torch.backends.cudnn.enabled``) for the run, training or
+    testing; the previous setting comes back after the run.
+
+    cuDNN sets a convolution up once for each input shape it has not seen (benchmarks/
+    conv_setup_cost.py: 380 ms for the first forward+backward of the detector's 14 kinds of
+    non-fused convolution at a new size, bf16, against 12 ms warm, H100). The 1x pipeline gives
+    almost every batch a new padded size and the mask head a new RoI count, so that setup is paid
+    nearly every iteration: 2.58 s per MLLA-T iteration with cuDNN, 0.31-0.33 s without, on the
+    same H100 (benchmarks/results/train_throughput_h100_v1/). PyTorch's own convolution kernels
+    have no per-shape setup; they are slower per call (the same 14 convolutions: 20 ms against
+    12 ms warm), which costs far less than the setup. The 1x configs therefore switch cuDNN off;
+    ``--cfg-options custom_hooks.1.enabled=True`` switches it back on."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, enabled: bool):
+        self.enabled = bool(enabled)
+        self._previous = None
+
+    def before_run(self, runner) -> None:
+        self._previous = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = self.enabled
+        print_log(f'CudnnHook: cuDNN {"on" if self.enabled else "off"} for this run', logger='current')
+
+    def after_run(self, runner) -> None:
+        if self._previous is not None:
+            torch.backends.cudnn.enabled = self._previous
+            self._previous = None
