@@ -1,4 +1,5 @@
-"""Bucketed convolutions (mlla_det/models/conv_buckets.py) compute the same convolution.
+"""Bucketed convolutions (mlla_det/models/conv_buckets.py) compute the same convolution, and so
+does the configs' cuDNN switch (CudnnHook; on the GPU only, where cuDNN exists).
 
 Against the plain module in float64 on fresh random inputs (outputs and every gradient), for the
 kinds of convolution Mask R-CNN MLLA has (strided 3x3, 1x1, depthwise, no bias, transposed), and
@@ -79,37 +80,72 @@ def test_empty_batches_and_exclusions():
     assert model(torch.zeros(0, 2, 9, 9)).shape == (0, 3, 9, 9)
 
 
-def test_detector_training_step_is_unchanged(monkeypatch):
-    """Losses and gradients of a whole Mask R-CNN MLLA training step, fp32, with and without."""
-    from tests.test_detector import build_detector, synthetic_sample
+def detector_and_batch(device):
+    """A light-headed MLLA-T Mask R-CNN (no stochastic depth) and two images of odd sizes."""
     from mmdet.utils import register_all_modules
-    register_all_modules(init_default_scope=True)
 
+    from tests.test_detector import build_detector, synthetic_sample
+    register_all_modules(init_default_scope=True)
     torch.manual_seed(0)
-    model = build_detector('t_fpn_1x', light_heads=True, drop_path_rate=0.0)
+    model = build_detector('t_fpn_1x', light_heads=True, drop_path_rate=0.0).to(device)
     model.train()
     rng = np.random.default_rng(3)
     samples = [synthetic_sample(rng, 90, 122, 3), synthetic_sample(rng, 77, 109, 2)]
-    batch = dict(inputs=[image for image, _ in samples], data_samples=[s for _, s in samples])
+    return model, dict(inputs=[image for image, _ in samples], data_samples=[s for _, s in samples])
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(7)  # the RoI samplers draw the same samples in both runs
-        data = model.data_preprocessor(batch, training=True)
-        losses = model.loss(data['inputs'], data['data_samples'])
-        loss, log_vars = model.parse_losses(losses)
-        loss.backward()
-        return ({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in log_vars.items()},
-                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
-    plain_losses, plain_grads = step()
+def training_step(model, batch):
+    """Losses and parameter gradients of one training step, the RoI samplers seeded alike."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    data = model.data_preprocessor(batch, training=True)
+    losses = model.loss(data['inputs'], data['data_samples'])
+    loss, log_vars = model.parse_losses(losses)
+    loss.backward()
+    return ({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in log_vars.items()},
+            {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def assert_same_step(expected, got, rel=1e-4):
+    (expected_losses, expected_grads), (losses, grads) = expected, got
+    assert expected_losses.keys() == losses.keys()
+    for key, value in expected_losses.items():
+        assert losses[key] == pytest.approx(value, rel=rel, abs=1e-6), key
+    assert expected_grads.keys() == grads.keys()
+    for name, grad in expected_grads.items():
+        error = (grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error < rel, f'{name}: relative error {error:.2e}'
+
+
+def test_detector_training_step_is_unchanged():
+    """Losses and gradients of a whole Mask R-CNN MLLA training step, fp32, with and without."""
+    model, batch = detector_and_batch('cpu')
+    plain = training_step(model, batch)
     assert bucket_convolutions(model) > 20
-    bucketed_losses, bucketed_grads = step()
+    bucketed = training_step(model, batch)
     unbucket_convolutions(model)
-    assert plain_losses.keys() == bucketed_losses.keys()
-    for key, value in plain_losses.items():
-        assert bucketed_losses[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-    assert plain_grads.keys() == bucketed_grads.keys()
-    for name, grad in plain_grads.items():
-        error = (bucketed_grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
-        assert error < 1e-4, f'{name}: relative error {error:.2e}'
+    assert_same_step(plain, bucketed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('mode', ['cudnn off', 'buckets'])
+def test_detector_training_step_on_the_gpu_with_cudnn_off_or_buckets(mode):
+    """On CUDA, fp32: cuDNN off (the configs' CudnnHook) and bucketed convolutions give the
+    losses and gradients of the plain cuDNN step. TF32 is off on both sides: cuDNN uses it for
+    fp32 convolutions by default, ATen's own convolutions do not."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model, batch = detector_and_batch('cuda')
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            plain = training_step(model, batch)
+        if mode == 'buckets':
+            assert bucket_convolutions(model) > 20
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                got = training_step(model, batch)
+        else:
+            with torch.backends.cudnn.flags(enabled=False, allow_tf32=False):
+                got = training_step(model, batch)
+        assert_same_step(plain, got)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
