@@ -14,9 +14,7 @@ setting in its own process (the settings are read once per process):
   cudnn-heurB  TORCH_CUDNN_USE_HEURISTIC_MODE_B=1
   no-cudnn     torch.backends.cudnn.enabled = False (ATen's native convolutions)
 Sizes are padded to 32 as the data preprocessor does, drawn from the 1x pipeline's range.
---detector N also times N training iterations of the whole MLLA-T Mask R-CNN (fused kernels, bf16
-autocast, the config's optimizer, synthetic images) under each setting, once with a new pair of
-image sizes every iteration and once at one fixed size: the per-size cost as an iteration sees it.
+The per-size cost as a whole training iteration sees it: benchmarks/train_throughput.py.
 """
 import argparse
 import json
@@ -119,49 +117,10 @@ def measure_mode(mode: str, dtype: str, num_sizes: int, device: str, scale: floa
     return rows
 
 
-def measure_detector(mode: str, iterations: int, device: str, scale: float):
-    import torch
-
-    from benchmarks.common import build_detector, detector_config, quiet_mmengine
-    from benchmarks.detector import make_train_step, synthetic_batch, train_step_parts
-    from mmengine.optim import build_optim_wrapper
-
-    if mode == "no-cudnn":
-        torch.backends.cudnn.enabled = False
-    cfg = detector_config("t", attn_impl="auto", conv_impl="auto")
-    torch.manual_seed(0)
-    model = build_detector(cfg).to(device).train()
-    with quiet_mmengine():
-        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    sizes = padded_sizes(2 * iterations, seed=1, scale=scale)
-    rows = []
-    for regime in ("new size each iteration", "one fixed size"):
-        times = []
-        for i in range(iterations):
-            pair = sizes[2 * i:2 * i + 2] if regime.startswith("new") else [sizes[0], sizes[0]]
-            batch = synthetic_batch(pair, 8, 80, seed=i, device=device, with_targets=True)
-            forward, _, _ = train_step_parts(model, optim_wrapper, batch, "bf16", device)
-            step = make_train_step(forward, optim_wrapper)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        steady = times[3:] or times
-        rows.append(dict(mode=mode, regime=regime, iterations=iterations,
-                         median_s=statistics.median(steady), mean_s=statistics.mean(steady),
-                         first_s=times[0]))
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, default=6, help="new input sizes per convolution")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--detector", type=int, default=0, metavar="N",
-                        help="also time N detector training iterations per setting")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--cpu-sanity", action="store_true", help="tiny sizes on the CPU, one mode")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -171,27 +130,22 @@ def main() -> None:
     scale, batch = (0.1, 1) if args.cpu_sanity else (1.0, 2)
     if args.child:
         mode, dtype = args.child.split(":")
-        if dtype == "detector":
-            print(json.dumps(measure_detector(mode, args.detector, device, scale)))
-        else:
-            print(json.dumps(measure_mode(mode, dtype, args.sizes, device, scale, batch)))
+        print(json.dumps(measure_mode(mode, dtype, args.sizes, device, scale, batch)))
         return
 
     modes = ["no-cudnn"] if args.cpu_sanity else args.modes.split(",")
-    rows, detector_rows = [], []
-    kinds = ("fp32", "bf16") + (("detector",) if args.detector else ())
+    rows = []
     for mode in modes:
-        for dtype in kinds:
+        for dtype in ("fp32", "bf16"):
             env = dict(os.environ, **MODES[mode])
-            cmd = [sys.executable, __file__, "--child", f"{mode}:{dtype}", "--sizes", str(args.sizes),
-                   "--detector", str(args.detector)]
+            cmd = [sys.executable, __file__, "--child", f"{mode}:{dtype}", "--sizes", str(args.sizes)]
             if args.cpu_sanity:
                 cmd.append("--cpu-sanity")
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode:
                 print(f"{mode} {dtype} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
-            (detector_rows if dtype == "detector" else rows).extend(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.extend(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'mode':<12} {'dtype':<5} {'convolution':<32} {'first ms':>9} {'max':>8} {'warm ms':>8}")
     for r in rows:
         print(f"{r['mode']:<12} {r['dtype']:<5} {r['conv']:<32} {r['first_ms']:9.2f} {r['first_max_ms']:8.2f} "
@@ -202,11 +156,8 @@ def main() -> None:
             if sel:
                 print(f"total {mode:<12} {dtype}: first {sum(r['first_ms'] for r in sel):8.1f} ms, "
                       f"warm {sum(r['warm_ms'] for r in sel):7.2f} ms over {len(sel)} convolutions")
-    for r in detector_rows:
-        print(f"detector {r['mode']:<12} {r['regime']:<26} median {r['median_s']:.3f} s, mean {r['mean_s']:.3f} s, "
-              f"first {r['first_s']:.2f} s over {r['iterations']} iterations")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(convolutions=rows, detector=detector_rows), indent=1))
+        Path(args.json).write_text(json.dumps(dict(convolutions=rows), indent=1))
 
 
 if __name__ == "__main__":

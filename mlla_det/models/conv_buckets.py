@@ -39,14 +39,16 @@ def bucket_size(n: int, steps_per_octave: int = STEPS_PER_OCTAVE) -> int:
 def bucketed_convolution(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """conv(x) computed on x extended to bucketed batch, height and width, output cropped back.
 
-    Works for nn.Conv2d (zero padding) and nn.ConvTranspose2d (batch only: a transposed
-    convolution's kept outputs would read the extension). Empty batches and non-4D inputs go to
+    Works for nn.Conv2d (numeric zero padding; others are bucketed in the batch only) and
+    nn.ConvTranspose2d (batch only: a transposed convolution's kept outputs would read the
+    extension). Empty batches and non-4D inputs go to
     conv unchanged."""
     if x.dim() != 4 or x.shape[0] == 0:
         return conv._unbucketed_forward(x)
     batch, _, height, width = x.shape
     target_batch = bucket_size(batch)
-    spatial = isinstance(conv, nn.Conv2d) and conv.padding_mode == 'zeros'
+    # Numeric zero padding only ('same' / 'valid' and other padding modes: batch only).
+    spatial = isinstance(conv, nn.Conv2d) and conv.padding_mode == 'zeros' and isinstance(conv.padding, tuple)
     target_height, target_width = (bucket_size(height), bucket_size(width)) if spatial else (height, width)
     if (target_batch, target_height, target_width) == (batch, height, width):
         return conv._unbucketed_forward(x)
@@ -59,13 +61,8 @@ def bucketed_convolution(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_output_size(size: int, conv: nn.Conv2d, dim: int) -> int:
-    padding = conv.padding[dim] if isinstance(conv.padding, tuple) else None
-    if padding is None:  # padding='same' / 'valid'
-        padding = 0 if conv.padding == 'valid' else None
-        if padding is None:
-            return size if conv.stride[dim] == 1 else -(-size // conv.stride[dim])
     span = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
-    return (size + 2 * padding - span) // conv.stride[dim] + 1
+    return (size + 2 * conv.padding[dim] - span) // conv.stride[dim] + 1
 
 
 def bucket_convolutions(model: nn.Module, exclude=()) -> int:
