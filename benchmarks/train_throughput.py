@@ -66,6 +66,12 @@ VARIANTS.update({
     "default-buckets": dict(VARIANTS["default"], cudnn=True, hooks=[dict(type="ConvShapeBucketsHook")],
                             describe="defaults with cuDNN on and bucketed convolutions (ConvShapeBucketsHook)"),
 })
+# Each stage's blocks compiled into CUDA graphs on canvases of multiples of 128 pixels (exact but
+# for rounding; mlla_det/engine/hooks.py).
+GRAPH_CANVAS = 128
+VARIANTS["default-graphs"] = dict(VARIANTS["default"],
+                                  hooks=[dict(type="BlockGraphsHook", canvas_multiple=GRAPH_CANVAS)],
+                                  describe="defaults with the blocks as CUDA graphs on canvases (BlockGraphsHook)")
 # The per-size target's yardstick: the same model at one input size of about the pipeline's mean
 # padded area (704 x 1024 = 0.72 MP; the 1x pipeline over COCO's sizes averages 0.71 MP padded).
 FIXED_SIZE = (704, 1024)
@@ -377,6 +383,8 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             data_wait_ms=1e3 * statistics.median(hook.data_wait_s[args.warmup:] or hook.data_wait_s or [0.0]),
             distinct_input_sizes=len(set(hook.sizes)),
             distinct_input_sizes_after_warmup=len(set(hook.sizes[args.warmup:])),
+            distinct_canvases=len({tuple(-(-side // GRAPH_CANVAS) * GRAPH_CANVAS for side in size)
+                                   for size in hook.sizes}) if _uses_graphs(variant) else None,
             compiles=hook.compiles[-1] if hook.compiles else 0,
             compiles_after_warmup=(hook.compiles[-1] - hook.compiles[min(args.warmup, len(hook.compiles)) - 1])
             if hook.compiles else 0,
@@ -393,6 +401,10 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
     return row
 
 
+def _uses_graphs(variant: dict) -> bool:
+    return any(h["type"] == "BlockGraphsHook" for h in variant.get("hooks", []))
+
+
 def evaluate(args, runner) -> dict:
     """Images/s of the test pipeline over --eval-images images (after 3 untimed ones)."""
     loader = runner.build_dataloader(runner.cfg.test_dataloader)
@@ -405,6 +417,9 @@ def evaluate(args, runner) -> dict:
     for index, batch in enumerate(loader):
         if index >= args.eval_images + 3:
             break
+        for hook in runner.hooks:  # what the test loop would call: a new step for CUDA graphs
+            if type(hook).__name__ == "BlockGraphsHook":
+                hook.before_test_iter(runner, index, batch)
         with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None):
             model.test_step(batch)
         if device == "cuda":

@@ -21,7 +21,7 @@ from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 
 from mmdet.registry import HOOKS
 
-__all__ = ['ConvShapeBucketsHook', 'CudnnHook', 'RNGStateHook', 'capture_rng_state', 'restore_rng_state']
+__all__ = ['BlockGraphsHook', 'ConvShapeBucketsHook', 'CudnnHook', 'RNGStateHook', 'capture_rng_state', 'restore_rng_state']
 
 RNG_STATE_KEY = 'rng_state'
 
@@ -262,3 +262,71 @@ class CudnnHook(Hook):
         if self._previous is not None:
             torch.backends.cudnn.enabled = self._previous
             self._previous = None
+
+
+@HOOKS.register_module()
+class BlockGraphsHook(Hook):
+    """Run the MLLA backbone's blocks as CUDA graphs, one per canvas, in training and testing.
+
+    The multi-scale pipeline brings a new padded input size nearly every iteration, so graphs of
+    the exact shapes would be recorded over and over. Instead each stage's blocks run on a canvas
+    (``MLLA.set_canvas``): the token map zero-extended until its image's sides are multiples of
+    ``canvas_multiple`` pixels, with masks that keep the outputs on the input's region those of the
+    plain model (tests/test_canvas.py). Each stage's blocks are compiled once with dynamic shapes
+    (``torch.compile(mode='reduce-overhead', dynamic=True)``); Inductor then records one CUDA graph
+    per canvas and gradient mode and replays it for every size that fits the canvas, so that
+    the blocks' hundreds of kernel launches cost one graph launch of host time. The stem, the
+    downsampling layers, the neck and the heads stay as they are.
+
+    ``enabled=False`` leaves the model untouched (the configs' switch). On a machine without CUDA
+    the hook does nothing but say so: graphs need a GPU."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, enabled: bool = True, canvas_multiple: int = 128, mode: str = 'reduce-overhead',
+                 recompile_limit: int = 64):
+        self.enabled = bool(enabled)
+        self.canvas_multiple = canvas_multiple
+        self.mode = mode
+        self.recompile_limit = recompile_limit
+        self._active = False
+
+    def before_run(self, runner) -> None:
+        from mmengine.model import is_model_wrapper
+
+        from ..models.backbones.mlla import MLLA
+        if not self.enabled:
+            return
+        if not torch.cuda.is_available():
+            print_log('BlockGraphsHook: no CUDA device, the blocks run as they are', logger='current',
+                      level=logging.WARNING)
+            return
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        backbone = getattr(model, 'backbone', None)
+        if not isinstance(backbone, MLLA):
+            raise TypeError(f'BlockGraphsHook needs a model whose backbone is MLLA, got '
+                            f'{type(backbone).__name__}; remove the hook from custom_hooks for '
+                            f'other backbones')
+        backbone.set_canvas(self.canvas_multiple)
+        # Every stage compiles the same code object (MLLAStage.run_blocks), once per stage and
+        # gradient mode and for batch size 1: more entries than Dynamo keeps by default (8).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.recompile_limit)
+        for stage in backbone.layers:
+            stage.run_blocks = torch.compile(stage.run_blocks, mode=self.mode, dynamic=True)
+        self._active = True
+        print_log(f'BlockGraphsHook: {len(backbone.layers)} stages compiled ({self.mode}), canvases '
+                  f'of multiples of {self.canvas_multiple} pixels', logger='current')
+
+    def _new_step(self) -> None:
+        # Tells the graphs' memory pool that the previous step's outputs are no longer in use.
+        if self._active and self.mode == 'reduce-overhead':
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self._new_step()
+
+    def before_val_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self._new_step()
+
+    def before_test_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self._new_step()

@@ -28,6 +28,8 @@ from mlla_kernels.dwconv import IMPLS as CONV_IMPLS
 from mlla_kernels.dwconv import dwconv3x3_tokens
 
 HwShape = Tuple[int, int]
+# The attention's key logit for tokens outside a canvas's image region: phi(-3e4) = exp(-3e4) = 0.
+MASKED_KEY_LOGIT = -3.0e4
 
 
 def tokens_to_map(x: torch.Tensor, hw_shape: HwShape) -> torch.Tensor:
@@ -39,6 +41,42 @@ def tokens_to_map(x: torch.Tensor, hw_shape: HwShape) -> torch.Tensor:
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C)."""
     return x.flatten(2).transpose(1, 2)
+
+
+def keep_tokens(x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """x with the tokens outside a canvas's image region set to zero (x itself without a mask)."""
+    return x if token_mask is None else torch.where(token_mask, x, 0)
+
+
+def canvas_side(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def token_mask_for(hw_shape: HwShape, canvas_hw: HwShape, device) -> torch.Tensor:
+    """(1, Hc*Wc, 1) bool, true on the (H, W) region at the canvas's top left. A tensor, not a
+    shape, so that one CUDA graph per canvas serves every image size that fits in it."""
+    (height, width), (canvas_h, canvas_w) = hw_shape, canvas_hw
+    token = torch.arange(canvas_h * canvas_w, device=device).view(1, -1, 1)
+    return (token // canvas_w < height) & (token % canvas_w < width)
+
+
+def tokens_to_canvas(x: torch.Tensor, hw_shape: HwShape, canvas_hw: HwShape) -> torch.Tensor:
+    """(B, H*W, C) -> (B, Hc*Wc, C): the map at the top left, zeros around it. A new contiguous
+    tensor, never a view: the compiled blocks guard on an input's strides and on its base's, and
+    the downsampling layers hand over transposed maps."""
+    (height, width), (canvas_h, canvas_w) = hw_shape, canvas_hw
+    b, _, c = x.shape
+    canvas = x.new_zeros(b, canvas_h * canvas_w, c)
+    canvas.view(b, canvas_h, canvas_w, c)[:, :height, :width] = x.reshape(b, height, width, c)
+    return canvas
+
+
+def tokens_from_canvas(x: torch.Tensor, hw_shape: HwShape, canvas_hw: HwShape) -> torch.Tensor:
+    """Inverse of tokens_to_canvas; always a new tensor (a CUDA graph's output memory is reused
+    by its next replay)."""
+    (height, width), (canvas_h, canvas_w) = hw_shape, canvas_hw
+    b, _, c = x.shape
+    return x.reshape(b, canvas_h, canvas_w, c)[:, :height, :width].reshape(b, height * width, c).clone()
 
 
 def depthwise_conv3x3(dim: int) -> nn.Conv2d:
@@ -102,8 +140,17 @@ class LinearAttention(nn.Module):
         # never uses: angles are computed for the actual (H, W). Drop it when loading.
         self._register_load_state_dict_pre_hook(_drop_rope_table)
 
-    def forward(self, x: torch.Tensor, hw_shape: HwShape) -> torch.Tensor:
-        out = linear_attention(self.qk(x), x, hw_shape, self.num_heads, impl=self.attn_impl)
+    def forward(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, N, C); with a token mask (canvas mode) x must already be zero outside it."""
+        qk = self.qk(x)
+        if token_mask is not None:
+            # Keys outside the image get phi(k) = ELU(t) + 1 = exp(t) = 0 (t = -3e4 underflows in
+            # every dtype, phi'(t) too), and their values are zero: they add nothing to the key-value
+            # state or the key sum. What is left of the canvas is the 1/N of both, which cancels but
+            # for the normalizer's eps (relative change ~eps * (N_canvas - N) / (q . sum k)).
+            key_channel = torch.arange(qk.shape[-1], device=qk.device) >= self.dim
+            qk = torch.where(token_mask | ~key_channel, qk, MASKED_KEY_LOGIT)
+        out = linear_attention(qk, x, hw_shape, self.num_heads, impl=self.attn_impl)
         return depthwise_tokens(self.lepe, x, hw_shape, "add", self.conv_impl, addend=out)
 
     def extra_repr(self) -> str:
@@ -134,15 +181,18 @@ class MLLABlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x: torch.Tensor, hw_shape: HwShape) -> torch.Tensor:
-        x = depthwise_tokens(self.cpe1, x, hw_shape, "residual", self.conv_impl)
+    def forward(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """token_mask (canvas mode, see MLLAStage): every spatial step (the 3x3 convolutions and
+        the attention) sees zeros outside the image region, as the plain model sees its padding;
+        the per-token steps leave values there that nothing reads."""
+        x = depthwise_tokens(self.cpe1, keep_tokens(x, token_mask), hw_shape, "residual", self.conv_impl)
         shortcut = x
         x = self.norm1(x)
         gate = self.act(self.act_proj(x))
-        x = depthwise_tokens(self.dwc, self.in_proj(x), hw_shape, "silu", self.conv_impl)
-        x = self.attn(x, hw_shape)
+        x = depthwise_tokens(self.dwc, keep_tokens(self.in_proj(x), token_mask), hw_shape, "silu", self.conv_impl)
+        x = self.attn(keep_tokens(x, token_mask), hw_shape, token_mask)
         x = shortcut + self.drop_path(self.out_proj(x * gate))
-        x = depthwise_tokens(self.cpe2, x, hw_shape, "residual", self.conv_impl)
+        x = depthwise_tokens(self.cpe2, keep_tokens(x, token_mask), hw_shape, "residual", self.conv_impl)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -179,14 +229,29 @@ class MLLAStage(nn.Module):
                       drop_path=drop_path[i], attn_impl=attn_impl, conv_impl=conv_impl)
             for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
+        # Canvas mode (MLLA.set_canvas): the blocks run on a token map whose sides are rounded up
+        # to this multiple, zero-masked outside the input's region. None: on the input as it is.
+        self.canvas_multiple: Optional[int] = None
+
+    def run_blocks(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The blocks alone: the part that canvas mode compiles into one CUDA graph per canvas."""
+        for block in self.blocks:
+            if self.use_checkpoint and x.requires_grad:
+                x = checkpoint.checkpoint(block, x, hw_shape, token_mask, use_reentrant=False)
+            else:
+                x = block(x, hw_shape, token_mask)
+        return x
 
     def forward(self, x: torch.Tensor, hw_shape: HwShape):
         """Returns the stage output (before downsampling) and the next stage's input."""
-        for block in self.blocks:
-            if self.use_checkpoint and x.requires_grad:
-                x = checkpoint.checkpoint(block, x, hw_shape, use_reentrant=False)
-            else:
-                x = block(x, hw_shape)
+        if self.canvas_multiple is None:
+            x = self.run_blocks(x, hw_shape)
+        else:
+            hw_shape = tuple(hw_shape)
+            canvas_hw = tuple(canvas_side(size, self.canvas_multiple) for size in hw_shape)
+            token_mask = token_mask_for(hw_shape, canvas_hw, x.device)
+            x = self.run_blocks(tokens_to_canvas(x, hw_shape, canvas_hw), canvas_hw, token_mask)
+            x = tokens_from_canvas(x, hw_shape, canvas_hw)
         if self.downsample is None:
             return x, hw_shape, x, hw_shape
         x_down, down_hw_shape = self.downsample(x, hw_shape)
@@ -343,6 +408,26 @@ class MLLA(BaseModule):
                            f"initialisation): {missing}")
         logger.info(f"MLLA: loaded {len(state_dict)} tensors from {path}, skipped {len(skipped)}")
         self._is_init = True
+
+    def set_canvas(self, multiple: Optional[int]) -> None:
+        """Run every stage's blocks on a canvas: the token map zero-extended at the bottom and
+        right until the image it stands for has sides that are multiples of `multiple` pixels
+        (None: off, the default). Outputs stay those of the input's own size, equal to the plain
+        model's up to rounding (the canvas changes only the order of the attention's sums and its
+        normalizer's eps by ~1e-7 relative; tests/test_canvas.py). What it is for: the blocks then
+        meet a bounded set of shapes, at most (1344 / multiple + 1)^2 canvases for COCO's
+        1333-pixel sides, so that compiled CUDA graphs of them are recorded once per canvas and
+        replayed for every image size inside it (BlockGraphsHook). Eager, it only adds work."""
+        if multiple is None:
+            for stage in self.layers:
+                stage.canvas_multiple = None
+            return
+        coarsest_stride = self.patch_embed.patch_size * 2 ** (len(self.layers) - 1)
+        if not isinstance(multiple, int) or multiple <= 0 or multiple % coarsest_stride:
+            raise ValueError(f"the canvas multiple must be a positive multiple of the last stage's "
+                             f"stride {coarsest_stride} (pixels), got {multiple!r}")
+        for i, stage in enumerate(self.layers):
+            stage.canvas_multiple = multiple // (self.patch_embed.patch_size * 2 ** i)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if x.dim() != 4:
