@@ -72,6 +72,9 @@ GRAPH_CANVAS = 128
 VARIANTS["default-graphs"] = dict(VARIANTS["default"],
                                   hooks=[dict(type="BlockGraphsHook", canvas_multiple=GRAPH_CANVAS)],
                                   describe="defaults with the blocks as CUDA graphs on canvases (BlockGraphsHook)")
+VARIANTS["default-graphs-inductor"] = dict(
+    VARIANTS["default"], hooks=[dict(type="BlockGraphsHook", canvas_multiple=GRAPH_CANVAS, backend="inductor")],
+    describe="defaults with the blocks compiled by Inductor into CUDA graphs on canvases")
 # The per-size target's yardstick: the same model at one input size of about the pipeline's mean
 # padded area (704 x 1024 = 0.72 MP; the 1x pipeline over COCO's sizes averages 0.71 MP padded).
 FIXED_SIZE = (704, 1024)

@@ -79,7 +79,8 @@ def test_a_missing_mask_changes_the_outputs(monkeypatch, broken):
 
 def test_canvas_shapes_and_masks():
     assert mlla.canvas_side(70, 32) == 96 and mlla.canvas_side(96, 32) == 96
-    mask = mlla.token_mask_for((2, 3), (4, 4), "cpu").reshape(4, 4)
+    mask = mlla.canvas_region((2, 3), (4, 4), "cpu")
+    assert mask.shape == (4, 4) and mask.dtype == torch.bool
     assert mask.sum() == 6 and mask[:2, :3].all() and not mask[2:].any() and not mask[:, 3:].any()
     x = torch.randn(2, 6, 5)
     canvas = mlla.tokens_to_canvas(x, (2, 3), (4, 4))
@@ -124,19 +125,19 @@ def test_compiled_blocks_serve_every_size_of_a_canvas_with_one_graph():
 
     model = small_model().float().train()
     stage = model.layers[1]
-    eager_blocks = stage.run_blocks
+    eager_blocks = stage.run_blocks_on_canvas
     counter = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
-    stage.run_blocks = torch.compile(stage.run_blocks, backend=counter, dynamic=True)
+    stage.run_blocks_on_canvas = torch.compile(stage.run_blocks_on_canvas, backend=counter, dynamic=True)
     model.set_canvas(128)
     frames_after_first = None
     try:
         for hw in ((128, 256), (96, 224), (160, 192), (64, 256), (128, 128)):
             image = torch.randn(2, 3, *hw)
             compiled = outputs_and_grads(model, image)
-            stage.run_blocks = eager_blocks
+            stage.run_blocks_on_canvas = eager_blocks
             eager = outputs_and_grads(model, image, compiled[2])
-            stage.run_blocks = torch.compile(eager_blocks, backend=counter, dynamic=True)
+            stage.run_blocks_on_canvas = torch.compile(eager_blocks, backend=counter, dynamic=True)
             assert_close_steps(eager, compiled, rel=1e-5)
             frames_after_first = frames_after_first or counter.frame_count
         assert 1 <= frames_after_first <= 2
@@ -159,21 +160,26 @@ class _Detector(torch.nn.Module):
 def test_hook_switch_and_errors(monkeypatch):
     model = _Detector(small_model())
     BlockGraphsHook(enabled=False).before_run(_Runner(model))
-    assert "run_blocks" not in vars(model.backbone.layers[0])
+    assert "run_blocks_on_canvas" not in vars(model.backbone.layers[0])
     assert model.backbone.layers[0].canvas_multiple is None
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     BlockGraphsHook().before_run(_Runner(model))  # no GPU: says so, leaves the model alone
-    assert "run_blocks" not in vars(model.backbone.layers[0])
+    assert "run_blocks_on_canvas" not in vars(model.backbone.layers[0])
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(TypeError, match="backbone is MLLA, got Linear"):
         BlockGraphsHook().before_run(_Runner(_Detector(torch.nn.Linear(2, 2))))
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BlockGraphsHook(backend="eager")
+    compiled_with = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled_with.append(options) or fn)
     hook = BlockGraphsHook(canvas_multiple=256)
     hook.before_run(_Runner(model))
+    assert compiled_with == [dict(dynamic=True, backend="cudagraphs")] * 4
     assert [stage.canvas_multiple for stage in model.backbone.layers] == [64, 32, 16, 8]
-    assert all("run_blocks" in vars(stage) for stage in model.backbone.layers)
+    assert all("run_blocks_on_canvas" in vars(stage) for stage in model.backbone.layers)
     assert torch._dynamo.config.recompile_limit == 64
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
@@ -184,7 +190,8 @@ def test_hook_switch_and_errors(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_detector_training_step_with_block_graphs_on_the_gpu():
+@pytest.mark.parametrize("backend", BlockGraphsHook.BACKENDS)
+def test_detector_training_step_with_block_graphs_on_the_gpu(backend):
     """The configs' fast mode on CUDA (canvases, blocks compiled into CUDA graphs): a whole Mask
     R-CNN MLLA-T training step gives the plain fused step's losses and gradients (fp32, TF32 off,
     within 1e-4), at the warm-up, the recording and a replay of the graphs."""
@@ -196,7 +203,7 @@ def test_detector_training_step_with_block_graphs_on_the_gpu():
         with torch.backends.cudnn.flags(enabled=False, allow_tf32=False):
             model, batch = detector_and_batch("cuda")
             plain = training_step(model, batch)
-            hook = BlockGraphsHook()
+            hook = BlockGraphsHook(backend=backend)
             hook.before_run(_Runner(model))
             for _ in range(3):  # warm-up, recording, replay
                 hook.before_train_iter(None, 0)

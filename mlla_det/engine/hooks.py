@@ -273,21 +273,29 @@ class BlockGraphsHook(Hook):
     (``MLLA.set_canvas``): the token map zero-extended until its image's sides are multiples of
     ``canvas_multiple`` pixels, with masks that keep the outputs on the input's region those of the
     plain model (tests/test_canvas.py). Each stage's blocks are compiled once with dynamic shapes
-    (``torch.compile(mode='reduce-overhead', dynamic=True)``); Inductor then records one CUDA graph
-    per canvas and gradient mode and replays it for every size that fits the canvas, so that
-    the blocks' hundreds of kernel launches cost one graph launch of host time. The stem, the
-    downsampling layers, the neck and the heads stay as they are.
+    and run from CUDA graphs, recorded once per canvas and gradient mode and replayed for every
+    size that fits the canvas, so that the blocks' hundreds of kernel launches cost one graph
+    launch of host time. The stem, the downsampling layers, the neck and the heads stay as they are.
+
+    ``backend``: 'cudagraphs' (default) replays the model's own kernels (torch.compile's
+    'cudagraphs' backend: AOT autograd and Inductor's CUDA-graph trees, no code generation);
+    'inductor' also fuses the elementwise steps (``mode='reduce-overhead'``), but its lowering
+    with dynamic shapes fails in some torch versions (pytorch/pytorch#185510: "cannot determine
+    truth value of Relational" while ordering symbolic strides; seen with torch 2.14 on the CPU).
 
     ``enabled=False`` leaves the model untouched (the configs' switch). On a machine without CUDA
     the hook does nothing but say so: graphs need a GPU."""
 
     priority = 'VERY_HIGH'
+    BACKENDS = ('cudagraphs', 'inductor')
 
-    def __init__(self, enabled: bool = True, canvas_multiple: int = 128, mode: str = 'reduce-overhead',
+    def __init__(self, enabled: bool = True, canvas_multiple: int = 128, backend: str = 'cudagraphs',
                  recompile_limit: int = 64):
+        if backend not in self.BACKENDS:
+            raise ValueError(f'BlockGraphsHook backend must be one of {self.BACKENDS}, got {backend!r}')
         self.enabled = bool(enabled)
         self.canvas_multiple = canvas_multiple
-        self.mode = mode
+        self.backend = backend
         self.recompile_limit = recompile_limit
         self._active = False
 
@@ -308,18 +316,21 @@ class BlockGraphsHook(Hook):
                             f'{type(backbone).__name__}; remove the hook from custom_hooks for '
                             f'other backbones')
         backbone.set_canvas(self.canvas_multiple)
-        # Every stage compiles the same code object (MLLAStage.run_blocks), once per stage and
-        # gradient mode and for batch size 1: more entries than Dynamo keeps by default (8).
+        # Every stage compiles the same code object (MLLAStage.run_blocks_on_canvas), once per
+        # stage and gradient mode and for batch size 1: more entries than Dynamo keeps by default (8).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.recompile_limit)
+        options = (dict(backend='cudagraphs') if self.backend == 'cudagraphs'
+                   else dict(mode='reduce-overhead'))
         for stage in backbone.layers:
-            stage.run_blocks = torch.compile(stage.run_blocks, mode=self.mode, dynamic=True)
+            stage.run_blocks_on_canvas = torch.compile(stage.run_blocks_on_canvas, dynamic=True, **options)
         self._active = True
-        print_log(f'BlockGraphsHook: {len(backbone.layers)} stages compiled ({self.mode}), canvases '
-                  f'of multiples of {self.canvas_multiple} pixels', logger='current')
+        print_log(f'BlockGraphsHook: the blocks of {len(backbone.layers)} stages compiled for CUDA '
+                  f'graphs ({self.backend}), canvases of multiples of {self.canvas_multiple} pixels',
+                  logger='current')
 
     def _new_step(self) -> None:
         # Tells the graphs' memory pool that the previous step's outputs are no longer in use.
-        if self._active and self.mode == 'reduce-overhead':
+        if self._active:
             torch.compiler.cudagraph_mark_step_begin()
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:

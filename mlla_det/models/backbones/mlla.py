@@ -52,12 +52,11 @@ def canvas_side(size: int, multiple: int) -> int:
     return -(-size // multiple) * multiple
 
 
-def token_mask_for(hw_shape: HwShape, canvas_hw: HwShape, device) -> torch.Tensor:
-    """(1, Hc*Wc, 1) bool, true on the (H, W) region at the canvas's top left. A tensor, not a
-    shape, so that one CUDA graph per canvas serves every image size that fits in it."""
+def canvas_region(hw_shape: HwShape, canvas_hw: HwShape, device) -> torch.Tensor:
+    """(Hc, Wc) bool, true on the (H, W) region at the canvas's top left. A tensor, not a shape,
+    so that one CUDA graph per canvas serves every input size that fits in it."""
     (height, width), (canvas_h, canvas_w) = hw_shape, canvas_hw
-    token = torch.arange(canvas_h * canvas_w, device=device).view(1, -1, 1)
-    return (token // canvas_w < height) & (token % canvas_w < width)
+    return (torch.arange(canvas_h, device=device)[:, None] < height) & (torch.arange(canvas_w, device=device) < width)
 
 
 def tokens_to_canvas(x: torch.Tensor, hw_shape: HwShape, canvas_hw: HwShape) -> torch.Tensor:
@@ -234,13 +233,21 @@ class MLLAStage(nn.Module):
         self.canvas_multiple: Optional[int] = None
 
     def run_blocks(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The blocks alone: the part that canvas mode compiles into one CUDA graph per canvas."""
+        """The blocks alone; token_mask (B or 1, N, 1) bool in canvas mode."""
         for block in self.blocks:
             if self.use_checkpoint and x.requires_grad:
                 x = checkpoint.checkpoint(block, x, hw_shape, token_mask, use_reentrant=False)
             else:
                 x = block(x, hw_shape, token_mask)
         return x
+
+    def run_blocks_on_canvas(self, x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """The blocks on canvas tokens x (B, Hc*Wc, C), `region` (Hc, Wc) marking the input's
+        tokens: the part BlockGraphsHook compiles, one CUDA graph per canvas. The canvas's sides
+        come from region's shape rather than int arguments: under torch.compile(dynamic=True)
+        they are then tensor sizes, which the compiler knows are at least 2."""
+        canvas_hw = (region.shape[0], region.shape[1])
+        return self.run_blocks(x, canvas_hw, region.reshape(1, -1, 1))
 
     def forward(self, x: torch.Tensor, hw_shape: HwShape):
         """Returns the stage output (before downsampling) and the next stage's input."""
@@ -249,8 +256,14 @@ class MLLAStage(nn.Module):
         else:
             hw_shape = tuple(hw_shape)
             canvas_hw = tuple(canvas_side(size, self.canvas_multiple) for size in hw_shape)
-            token_mask = token_mask_for(hw_shape, canvas_hw, x.device)
-            x = self.run_blocks(tokens_to_canvas(x, hw_shape, canvas_hw), canvas_hw, token_mask)
+            region = canvas_region(hw_shape, canvas_hw, x.device)
+            x = tokens_to_canvas(x, hw_shape, canvas_hw)
+            # Under torch.compile(dynamic=True) only the canvas's sides may vary. Batch and channels
+            # stay fixed, so that no side is tied to a channel count it happens to equal at the
+            # first call (Dynamo gives equal sizes one symbol) and then specialised with it.
+            torch._dynamo.mark_static(x, 0)
+            torch._dynamo.mark_static(x, 2)
+            x = self.run_blocks_on_canvas(x, region)
             x = tokens_from_canvas(x, hw_shape, canvas_hw)
         if self.downsample is None:
             return x, hw_shape, x, hw_shape
