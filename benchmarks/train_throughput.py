@@ -300,8 +300,9 @@ def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: 
         dataset.data_root = str(data_dir)
         dataset.ann_file = str(ann_file)
         dataset.data_prefix = dict(img="")
-        cfg[loader].num_workers = args.workers
-        cfg[loader].persistent_workers = args.workers > 0
+        if args.workers is not None:
+            cfg[loader].num_workers = args.workers
+            cfg[loader].persistent_workers = args.workers > 0
     if variant.get("fixed_size"):
         height, width = variant["fixed_size"]
         cfg.train_dataloader.dataset.pipeline = [
@@ -359,7 +360,8 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
         cfg = build_config(args, variant, data_dir, ann_file, Path(work_dir))
         images_per_gpu = cfg.train_dataloader.batch_size
         row = dict(variant=name, describe=variant["describe"], arch=args.arch.upper(), amp=args.amp,
-                   images_per_gpu=images_per_gpu, iterations=args.iters, warmup=args.warmup)
+                   images_per_gpu=images_per_gpu, iterations=args.iters, warmup=args.warmup,
+                   dataloader_workers=cfg.train_dataloader.num_workers)
         with quiet_mmengine():
             runner = Runner.from_cfg(cfg)
         clock = PartClock(cuda)
@@ -501,7 +503,8 @@ def main(argv=None) -> None:
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
     parser.add_argument("--images", type=int, default=400, help="images in the generated set")
     parser.add_argument("--eval-images", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=4, help="dataloader workers")
+    parser.add_argument("--workers", type=int, help="dataloader workers (default: the config's, as "
+                                                     "tools/train.py runs it; the runs before 2026-12-07 used 4)")
     parser.add_argument("--data", help="folder for the generated set (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the rows here")
@@ -542,7 +545,8 @@ def main(argv=None) -> None:
                    "--data", str(data_parent)]
             for flag in ("arch", "iters", "warmup", "profile_iters", "amp", "images", "eval_images", "workers",
                          "seed"):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+                if getattr(args, flag) is not None:
+                    cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             if args.sanity:
                 cmd.append("--sanity")
             print(f"--- {name}: {VARIANTS[name]['describe']}", flush=True)

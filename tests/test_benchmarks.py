@@ -379,6 +379,7 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
         assert row["projection_1x_hours"] == pytest.approx(88_500 * row["s_per_iter_median"] / 3600)
         assert 1 <= row["distinct_input_sizes"] <= 2  # 2 iterations
         assert row["eval_images_per_s"] > 0
+        assert row["dataloader_workers"] == 0  # --sanity's; otherwise the config's
         assert set(row["parts"]) == set(train_throughput.PARTS)
         assert all(part["host_ms"] > 0 for part in row["parts"].values()), row["parts"]
     by_name = {r["variant"]: r for r in rows}
