@@ -146,6 +146,48 @@ def test_compiled_blocks_serve_every_size_of_a_canvas_with_one_graph():
         torch._dynamo.reset()
 
 
+def _detector_step(model, batch, dtype):
+    """Loss and parameter gradients of one training step in `dtype`, the RoI samplers seeded alike."""
+    model.to(dtype).zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    data = model.data_preprocessor(batch, training=True)
+    loss, _ = model.parse_losses(model.loss(data["inputs"].to(dtype), data["data_samples"]))
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.detach().double() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative_errors(grads, exact):
+    # Conv biases feeding a train-mode BatchNorm have a gradient of exactly 0 (rounding noise in
+    # any run): measured on the scale of the largest gradient instead.
+    floor = 1e-3 * max(g.norm().item() for g in exact.values())
+    return {n: (grads[n] - g).norm().item() / max(g.norm().item(), floor) for n, g in exact.items()}
+
+
+def test_detector_training_step_on_a_canvas_is_unchanged():
+    """A whole Mask R-CNN MLLA-T training step (CPU, eager: no graphs) with the blocks on
+    canvases of 128 pixels. In float64 it is the plain step (1e-6: the normalizer's eps). In fp32
+    its loss and every gradient are as close to the float64 step as the plain fp32 step's are,
+    and within the issue's 1e-4 of it (seen: canvas <= 6e-5, while the plain fp32 step itself is
+    up to 4e-4 from float64 here, so the two fp32 steps differ by up to 4e-4 from each other)."""
+    from tests.test_conv_buckets import detector_and_batch
+
+    model, batch = detector_and_batch("cpu")
+    exact_loss, exact = _detector_step(model, batch, torch.float64)
+    plain_loss, plain = _detector_step(model, batch, torch.float32)
+    model.backbone.set_canvas(128)
+    canvas64_loss, canvas64 = _detector_step(model, batch, torch.float64)
+    canvas_loss, canvas = _detector_step(model, batch, torch.float32)
+    model.backbone.set_canvas(None)
+
+    assert canvas64_loss == pytest.approx(exact_loss, rel=1e-9)
+    assert max(_relative_errors(canvas64, exact).values()) < 1e-6
+    assert canvas_loss == pytest.approx(exact_loss, rel=1e-6) and plain_loss == pytest.approx(exact_loss, rel=1e-6)
+    plain_errors, canvas_errors = _relative_errors(plain, exact), _relative_errors(canvas, exact)
+    for name, error in canvas_errors.items():
+        assert error < max(2 * plain_errors[name], 1e-4), (name, error, plain_errors[name])
+    assert max(canvas_errors.values()) < 1e-4
+
+
 class _Runner:
     def __init__(self, model):
         self.model = model
@@ -189,26 +231,40 @@ def test_hook_switch_and_errors(monkeypatch):
     assert len(marks) == 3
 
 
+def _set_kernels(model, impl):
+    for module in model.modules():
+        for attribute in ("attn_impl", "conv_impl"):
+            if hasattr(module, attribute):
+                setattr(module, attribute, impl)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BlockGraphsHook.BACKENDS)
 def test_detector_training_step_with_block_graphs_on_the_gpu(backend):
-    """The configs' fast mode on CUDA (canvases, blocks compiled into CUDA graphs): a whole Mask
-    R-CNN MLLA-T training step gives the plain fused step's losses and gradients (fp32, TF32 off,
-    within 1e-4), at the warm-up, the recording and a replay of the graphs."""
-    from tests.test_conv_buckets import assert_same_step, detector_and_batch, training_step
+    """The fast mode on CUDA (canvases, the blocks compiled into CUDA graphs), fp32 with TF32 and
+    cuDNN off: a whole Mask R-CNN MLLA-T training step at the warm-up, the recording and a replay
+    of the graphs is as close to the float64 step (eager reference kernels) as the plain fused
+    fp32 step is (twice its error, or 1e-4), and its loss is the same."""
+    from tests.test_conv_buckets import detector_and_batch
 
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.backends.cudnn.flags(enabled=False, allow_tf32=False):
             model, batch = detector_and_batch("cuda")
-            plain = training_step(model, batch)
+            _set_kernels(model, "reference")
+            exact_loss, exact = _detector_step(model, batch, torch.float64)
+            _set_kernels(model, "triton")
+            plain_loss, plain = _detector_step(model, batch, torch.float32)
+            plain_errors = _relative_errors(plain, exact)
             hook = BlockGraphsHook(backend=backend)
             hook.before_run(_Runner(model))
             for _ in range(3):  # warm-up, recording, replay
                 hook.before_train_iter(None, 0)
-                got = training_step(model, batch)
-                assert_same_step(plain, got)
+                loss, grads = _detector_step(model, batch, torch.float32)
+                assert loss == pytest.approx(exact_loss, rel=1e-5)
+                for name, error in _relative_errors(grads, exact).items():
+                    assert error < max(2 * plain_errors[name], 1e-4), (name, error, plain_errors[name])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         torch._dynamo.reset()
