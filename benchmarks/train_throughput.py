@@ -291,7 +291,9 @@ def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: 
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
         cfg.optim_wrapper.loss_scale = "dynamic"
-    hooks = [h for h in cfg.get("custom_hooks", []) if variant["cudnn"] is None or h["type"] != "CudnnHook"]
+    # A variant's hooks replace the config's of the same type (the configs carry BlockGraphsHook off).
+    replaced = {h["type"] for h in variant.get("hooks", [])} | ({"CudnnHook"} if variant["cudnn"] is not None else set())
+    hooks = [h for h in cfg.get("custom_hooks", []) if h["type"] not in replaced]
     if variant["cudnn"] is not None:
         hooks.append(dict(type="CudnnHook", enabled=variant["cudnn"]))
     cfg.custom_hooks = hooks + list(variant.get("hooks", []))

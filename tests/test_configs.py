@@ -216,10 +216,22 @@ def test_rope_tables_are_not_parameters(detectors):
 def test_coco_configs_switch_cudnn_off_and_the_documented_switch_turns_it_back_on(configs, key):
     cfg = configs[key]
     hooks = [h['type'] for h in cfg.custom_hooks]
-    assert hooks == ['RNGStateHook', 'CudnnHook'] and cfg.custom_hooks[1]['enabled'] is False
+    assert hooks == ['RNGStateHook', 'CudnnHook', 'BlockGraphsHook'] and cfg.custom_hooks[1]['enabled'] is False
     switched = Config.fromfile(config_path(*key))
     switched.merge_from_dict({'custom_hooks.1.enabled': True})  # what --cfg-options does
     assert switched.custom_hooks[1] == dict(type='CudnnHook', enabled=True)
+
+
+@pytest.mark.parametrize('key', CONFIGS, ids=CONFIG_IDS)
+def test_coco_configs_carry_block_graphs_switched_off_with_a_documented_switch(configs, key):
+    from mlla_det.engine import BlockGraphsHook
+
+    cfg = configs[key]
+    assert cfg.custom_hooks[2] == dict(type='BlockGraphsHook', enabled=False)
+    switched = Config.fromfile(config_path(*key))
+    switched.merge_from_dict({'custom_hooks.2.enabled': True})
+    hook = BlockGraphsHook(**{k: v for k, v in switched.custom_hooks[2].items() if k != 'type'})
+    assert hook.enabled and hook.backend == 'cudagraphs' and hook.canvas_multiple == 128
 
 
 def test_cudnn_hook_sets_cudnn_for_the_run_and_restores_it():
