@@ -428,8 +428,8 @@ class MLLA(BaseModule):
         (None: off, the default). Outputs stay those of the input's own size, equal to the plain
         model's up to rounding (the canvas changes only the order of the attention's sums and its
         normalizer's eps by ~1e-7 relative; tests/test_canvas.py). What it is for: the blocks then
-        meet a bounded set of shapes, at most (1344 / multiple + 1)^2 canvases for COCO's
-        1333-pixel sides, so that compiled CUDA graphs of them are recorded once per canvas and
+        meet a bounded set of shapes, at most ceil(1344 / multiple)^2 canvases for sides of up to
+        1,344 padded pixels (121 for 128), so that compiled CUDA graphs of them are recorded once per canvas and
         replayed for every image size inside it (BlockGraphsHook). Eager, it only adds work."""
         if multiple is None:
             for stage in self.layers:
