@@ -231,6 +231,68 @@ def test_hook_switch_and_errors(monkeypatch):
     assert len(marks) == 3
 
 
+def test_block_graphs_hook_through_the_runner(tmp_path, monkeypatch):
+    """The hook inside mmengine's Runner on the tiny shapes config with multi-scale batches (CPU):
+    training and the validation after it run through the compiled canvases, a new step is marked
+    before every iteration, and the compiles stay bounded. The CPU has no CUDA graphs, so the hook
+    sees a CUDA device only while it sets up, and torch.compile gets Dynamo's aot_eager backend."""
+    import importlib.util
+    import os
+
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from mlla_det.datasets.shapes import ShapesSettings, generate_dataset
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("shapes_quickstart", os.path.join(root, "tools", "shapes_quickstart.py"))
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    data_root = str(tmp_path / "data")
+    generate_dataset(data_root, ShapesSettings(seed=0, num_train=8, num_val=2, image_size=96), workers=1)
+    cfg = Config.fromfile(os.path.join(root, "configs", "mlla", "mask-rcnn_mlla-t_fpn_shapes-tiny.py"))
+    quickstart.set_data_root(cfg, data_root)
+    cfg.work_dir = str(tmp_path / "work")
+    cfg.train_dataloader.dataset.pipeline[2] = dict(type="RandomChoiceResize", scales=[(64, 64), (96, 96), (128, 128)],
+                                                    keep_ratio=True)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=4, val_interval=4)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=10 ** 9, by_epoch=False)
+    cfg.model.backbone.update(drop_path_rate=0.0, depths=[1, 1, 1, 1])  # compiles in seconds
+    cfg.custom_hooks = [dict(type="RNGStateHook"), dict(type="BlockGraphsHook", canvas_multiple=64)]
+    cfg.log_level = "WARNING"
+
+    counter = CompileCounterWithBackend("aot_eager")
+    real_compile, real_before_run = torch.compile, BlockGraphsHook.before_run
+    compiled = []
+
+    def compile_for_the_cpu(fn, dynamic, **options):
+        compiled.append(options)
+        return real_compile(fn, backend=counter, dynamic=dynamic)
+
+    def before_run_with_a_cuda_device(self, runner):
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            patch.setattr(torch, "compile", compile_for_the_cpu)
+            real_before_run(self, runner)
+
+    marks = []
+    monkeypatch.setattr(BlockGraphsHook, "before_run", before_run_with_a_cuda_device)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    torch._dynamo.reset()
+    try:
+        runner = Runner.from_cfg(cfg)
+        runner.train()
+    finally:
+        torch._dynamo.reset()
+    backbone = runner.model.backbone
+    assert compiled == [dict(backend="cudagraphs")] * 4
+    assert [stage.canvas_multiple for stage in backbone.layers] == [16, 8, 4, 2]
+    assert len(marks) == 4 + 1  # four training iterations, one validation batch of 2 images
+    assert 4 <= counter.frame_count <= 4 * 2 * 2  # stages x (train, eval) x Dynamo's restart
+    assert runner.message_hub.get_scalar("train/loss").current() > 0
+
+
 def _set_kernels(model, impl):
     for module in model.modules():
         for attribute in ("attn_impl", "conv_impl"):
