@@ -338,6 +338,11 @@ def raise_recompile_limits(limit: int = 256) -> None:
         torch._dynamo.config.recompile_limit = limit
 
 
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= value (a padded side, a canvas side)."""
+    return -(-value // multiple) * multiple
+
+
 def fmt(x, spec=".3f") -> str:
     """A number for a text table, "-" for a missing one."""
     return "-" if x is None else format(x, spec)

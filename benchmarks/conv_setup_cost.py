@@ -55,7 +55,10 @@ MLLA_T_CONVS = {
 
 
 def padded_sizes(count: int, seed: int, scale: float = 1.0):
+    import math
     import random
+
+    from benchmarks.common import round_up
     rng = random.Random(seed)
     sizes = set()
     while len(sizes) < count:
@@ -64,7 +67,7 @@ def padded_sizes(count: int, seed: int, scale: float = 1.0):
         h, w = short, min(short * aspect, 1333 * scale)
         if rng.random() < 0.5:
             h, w = w, h
-        sizes.add((int(-(-h // 32) * 32), int(-(-w // 32) * 32)))
+        sizes.add((round_up(math.ceil(h), 32), round_up(math.ceil(w), 32)))
     return sorted(sizes)
 
 

@@ -20,15 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import round_up, write_json  # noqa: E402
 from benchmarks.train_throughput import COCO_SIZES  # noqa: E402
 
 PAD_DIVISOR = 32
 CHECKPOINTS = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def padded_batch_sizes(iterations: int, arch: str = "t", seed: int = 0, images_per_gpu: int = 2):

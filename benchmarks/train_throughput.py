@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import round_up, write_json  # noqa: E402
 
 ITERATIONS_1X = 88_500  # 12 epochs of COCO train2017 (118k images) at 16 images per iteration
 
@@ -229,7 +229,7 @@ class ThroughputHook(Hook):
         heights = [img.shape[-2] for img in data_batch["inputs"]]
         widths = [img.shape[-1] for img in data_batch["inputs"]]
         d = self.pad_divisor
-        self.sizes.append((-(-max(heights) // d) * d, -(-max(widths) // d) * d))
+        self.sizes.append((round_up(max(heights), d), round_up(max(widths), d)))
         if batch_idx == self.profile_window[0]:
             self._start_profiler()
         self.clock.new_iteration()
@@ -390,7 +390,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             data_wait_ms=1e3 * statistics.median(hook.data_wait_s[args.warmup:] or hook.data_wait_s or [0.0]),
             distinct_input_sizes=len(set(hook.sizes)),
             distinct_input_sizes_after_warmup=len(set(hook.sizes[args.warmup:])),
-            distinct_canvases=len({tuple(-(-side // GRAPH_CANVAS) * GRAPH_CANVAS for side in size)
+            distinct_canvases=len({tuple(round_up(side, GRAPH_CANVAS) for side in size)
                                    for size in hook.sizes}) if _uses_graphs(variant) else None,
             compiles=hook.compiles[-1] if hook.compiles else 0,
             compiles_after_warmup=(hook.compiles[-1] - hook.compiles[min(args.warmup, len(hook.compiles)) - 1])
@@ -414,6 +414,7 @@ def _uses_graphs(variant: dict) -> bool:
 
 def evaluate(args, runner) -> dict:
     """Images/s of the test pipeline over --eval-images images (after 3 untimed ones)."""
+    from mlla_det.engine import BlockGraphsHook
     loader = runner.build_dataloader(runner.cfg.test_dataloader)
     model = runner.model
     model.eval()
@@ -425,7 +426,7 @@ def evaluate(args, runner) -> dict:
         if index >= args.eval_images + 3:
             break
         for hook in runner.hooks:  # what the test loop would call: a new step for CUDA graphs
-            if type(hook).__name__ == "BlockGraphsHook":
+            if isinstance(hook, BlockGraphsHook):
                 hook.before_test_iter(runner, index, batch)
         with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None):
             model.test_step(batch)

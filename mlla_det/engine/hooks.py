@@ -208,6 +208,12 @@ class RNGStateHook(Hook):
             self._state_before_val = None
 
 
+def _bare_model(runner):
+    """The runner's model without its DDP (or other mmengine) wrapper."""
+    from mmengine.model import is_model_wrapper
+    return runner.model.module if is_model_wrapper(runner.model) else runner.model
+
+
 @HOOKS.register_module()
 class ConvShapeBucketsHook(Hook):
     """Before the run (training or testing), make the model's convolutions bucketed
@@ -224,11 +230,8 @@ class ConvShapeBucketsHook(Hook):
         self.exclude = tuple(exclude)
 
     def before_run(self, runner) -> None:
-        from mmengine.model import is_model_wrapper
-
         from ..models.conv_buckets import bucket_convolutions
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        count = bucket_convolutions(model, self.exclude)
+        count = bucket_convolutions(_bare_model(runner), self.exclude)
         print_log(f'ConvShapeBucketsHook: {count} convolutions bucketed', logger='current')
 
 
@@ -300,8 +303,6 @@ class BlockGraphsHook(Hook):
         self._active = False
 
     def before_run(self, runner) -> None:
-        from mmengine.model import is_model_wrapper
-
         from ..models.backbones.mlla import MLLA
         if not self.enabled:
             return
@@ -309,8 +310,7 @@ class BlockGraphsHook(Hook):
             print_log('BlockGraphsHook: no CUDA device, the blocks run as they are', logger='current',
                       level=logging.WARNING)
             return
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        backbone = getattr(model, 'backbone', None)
+        backbone = getattr(_bare_model(runner), 'backbone', None)
         if not isinstance(backbone, MLLA):
             raise TypeError(f'BlockGraphsHook needs a model whose backbone is MLLA, got '
                             f'{type(backbone).__name__}; remove the hook from custom_hooks for '
