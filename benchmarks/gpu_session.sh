@@ -43,9 +43,10 @@
 #   detector-compile detector.py T with the backbone under torch.compile, train (~4 min)
 #   bundle           pack everything in $OUT into $OUT/session.tgz (the device tool brings back
 #                    at most 8 files); run it last
-#   train-graphs     BlockGraphsHook: its GPU tests (both backends), then train_throughput.py with the
-#                    defaults, the defaults with the blocks' CUDA graphs, and one fixed size, 120
-#                    iterations each (~9 min with the compiles)
+#   tests-graphs     BlockGraphsHook's GPU tests, both backends or the one GRAPHS_BACKEND names (~2.5 min)
+#   train-graphs     train_throughput.py, 120 iterations each of TRAIN_VARIANTS (default: the defaults with
+#                    the blocks' CUDA graphs, the defaults, one fixed size; ~2 min each with the compiles),
+#                    under TRAIN_TIMEOUT seconds (330)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
 #   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
 #                    prediction (needs a 2-GPU machine; ~8 min on 2 x H200: run it alone)
@@ -184,11 +185,12 @@ for stage in "$@"; do
       timeout 300 python3 benchmarks/detector.py --arch t --impls compile --modes train \
         --json "$out/detector_t_compile.json" > "$out/detector_t_compile.log" 2>&1
       tail -n 5 "$out/detector_t_compile.log" ;;
+    tests-graphs)
+      gpu_tests -k "${GRAPHS_BACKEND:-}" tests/test_canvas.py > "$out/graphs_tests.log" 2>&1
+      tail -n 4 "$out/graphs_tests.log" ;;
     train-graphs)
-      gpu_tests tests/test_canvas.py > "$out/train_graphs_tests.log" 2>&1
-      tail -n 4 "$out/train_graphs_tests.log"
-      TORCH_LOGS=recompiles timeout 330 python3 benchmarks/train_throughput.py \
-        --variants default-graphs,default,default@fixed --iters 120 --warmup 40 --eval-images 20 \
+      TORCH_LOGS=recompiles timeout "${TRAIN_TIMEOUT:-330}" python3 benchmarks/train_throughput.py \
+        --variants "${TRAIN_VARIANTS:-default-graphs,default,default@fixed}" --iters 120 --warmup 40 --eval-images 20 \
         --json "$out/train_throughput_graphs.json" > "$out/train_throughput_graphs.log" 2>&1
       grep -v -i warn "$out/train_throughput_graphs.log" | tail -n 30 ;;
     shapes)

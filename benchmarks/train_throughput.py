@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
 from benchmarks.common import round_up, write_json  # noqa: E402
+from mlla_kernels.cached_launch import specialisation_count  # noqa: E402
 
 ITERATIONS_1X = 88_500  # 12 epochs of COCO train2017 (118k images) at 16 images per iteration
 
@@ -213,6 +214,7 @@ class ThroughputHook(Hook):
         self.last_end = None
         self.profiler, self.profile_start, self.busy_fraction = None, None, None
         self.compiles = []
+        self.kernel_specialisations = []
         self.cudnn = None
 
     def before_train(self, runner):
@@ -240,6 +242,7 @@ class ThroughputHook(Hook):
             self.iteration_s.append(now - self.last_end)
         self.last_end = now
         self.compiles.append(compile_count())
+        self.kernel_specialisations.append(specialisation_count())
         if batch_idx + 1 == self.profile_window[1] and self.profiler is not None:
             self._stop_profiler()
 
@@ -395,6 +398,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             compiles=hook.compiles[-1] if hook.compiles else 0,
             compiles_after_warmup=(hook.compiles[-1] - hook.compiles[min(args.warmup, len(hook.compiles)) - 1])
             if hook.compiles else 0,
+            kernel_specialisations=hook.kernel_specialisations,
             cudnn=hook.cudnn,
             optimizer_groups=len(runner.optim_wrapper.optimizer.param_groups),
             peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,

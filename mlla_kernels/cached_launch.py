@@ -86,3 +86,9 @@ def launch(fn, grid, args: tuple, num_warps: int, num_stages: int = None, max_re
     if launcher is None:
         launcher = _LAUNCHERS[fn] = CachedLauncher(fn)
     launcher(grid, args, num_warps, num_stages, max_registers, **constexprs)
+
+
+def specialisation_count() -> int:
+    """Kernel specialisations launched through `launch` so far in this process: each one cost a
+    Triton compile (or a load from Triton's disk cache) at its first launch."""
+    return sum(len(launcher.compiled) for launcher in _LAUNCHERS.values())

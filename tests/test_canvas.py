@@ -7,10 +7,12 @@ the key-value state and the normalizer except against eps, a relative change of 
 eps * (N_canvas - N) / (q . sum k): ~1e-7 here. So float64 comparisons allow 1e-5, not 1e-12, and
 the control tests show what a missing mask does (errors of order 1).
 """
+import numpy as np
 import pytest
 import torch
 
 import mlla_det.models.backbones.mlla as mlla
+from mlla_det.engine.cudagraphs_per_shape import cudagraphs_per_shape
 from mlla_det.engine.hooks import BlockGraphsHook
 from mlla_det.models.backbones.mlla import MLLA
 
@@ -219,7 +221,7 @@ def test_hook_switch_and_errors(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled_with.append(options) or fn)
     hook = BlockGraphsHook(canvas_multiple=256)
     hook.before_run(_Runner(model))
-    assert compiled_with == [dict(dynamic=True, backend="cudagraphs")] * 4
+    assert compiled_with == [dict(dynamic=True, backend=cudagraphs_per_shape)] * 4
     assert [stage.canvas_multiple for stage in model.backbone.layers] == [64, 32, 16, 8]
     assert all("run_blocks_on_canvas" in vars(stage) for stage in model.backbone.layers)
     assert torch._dynamo.config.recompile_limit == 64
@@ -286,7 +288,7 @@ def test_block_graphs_hook_through_the_runner(tmp_path, monkeypatch):
     finally:
         torch._dynamo.reset()
     backbone = runner.model.backbone
-    assert compiled == [dict(backend="cudagraphs")] * 4
+    assert compiled == [dict(backend=cudagraphs_per_shape)] * 4
     assert [stage.canvas_multiple for stage in backbone.layers] == [16, 8, 4, 2]
     assert len(marks) == 4 + 1  # four training iterations, one validation batch of 2 images
     assert 4 <= counter.frame_count <= 4 * 2 * 2  # stages x (train, eval) x Dynamo's restart
@@ -300,33 +302,52 @@ def _set_kernels(model, impl):
                 setattr(module, attribute, impl)
 
 
+# Image sizes of the GPU test's batches, padded to 32 by the data preprocessor: 96x128 and
+# 128x128 fall in the 128x128 canvas, 160x128 in 256x128, 64x224 in 128x256.
+GPU_BATCH_SIZES = [((90, 122), (77, 109)), ((150, 100), (140, 90)), ((120, 100), (101, 127)), ((60, 200), (50, 190))]
+
+
+def _batch(sizes, seed):
+    from tests.test_detector import synthetic_sample
+    rng = np.random.default_rng(seed)
+    samples = [synthetic_sample(rng, h, w, 2) for h, w in sizes]
+    return dict(inputs=[image for image, _ in samples], data_samples=[s for _, s in samples])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BlockGraphsHook.BACKENDS)
 def test_detector_training_step_with_block_graphs_on_the_gpu(backend):
     """The fast mode on CUDA (canvases, the blocks compiled into CUDA graphs), fp32 with TF32 and
-    cuDNN off: a whole Mask R-CNN MLLA-T training step at the warm-up, the recording and a replay
-    of the graphs is as close to the float64 step (eager reference kernels) as the plain fused
-    fp32 step is (twice its error, or 1e-4), and its loss is the same."""
+    cuDNN off, over batches of four padded sizes in three canvases, two of them sharing one
+    canvas, each batch three times (warm-up, recording, replay) and the first again at the end:
+    every Mask R-CNN MLLA-T training step is as close to the float64 step (eager reference
+    kernels) as the plain fused fp32 step is (four times its error, or 1e-4; the stem's conv bias
+    feeding a BatchNorm is rounding noise in both), and its loss is the same. A graph replayed
+    for the wrong size raises or is off by O(1) (pytorch/pytorch#131009)."""
     from tests.test_conv_buckets import detector_and_batch
 
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.backends.cudnn.flags(enabled=False, allow_tf32=False):
-            model, batch = detector_and_batch("cuda")
-            _set_kernels(model, "reference")
-            exact_loss, exact = _detector_step(model, batch, torch.float64)
-            _set_kernels(model, "triton")
-            plain_loss, plain = _detector_step(model, batch, torch.float32)
-            plain_errors = _relative_errors(plain, exact)
+            model, _ = detector_and_batch("cuda")
+            batches = [_batch(sizes, seed) for seed, sizes in enumerate(GPU_BATCH_SIZES)]
+            expected = []
+            for batch in batches:
+                _set_kernels(model, "reference")
+                exact_loss, exact = _detector_step(model, batch, torch.float64)
+                _set_kernels(model, "triton")
+                _, plain = _detector_step(model, batch, torch.float32)
+                expected.append((exact_loss, exact, _relative_errors(plain, exact)))
             hook = BlockGraphsHook(backend=backend)
             hook.before_run(_Runner(model))
-            for _ in range(3):  # warm-up, recording, replay
+            for index in [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0]:
+                exact_loss, exact, plain_errors = expected[index]
                 hook.before_train_iter(None, 0)
-                loss, grads = _detector_step(model, batch, torch.float32)
-                assert loss == pytest.approx(exact_loss, rel=1e-5)
+                loss, grads = _detector_step(model, batches[index], torch.float32)
+                assert loss == pytest.approx(exact_loss, rel=1e-5), index
                 for name, error in _relative_errors(grads, exact).items():
-                    assert error < max(2 * plain_errors[name], 1e-4), (name, error, plain_errors[name])
+                    assert error < max(4 * plain_errors[name], 1e-4), (index, name, error, plain_errors[name])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         torch._dynamo.reset()

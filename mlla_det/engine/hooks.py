@@ -21,6 +21,8 @@ from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 
 from mmdet.registry import HOOKS
 
+from .cudagraphs_per_shape import cudagraphs_per_shape
+
 __all__ = ['BlockGraphsHook', 'ConvShapeBucketsHook', 'CudnnHook', 'RNGStateHook', 'capture_rng_state', 'restore_rng_state']
 
 RNG_STATE_KEY = 'rng_state'
@@ -280,11 +282,13 @@ class BlockGraphsHook(Hook):
     size that fits the canvas, so that the blocks' hundreds of kernel launches cost one graph
     launch of host time. The stem, the downsampling layers, the neck and the heads stay as they are.
 
-    ``backend``: 'cudagraphs' (default) replays the model's own kernels (torch.compile's
-    'cudagraphs' backend: AOT autograd and Inductor's CUDA-graph trees, no code generation);
-    'inductor' also fuses the elementwise steps (``mode='reduce-overhead'``), but its lowering
-    with dynamic shapes fails in some torch versions (pytorch/pytorch#185510: "cannot determine
-    truth value of Relational" while ordering symbolic strides; seen with torch 2.14 on the CPU).
+    ``backend``: 'cudagraphs' (default) replays the model's own kernels (AOT autograd and
+    Inductor's CUDA-graph trees, no code generation), through ``cudagraphs_per_shape``: torch's
+    own 'cudagraphs' backend records one graph for all shapes under dynamic shapes
+    (pytorch/pytorch#131009). 'inductor' also fuses the elementwise steps
+    (``mode='reduce-overhead'``), but its lowering with dynamic shapes fails in some torch versions
+    (pytorch/pytorch#185510: "cannot determine truth value of Relational" while ordering symbolic
+    strides; seen with torch 2.14 on the CPU).
 
     ``enabled=False`` leaves the model untouched (the configs' switch). On a machine without CUDA
     the hook does nothing but say so: graphs need a GPU."""
@@ -319,7 +323,7 @@ class BlockGraphsHook(Hook):
         # Every stage compiles the same code object (MLLAStage.run_blocks_on_canvas), once per
         # stage and gradient mode and for batch size 1: more entries than Dynamo keeps by default (8).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.recompile_limit)
-        options = (dict(backend='cudagraphs') if self.backend == 'cudagraphs'
+        options = (dict(backend=cudagraphs_per_shape) if self.backend == 'cudagraphs'
                    else dict(mode='reduce-overhead'))
         for stage in backbone.layers:
             stage.run_blocks_on_canvas = torch.compile(stage.run_blocks_on_canvas, dynamic=True, **options)
