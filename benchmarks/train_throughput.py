@@ -322,7 +322,9 @@ def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: 
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=args.iters, val_interval=10 ** 9)
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=500)]
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=10 ** 9, by_epoch=False)
+    # No checkpoint at the end either: writing it would land in the last iteration's time and in
+    # the profiler window (the runs before 2026-12-07 (third session) had it there: 1.7-2.6 s).
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=10 ** 9, by_epoch=False, save_last=False)
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=10 ** 9)
     cfg.default_hooks.visualization = dict(type="DetVisualizationHook", draw=False)
     cfg.log_processor = dict(type="LogProcessor", window_size=10, by_epoch=False)
@@ -405,11 +407,25 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             gpu_busy_fraction=hook.busy_fraction,
             parts=clock.medians(args.warmup),
             iteration_s=hook.iteration_s,
+            padded_sizes=hook.sizes,
+            slow_iterations=slow_iterations(hook, args.warmup, median),
             projection_1x_hours=ITERATIONS_1X * median / 3600,
         )
         row.update(evaluate(args, runner) if args.eval_images else {})
     row["environment"] = environment()
     return row
+
+
+def slow_iterations(hook, warmup: int, median: float) -> list:
+    """The iterations after warm-up that took over twice the median: whether each brought a padded
+    size not seen before and how many new kernel specialisations (Triton compiles) it made."""
+    slow = []
+    for index in range(max(warmup, 1), len(hook.sizes)):
+        seconds = hook.iteration_s[index - 1]  # iteration_s starts at the second iteration
+        if seconds > 2 * median:
+            slow.append(dict(iteration=index, s=seconds, new_size=hook.sizes[index] not in hook.sizes[:index],
+                             new_specialisations=hook.kernel_specialisations[index] - hook.kernel_specialisations[index - 1]))
+    return slow
 
 
 def _uses_graphs(variant: dict) -> bool:
