@@ -417,13 +417,15 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
 
 
 def slow_iterations(hook, warmup: int, median: float) -> list:
-    """The iterations after warm-up that took over twice the median: whether each brought a padded
-    size not seen before and how many new kernel specialisations (Triton compiles) it made."""
+    """The iterations after warm-up that took over twice the median: their data wait, whether each
+    brought a padded size not seen before and how many new kernel specialisations (Triton
+    compiles) it made."""
     slow = []
     for index in range(max(warmup, 1), len(hook.sizes)):
         seconds = hook.iteration_s[index - 1]  # iteration_s starts at the second iteration
         if seconds > 2 * median:
-            slow.append(dict(iteration=index, s=seconds, new_size=hook.sizes[index] not in hook.sizes[:index],
+            slow.append(dict(iteration=index, s=seconds, data_wait_s=hook.data_wait_s[index - 1],
+                             new_size=hook.sizes[index] not in hook.sizes[:index],
                              new_specialisations=hook.kernel_specialisations[index] - hook.kernel_specialisations[index - 1]))
     return slow
 
