@@ -1,0 +1,89 @@
+"""SyncFreeMaxIoUAssigner gives mmdet's MaxIoUAssigner results exactly, ties included."""
+import pytest
+import torch
+
+import mlla_det  # noqa: F401,I001  (the mmcv stand-in: before anything imports mmdet's models)
+from mmdet.models.task_modules.assigners import MaxIoUAssigner
+from mmengine.structures import InstanceData
+
+from mlla_det.models.assigners import SyncFreeMaxIoUAssigner
+
+SETTINGS = [
+    dict(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True),  # the RPN's
+    dict(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5, match_low_quality=True),  # the RoI head's
+    dict(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0, match_low_quality=False),
+    dict(pos_iou_thr=0.5, neg_iou_thr=(0.1, 0.4), min_pos_iou=0.2, match_low_quality=True, gt_max_assign_all=False),
+    dict(pos_iou_thr=0.6, neg_iou_thr=0.3, min_pos_iou=0.1, match_low_quality=True, gt_max_assign_all=False),
+]
+
+
+def assert_same(expected, got):
+    assert got.num_gts == expected.num_gts
+    for name in ("gt_inds", "max_overlaps", "labels"):
+        a, b = getattr(expected, name), getattr(got, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.mark.parametrize("num_gts", [0, 1, 3, 17])
+def test_same_assignment_as_mmdet_on_overlaps_with_ties(settings, num_gts):
+    torch.manual_seed(num_gts * 31 + len(str(settings)))
+    for num_boxes in (0, 1, 40, 500):
+        # IoUs on a coarse grid, so that maxima are shared between boxes and between ground truths;
+        # -1 marks ignored boxes as mmdet's assign() does.
+        overlaps = torch.randint(-1, 11, (num_gts, num_boxes)).float() / 10
+        overlaps = overlaps.clamp(min=-1).where(overlaps >= 0, torch.tensor(-1.0))
+        labels = torch.randint(0, 80, (num_gts,))
+        expected = MaxIoUAssigner(**settings).assign_wrt_overlaps(overlaps.clone(), labels)
+        got = SyncFreeMaxIoUAssigner(**settings).assign_wrt_overlaps(overlaps.clone(), labels)
+        assert_same(expected, got)
+        if num_gts and num_boxes > 1 and settings["match_low_quality"]:
+            # The case the loop exists for: some box at a ground truth's maximum below pos_iou_thr.
+            assert (got.gt_inds > 0).any()
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:2])
+def test_same_assignment_as_mmdet_on_boxes(settings):
+    torch.manual_seed(0)
+    for num_gts in (1, 5, 30):
+        xy = torch.rand(num_gts, 2) * 200
+        gts = torch.cat([xy, xy + 8 + torch.rand(num_gts, 2) * 100], dim=1)
+        xy = torch.rand(3000, 2) * 250
+        priors = torch.cat([xy, xy + 4 + torch.rand(3000, 2) * 120], dim=1)
+        priors[:50] = gts[torch.randint(0, num_gts, (50,))]  # exact matches: IoU 1, shared maxima
+        gt = InstanceData(bboxes=gts, labels=torch.randint(0, 80, (num_gts,)))
+        pred = InstanceData(priors=priors)
+        assert_same(MaxIoUAssigner(**settings).assign(pred, gt), SyncFreeMaxIoUAssigner(**settings).assign(pred, gt))
+
+
+def test_control_a_changed_rule_is_seen():
+    """The comparison can fail: a box at two ground truths' maxima goes to the last of them; the
+    first-claim rule, otherwise the same, is caught."""
+    overlaps = torch.tensor([[0.4, 0.2], [0.4, 0.1]])
+    labels = torch.tensor([3, 7])
+    settings = SETTINGS[0]
+    expected = MaxIoUAssigner(**settings).assign_wrt_overlaps(overlaps, labels)
+    assert expected.gt_inds.tolist() == [2, 0] and expected.labels.tolist() == [7, -1]
+    got = SyncFreeMaxIoUAssigner(**settings).assign_wrt_overlaps(overlaps, labels)
+    assert_same(expected, got)
+    first_claim = SyncFreeMaxIoUAssigner(**settings).assign_wrt_overlaps(overlaps, labels)
+    first_claim.gt_inds[0], first_claim.labels[0] = 1, 3
+    with pytest.raises(AssertionError):
+        assert_same(expected, first_claim)
+
+
+def test_bad_negative_threshold():
+    with pytest.raises(ValueError, match="neg_iou_thr must be a float"):
+        SyncFreeMaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=[0.1, 0.2, 0.3]).assign_wrt_overlaps(
+            torch.rand(2, 3), torch.tensor([1, 2]))
+
+
+@pytest.mark.gpu
+def test_same_assignment_on_the_gpu():
+    torch.manual_seed(1)
+    for settings in SETTINGS:
+        overlaps = (torch.randint(-1, 11, (23, 20000)).float() / 10).cuda()
+        labels = torch.randint(0, 80, (23,)).cuda()
+        assert_same(MaxIoUAssigner(**settings).assign_wrt_overlaps(overlaps.clone(), labels),
+                    SyncFreeMaxIoUAssigner(**settings).assign_wrt_overlaps(overlaps.clone(), labels))
