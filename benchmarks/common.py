@@ -252,6 +252,24 @@ def detector_config(arch: str, attn_impl: str = "auto", conv_impl: str = "refere
     return cfg
 
 
+# The box assigners of the paper's model (mmdet's) and of this repository's configs (the same
+# assignment without host synchronisation, mlla_det/models/assigners.py).
+ASSIGNERS = {"paper": "MaxIoUAssigner", "repo": "SyncFreeMaxIoUAssigner"}
+
+
+def set_assigners(train_cfg, kind: str) -> None:
+    """Point a Mask R-CNN config's RPN and RoI-head assigners at `kind` (a key of ASSIGNERS)."""
+    for stage in ("rpn", "rcnn"):
+        train_cfg[stage]["assigner"]["type"] = ASSIGNERS[kind]
+
+
+def use_assigners(model, kind: str) -> None:
+    """The same on a built detector: its two assigners rebuilt as `kind`."""
+    from mmdet.registry import TASK_UTILS
+    model.rpn_head.assigner = TASK_UTILS.build(dict(model.rpn_head.train_cfg["assigner"], type=ASSIGNERS[kind]))
+    model.roi_head.bbox_assigner = TASK_UTILS.build(dict(model.roi_head.train_cfg["assigner"], type=ASSIGNERS[kind]))
+
+
 def build_detector(cfg):
     import mlla_det  # noqa: F401  registers MLLA and provides mmcv's ops without compiling mmcv
     # mlla_det's mmcv._ext stand-in imports torchvision at the first nms/roi_align. Inside a

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, build_detector,  # noqa: E402
                                compile_in_mode, collect_rows, default_impls_without_compile, detector_config,
                                environment, error_text, free_memory, peak_memory_mb, print_speed_table, print_table,
-                               quiet_mmengine, set_kernel_impls, synchronize, timing_device, write_json)
+                               quiet_mmengine, set_kernel_impls, synchronize, timing_device, use_assigners,
+                               write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
 PAPER_IMPLS = ("eager", "compile", "compile-graph")  # the paper's model, as it is and under torch.compile
@@ -200,6 +201,7 @@ class Bench:
             uncompile_scope(self.model, self.scope)
         self.step_begin, self.scope = None, None
         set_kernel_impls(self.model, impl)
+        use_assigners(self.model, "paper" if impl in PAPER_IMPLS else "repo")
         if impl in COMPILED_IMPLS:
             scope = scope or self.args.compile_scopes[0]
             torch._dynamo.reset()

@@ -1,3 +1,4 @@
+from .assigners import SyncFreeMaxIoUAssigner
 from .backbones import MLLA
 
-__all__ = ["MLLA"]
+__all__ = ["MLLA", "SyncFreeMaxIoUAssigner"]
