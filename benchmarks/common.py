@@ -252,22 +252,28 @@ def detector_config(arch: str, attn_impl: str = "auto", conv_impl: str = "refere
     return cfg
 
 
-# The box assigners of the paper's model (mmdet's) and of this repository's configs (the same
-# assignment without host synchronisation, mlla_det/models/assigners.py).
-ASSIGNERS = {"paper": "MaxIoUAssigner", "repo": "SyncFreeMaxIoUAssigner"}
+# The box assigners and anchor generator of the paper's model (mmdet's) and of this repository's
+# configs (the same results with fewer launches and no host synchronisation, mlla_det/models/).
+HEAD_UTILS = {"paper": dict(assigner="MaxIoUAssigner", anchor_generator="AnchorGenerator"),
+              "repo": dict(assigner="SyncFreeMaxIoUAssigner", anchor_generator="CachedAnchorGenerator")}
 
 
-def set_assigners(train_cfg, kind: str) -> None:
-    """Point a Mask R-CNN config's RPN and RoI-head assigners at `kind` (a key of ASSIGNERS)."""
+def set_head_utils(model_cfg, kind: str) -> None:
+    """Point a Mask R-CNN config's RPN and RoI-head assigners and its anchor generator at `kind`
+    (a key of HEAD_UTILS)."""
     for stage in ("rpn", "rcnn"):
-        train_cfg[stage]["assigner"]["type"] = ASSIGNERS[kind]
+        model_cfg.train_cfg[stage]["assigner"]["type"] = HEAD_UTILS[kind]["assigner"]
+    model_cfg.rpn_head.anchor_generator["type"] = HEAD_UTILS[kind]["anchor_generator"]
 
 
-def use_assigners(model, kind: str) -> None:
-    """The same on a built detector: its two assigners rebuilt as `kind`."""
+def use_head_utils(model, kind: str, model_cfg) -> None:
+    """The same on a detector built from `model_cfg`: its assigners and anchor generator rebuilt."""
     from mmdet.registry import TASK_UTILS
-    model.rpn_head.assigner = TASK_UTILS.build(dict(model.rpn_head.train_cfg["assigner"], type=ASSIGNERS[kind]))
-    model.roi_head.bbox_assigner = TASK_UTILS.build(dict(model.roi_head.train_cfg["assigner"], type=ASSIGNERS[kind]))
+    types = HEAD_UTILS[kind]
+    model.rpn_head.assigner = TASK_UTILS.build(dict(model.rpn_head.train_cfg["assigner"], type=types["assigner"]))
+    model.roi_head.bbox_assigner = TASK_UTILS.build(dict(model.roi_head.train_cfg["assigner"], type=types["assigner"]))
+    model.rpn_head.prior_generator = TASK_UTILS.build(
+        dict(model_cfg.rpn_head.anchor_generator, type=types["anchor_generator"]))
 
 
 def build_detector(cfg):

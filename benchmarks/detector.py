@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from benchmarks.common import (ARCHS, COMPILED_IMPLS, KERNEL_IMPLS, autocast, bench, build_detector,  # noqa: E402
                                compile_in_mode, collect_rows, default_impls_without_compile, detector_config,
                                environment, error_text, free_memory, peak_memory_mb, print_speed_table, print_table,
-                               quiet_mmengine, set_kernel_impls, synchronize, timing_device, use_assigners,
+                               quiet_mmengine, set_kernel_impls, synchronize, timing_device, use_head_utils,
                                write_json)
 
 IMPLS = tuple(KERNEL_IMPLS)
@@ -190,6 +190,7 @@ class Bench:
         torch.manual_seed(0)
         self.model = build_detector(cfg).to(device)
         self.optim_wrapper_cfg = cfg.optim_wrapper
+        self.model_cfg = cfg.model
         self.optim_wrapper = None
         self.num_classes = cfg.model.roi_head.bbox_head.num_classes
         self.scope = None  # what is compiled now
@@ -201,7 +202,7 @@ class Bench:
             uncompile_scope(self.model, self.scope)
         self.step_begin, self.scope = None, None
         set_kernel_impls(self.model, impl)
-        use_assigners(self.model, "paper" if impl in PAPER_IMPLS else "repo")
+        use_head_utils(self.model, "paper" if impl in PAPER_IMPLS else "repo", self.model_cfg)
         if impl in COMPILED_IMPLS:
             scope = scope or self.args.compile_scopes[0]
             torch._dynamo.reset()

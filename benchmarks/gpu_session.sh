@@ -186,7 +186,7 @@ for stage in "$@"; do
         --json "$out/detector_t_compile.json" > "$out/detector_t_compile.log" 2>&1
       tail -n 5 "$out/detector_t_compile.log" ;;
     tests-graphs)
-      gpu_tests -k "${GRAPHS_BACKEND:-gpu} or assignment" tests/test_canvas.py tests/test_assigners.py > "$out/graphs_tests.log" 2>&1
+      gpu_tests -k "${GRAPHS_BACKEND:-gpu} or assignment or anchors" tests/test_canvas.py tests/test_assigners.py tests/test_anchor_generators.py > "$out/graphs_tests.log" 2>&1
       tail -n 4 "$out/graphs_tests.log" ;;
     train-graphs)
       TORCH_LOGS=recompiles timeout "${TRAIN_TIMEOUT:-330}" python3 benchmarks/train_throughput.py \

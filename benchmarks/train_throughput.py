@@ -48,7 +48,7 @@ COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (612, 612), (640, 
 # AdamW group per parameter, as the paper's recipe; "repo": the configs' merged groups and fused
 # AdamW), cuDNN on or off (CudnnHook; None: as the config says, i.e. off), extra hooks, and a
 # fixed input size instead of the multi-scale resize. The paper's model (reference kernels) keeps
-# mmdet's box assigners; this repository's variants use the configs' sync-free ones.
+# mmdet's box assigners and anchor generator; this repository's variants use the configs'.
 VARIANTS = {
     "paper": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=True,
                   describe="the paper's model and recipe as they ship (eager attention and convs, "
@@ -287,13 +287,13 @@ def compile_count() -> int:
 def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: Path):
     from mmengine.config import Config
 
-    from benchmarks.common import config_path, set_assigners
+    from benchmarks.common import config_path, set_head_utils
     cfg = Config.fromfile(str(config_path(args.arch)))
     cfg.work_dir = str(work_dir)
     cfg.model.backbone.init_cfg = None
     cfg.model.backbone.attn_impl = variant["attn_impl"]
     cfg.model.backbone.conv_impl = variant["conv_impl"]
-    set_assigners(cfg.model.train_cfg, "paper" if variant["attn_impl"] == "reference" else "repo")
+    set_head_utils(cfg.model, "paper" if variant["attn_impl"] == "reference" else "repo")
     if variant["optimizer"] == "paper":
         cfg.optim_wrapper.pop("constructor", None)
         cfg.optim_wrapper.optimizer.pop("fused", None)
@@ -413,6 +413,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             kernel_specialisations=hook.kernel_specialisations,
             cudnn=hook.cudnn,
             assigner=cfg.model.train_cfg.rpn.assigner.type,
+            anchor_generator=cfg.model.rpn_head.anchor_generator.type,
             optimizer_groups=len(runner.optim_wrapper.optimizer.param_groups),
             peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
             gpu_busy_fraction=hook.busy_fraction,

@@ -87,3 +87,29 @@ def test_same_assignment_on_the_gpu():
         labels = torch.randint(0, 80, (23,)).cuda()
         assert_same(MaxIoUAssigner(**settings).assign_wrt_overlaps(overlaps.clone(), labels),
                     SyncFreeMaxIoUAssigner(**settings).assign_wrt_overlaps(overlaps.clone(), labels))
+
+
+def test_detector_training_step_is_bitwise_the_same_with_mmdet_head_utils():
+    """A whole Mask R-CNN training step with the configs' assigners and anchor generator, and with
+    mmdet's (the paper's model): the same losses and gradients, bit for bit."""
+    from benchmarks.common import use_head_utils
+    from mlla_det.models.anchor_generators import CachedAnchorGenerator
+    from tests.test_conv_buckets import detector_and_batch, training_step
+
+    model, batch = detector_and_batch("cpu")
+    model_cfg = _model_cfg()
+    assert type(model.rpn_head.assigner) is SyncFreeMaxIoUAssigner
+    assert type(model.rpn_head.prior_generator) is CachedAnchorGenerator
+    repo_losses, repo_grads = training_step(model, batch)
+    use_head_utils(model, "paper", model_cfg)
+    assert type(model.roi_head.bbox_assigner) is MaxIoUAssigner
+    paper_losses, paper_grads = training_step(model, batch)
+    assert repo_losses == paper_losses
+    assert repo_grads.keys() == paper_grads.keys()
+    for name, grad in repo_grads.items():
+        assert torch.equal(grad, paper_grads[name]), name
+
+
+def _model_cfg():
+    from benchmarks.common import detector_config
+    return detector_config("t").model

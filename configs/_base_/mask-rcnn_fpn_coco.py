@@ -19,7 +19,8 @@ model = dict(
         type='RPNHead',
         in_channels=256,
         feat_channels=256,
-        anchor_generator=dict(type='AnchorGenerator', scales=[8], ratios=[0.5, 1.0, 2.0],
+        # mmdet's AnchorGenerator, its grids kept on the device (mlla_det/models/anchor_generators.py)
+        anchor_generator=dict(type='CachedAnchorGenerator', scales=[8], ratios=[0.5, 1.0, 2.0],
                               strides=[4, 8, 16, 32, 64]),
         bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0., 0., 0., 0.],
                         target_stds=[1., 1., 1., 1.]),

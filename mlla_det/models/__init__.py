@@ -1,4 +1,5 @@
+from .anchor_generators import CachedAnchorGenerator
 from .assigners import SyncFreeMaxIoUAssigner
 from .backbones import MLLA
 
-__all__ = ["MLLA", "SyncFreeMaxIoUAssigner"]
+__all__ = ["CachedAnchorGenerator", "MLLA", "SyncFreeMaxIoUAssigner"]
