@@ -77,6 +77,6 @@ optim_wrapper = dict(
 # (MLLA-T on an H100: 2.58 s per iteration with cuDNN, 0.31-0.33 s without; CudnnHook in
 # mlla_det/engine/hooks.py). Back to cuDNN: --cfg-options custom_hooks.1.enabled=True
 # The blocks as CUDA graphs on bounded canvases (BlockGraphsHook; same outputs up to rounding):
-# off until it is measured on a GPU; on: --cfg-options custom_hooks.2.enabled=True
+# off, measured no faster on the 1x pipeline (benchmarks/README.md); on: --cfg-options custom_hooks.2.enabled=True
 custom_hooks = [dict(type='RNGStateHook'), dict(type='CudnnHook', enabled=False),
                 dict(type='BlockGraphsHook', enabled=False)]

@@ -291,7 +291,12 @@ class BlockGraphsHook(Hook):
     strides; seen with torch 2.14 on the CPU).
 
     ``enabled=False`` leaves the model untouched (the configs' switch). On a machine without CUDA
-    the hook does nothing but say so: graphs need a GPU."""
+    the hook does nothing but say so: graphs need a GPU.
+
+    Off in the configs: on the 1x pipeline (H100, MLLA-T, bf16) it saved 30 ms of the backbone's
+    host time but the heads' host synchronisations then waited for the backbone's GPU work, so the
+    median iteration stayed at 0.216 s against 0.212 s without it, and each new canvas cost two
+    slow iterations (warm-up and recording; benchmarks/README.md)."""
 
     priority = 'VERY_HIGH'
     BACKENDS = ('cudagraphs', 'inductor')
