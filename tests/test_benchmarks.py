@@ -397,3 +397,16 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
         per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
         assert len(ann["segmentation"][0]) >= 10 and 1 <= ann["category_id"] <= 80
     assert len(annotations["images"]) == 6 and all(1 <= n <= 15 for n in per_image.values())
+
+
+def test_batch_transfer_measures_both_modes(tmp_path):
+    """benchmarks/batch_transfer.py on the 1x pipeline, a few small batches: both modes run with
+    their own workers, see the same mask bytes per batch, and the JSON holds them."""
+    import json
+
+    from benchmarks import batch_transfer
+    out = tmp_path / "transfer.json"
+    batch_transfer.main(["--batches", "2", "--warmup", "1", "--pause", "0.05", "--images", "6", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["plain", "shared"]
+    assert all(r["receive_ms_median"] > 0 and r["mask_mb_per_batch_median"] > 0 for r in rows)
