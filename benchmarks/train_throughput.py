@@ -79,6 +79,8 @@ VARIANTS["default-graphs-inductor"] = dict(
     describe="defaults with the blocks compiled by Inductor into CUDA graphs on canvases")
 # Batches in pinned memory (the dataloader's pin_memory) copied to the GPU without blocking the
 # host (the data preprocessor's non_blocking).
+VARIANTS["default-pinned"] = dict(VARIANTS["default"], pinned=True,
+                                  describe="defaults with batches pinned and copied without blocking")
 VARIANTS["default-graphs-pinned"] = dict(VARIANTS["default-graphs"], pinned=True,
                                          describe="defaults with the blocks' CUDA graphs, batches pinned and "
                                                   "copied without blocking")
