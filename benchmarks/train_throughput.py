@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
 from benchmarks.common import round_up, write_json  # noqa: E402
-from mlla_kernels.cached_launch import specialisation_count  # noqa: E402
+from mlla_kernels.cached_launch import specialisation_count, specialisations  # noqa: E402
 
 ITERATIONS_1X = 88_500  # 12 epochs of COCO train2017 (118k images) at 16 images per iteration
 
@@ -440,7 +440,9 @@ def slow_iterations(hook, warmup: int, median: float) -> list:
         if seconds > 2 * median:
             slow.append(dict(iteration=index, s=seconds, data_wait_s=hook.data_wait_s[index - 1],
                              new_size=hook.sizes[index] not in hook.sizes[:index],
-                             new_specialisations=hook.kernel_specialisations[index] - hook.kernel_specialisations[index - 1]))
+                             new_specialisations=hook.kernel_specialisations[index] - hook.kernel_specialisations[index - 1],
+                             specialised=specialisations(hook.kernel_specialisations[index - 1])[
+                                 :hook.kernel_specialisations[index] - hook.kernel_specialisations[index - 1]]))
     return slow
 
 

@@ -29,6 +29,7 @@ class CachedLauncher:
 
     def __init__(self, fn):
         self.fn = fn
+        self.name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", type(fn).__name__)
         self.compiled = {}
         names = list(getattr(fn, "arg_names", []))
         self.constexpr_names = [p.name for p in getattr(fn, "params", []) if p.is_constexpr]
@@ -69,9 +70,13 @@ class CachedLauncher:
         kernel = self.fn[grid](*args, **options, **constexprs)
         if CachedLauncher.enabled and hasattr(kernel, "packed_metadata") and hasattr(kernel, "__getitem__"):
             self.compiled[key] = kernel
+            _SPECIALISATIONS.append(f"{self.name} {constexprs} warps={num_warps} "
+                                    f"stages={num_stages} maxnreg={max_registers} "
+                                    f"ints(==1, %16)={[s[:2] for s in key[0] if len(s) == 3]}")
 
 
 _LAUNCHERS = {}
+_SPECIALISATIONS = []  # what each new specialisation was, in launch order
 
 
 def launch(fn, grid, args: tuple, num_warps: int, num_stages: int = None, max_registers: int = None,
@@ -89,6 +94,13 @@ def launch(fn, grid, args: tuple, num_warps: int, num_stages: int = None, max_re
 
 
 def specialisation_count() -> int:
-    """Kernel specialisations launched through `launch` so far in this process: each one cost a
-    Triton compile (or a load from Triton's disk cache) at its first launch."""
-    return sum(len(launcher.compiled) for launcher in _LAUNCHERS.values())
+    """Kernel specialisations launched through `launch` so far in this process: each one went
+    through Triton's own launch path at its first launch, a compile (or a load from Triton's disk
+    cache) unless Triton's coarser key had it already."""
+    return len(_SPECIALISATIONS)
+
+
+def specialisations(start: int = 0) -> list:
+    """Descriptions of the specialisations from the `start`-th on: kernel, constexprs, launch
+    options and the (== 1, % 16) pattern of its integer arguments."""
+    return _SPECIALISATIONS[start:]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mlla_kernels.cached_launch import CachedLauncher
+from mlla_kernels.cached_launch import CachedLauncher, specialisation_count, specialisations
 
 
 class _FakeParam:
@@ -43,6 +43,7 @@ def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypa
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(CachedLauncher, "enabled", True)
     launch = CachedLauncher(_FakeJit([("t", False), ("n", False), ("K", True)], FakeCompiled(), calls))
+    count_before = specialisation_count()
     t = torch.zeros(64)
     launch((1,), (t, 32), 4, K=8)
     launch((2,), (t, 48), 4, K=8)             # same specialisation: cached, constexpr appended
@@ -55,6 +56,12 @@ def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypa
     assert [c[0] for c in calls] == ["jit", "cached"] + ["jit"] * 6
     # Triton's own launcher indexes grid[0..2] and takes every parameter, constexprs included.
     assert calls[1][1] == (2, 1, 1) and calls[1][2][1:] == (48, 8)
+    # Each new specialisation is counted and described: constexprs, warps, the ints' (==1, %16).
+    assert specialisation_count() - count_before == 7
+    described = specialisations(count_before)
+    assert "{'K': 8} warps=4" in described[0] and "(False, True)" in described[0]
+    assert "(True, False)" in described[1] and "(False, False)" in described[2]
+    assert "{'K': 16}" in described[5] and "warps=8" in described[6]
 
 
 def test_cached_launch_failure_falls_back_to_triton(monkeypatch):
