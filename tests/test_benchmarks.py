@@ -410,3 +410,13 @@ def test_batch_transfer_measures_both_modes(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["plain", "shared"]
     assert all(r["receive_ms_median"] > 0 and r["mask_mb_per_batch_median"] > 0 for r in rows)
+
+
+def test_attention_specialisations_counts_fewer_keys_unspecialised():
+    """benchmarks/attention_specialisations.py over 40 iterations of the 1x pipeline's sizes: keys
+    only grow, and leaving the token count and width unspecialised never needs more of them."""
+    from benchmarks import attention_specialisations
+    specialised, unspecialised = attention_specialisations.main(["--iters", "40"])
+    counts = list(specialised["keys_after"].values())
+    assert counts == sorted(counts) and counts[0] > 0
+    assert all(unspecialised["keys_after"][k] <= v for k, v in specialised["keys_after"].items())
