@@ -438,11 +438,10 @@ def slow_iterations(hook, warmup: int, median: float) -> list:
     for index in range(max(warmup, 1), len(hook.sizes)):
         seconds = hook.iteration_s[index - 1]  # iteration_s starts at the second iteration
         if seconds > 2 * median:
+            first, end = hook.kernel_specialisations[index - 1], hook.kernel_specialisations[index]
             slow.append(dict(iteration=index, s=seconds, data_wait_s=hook.data_wait_s[index - 1],
                              new_size=hook.sizes[index] not in hook.sizes[:index],
-                             new_specialisations=hook.kernel_specialisations[index] - hook.kernel_specialisations[index - 1],
-                             specialised=specialisations(hook.kernel_specialisations[index - 1])[
-                                 :hook.kernel_specialisations[index] - hook.kernel_specialisations[index - 1]]))
+                             new_specialisations=end - first, specialised=specialisations(first)[:end - first]))
     return slow
 
 

@@ -72,7 +72,7 @@ class CachedLauncher:
             self.compiled[key] = kernel
             _SPECIALISATIONS.append(f"{self.name} {constexprs} warps={num_warps} "
                                     f"stages={num_stages} maxnreg={max_registers} "
-                                    f"ints(==1, %16)={[s[:2] for s in key[0] if len(s) == 3]}")
+                                    f"ints(==1, %16)={[(a == 1, a % 16 == 0) for a in args if type(a) is int]}")
 
 
 _LAUNCHERS = {}

@@ -43,8 +43,9 @@ class CachedAnchorGenerator(AnchorGenerator):
     def single_level_grid_priors(self, featmap_size: Tuple[int, int], level_idx: int,
                                  dtype: torch.dtype = torch.float32, device='cuda'):
         feat_h, feat_w = featmap_size
-        anchors = self._grid(level_idx, feat_h, feat_w, dtype, device)[:feat_h, :feat_w].reshape(-1, 4)
-        if anchors.data_ptr() == self._grids[(level_idx, dtype, torch.device(device))].data_ptr():
+        grid = self._grid(level_idx, feat_h, feat_w, dtype, device)
+        anchors = grid[:feat_h, :feat_w].reshape(-1, 4)
+        if anchors.data_ptr() == grid.data_ptr():
             anchors = anchors.clone()  # callers own what they get, as with mmdet's
         return HorizontalBoxes(anchors) if self.use_box_type else anchors
 
