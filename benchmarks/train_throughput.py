@@ -166,6 +166,7 @@ class PartClock:
     def __init__(self, cuda: bool):
         self.cuda = cuda
         self.records = []  # per iteration: {part: [(host_s, start_event, end_event), ...]}
+        self.scoped = False  # name each part's calls in the profiler (HostProfile's window only)
 
     def new_iteration(self):
         self.records.append({})
@@ -184,6 +185,9 @@ class PartClock:
                 start_event.record()
             start = time.perf_counter()
             try:
+                if clock.scoped:
+                    with torch.profiler.record_function(f"part::{part}"):
+                        return original(*args, **kwargs)
                 return original(*args, **kwargs)
             finally:
                 host = time.perf_counter() - start
@@ -193,14 +197,17 @@ class PartClock:
 
         setattr(owner, method, timed)
 
-    def medians(self, skip: int) -> dict:
-        """Median per iteration of each part's host and GPU milliseconds, over iterations after skip."""
+    def medians(self, skip: int, leave_out=()) -> dict:
+        """Median per iteration of each part's host and GPU milliseconds, over iterations after skip
+        except those in leave_out."""
         if self.cuda:
             torch.cuda.synchronize()
         result = {}
         for part in PARTS:
             host, gpu = [], []
-            for record in self.records[skip:]:
+            for index, record in enumerate(self.records):
+                if index < skip or index in leave_out:
+                    continue
                 calls = record.get(part, [])
                 host.append(1e3 * sum(c[0] for c in calls))
                 if self.cuda:
@@ -216,8 +223,10 @@ class ThroughputHook(Hook):
 
     priority = "VERY_LOW"
 
-    def __init__(self, clock: PartClock, profile_window: tuple, pad_divisor: int = 32):
+    def __init__(self, clock: PartClock, profile_window: tuple, pad_divisor: int = 32,
+                 host_profile: "HostProfile" = None):
         self.clock, self.profile_window, self.pad_divisor = clock, profile_window, pad_divisor
+        self.host_profile = host_profile
         self.iteration_s, self.data_wait_s, self.sizes = [], [], []
         self.last_end = None
         self.profiler, self.profile_start, self.busy_fraction = None, None, None
@@ -242,6 +251,8 @@ class ThroughputHook(Hook):
         self.sizes.append((round_up(max(heights), d), round_up(max(widths), d)))
         if batch_idx == self.profile_window[0]:
             self._start_profiler()
+        if self.host_profile is not None:
+            self.host_profile.before_iter(batch_idx)
         self.clock.new_iteration()
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
@@ -251,6 +262,8 @@ class ThroughputHook(Hook):
         self.last_end = now
         self.compiles.append(compile_count())
         self.kernel_specialisations.append(specialisation_count())
+        if self.host_profile is not None:
+            self.host_profile.after_iter(batch_idx)
         if batch_idx + 1 == self.profile_window[1] and self.profiler is not None:
             self._stop_profiler()
 
@@ -284,6 +297,101 @@ def compile_count() -> int:
         return int(counters["stats"]["unique_graphs"])
     except Exception:
         return 0
+
+
+def _synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+                 "cudaGraphLaunch")
+
+
+class HostProfile:
+    """Where the host's time goes, over a window of iterations before the GPU-busy window (whose
+    CUDA-only profiler stays free of this one's overhead): torch.profiler with CPU and CUDA
+    activity over `iterations` iterations, then one more iteration under cProfile.
+
+    Summary (per iteration): aten ops by self CPU time, kernel launches and top-level aten calls per
+    part (the parts' record_function scopes; the backward's launches come from autograd's device
+    thread, so they are counted by time range over all threads), and Python functions by
+    cumulative and own time (cProfile's overhead inflates Python-heavy code: read it as a ranking).
+    """
+
+    def __init__(self, clock: PartClock, first: int, iterations: int, top: int = 40):
+        self.clock, self.first, self.iterations, self.top = clock, first, iterations, top
+        self.profiler = self.cprofile = None
+        self.summary = None
+
+    def iterations_profiled(self) -> range:
+        return range(self.first, self.first + self.iterations + 1)
+
+    def before_iter(self, batch_idx: int):
+        if batch_idx == self.first:
+            _synchronize()
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.clock.scoped = True
+        elif batch_idx == self.first + self.iterations and self.summary is not None:
+            import cProfile
+            self.cprofile = cProfile.Profile()
+            self.cprofile.enable()
+
+    def after_iter(self, batch_idx: int):
+        if batch_idx + 1 == self.first + self.iterations and self.profiler is not None:
+            _synchronize()
+            self.profiler.__exit__(None, None, None)
+            self.clock.scoped = False
+            self.summary = self._summarise_torch(self.profiler)
+            self.profiler = None
+        elif self.cprofile is not None:
+            _synchronize()
+            self.cprofile.disable()
+            self.summary["python"] = self._summarise_cprofile(self.cprofile)
+            self.cprofile = None
+
+    def _summarise_torch(self, profiler) -> dict:
+        n = self.iterations
+        events = profiler.events()
+        cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+        ops = {}
+        for e in cpu:
+            if e.name.startswith("aten::"):
+                entry = ops.setdefault(e.name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += e.self_cpu_time_total
+        top_ops = sorted(ops.items(), key=lambda kv: -kv[1][1])[:self.top]
+        launches = sorted(e.time_range.start for e in cpu if e.name in LAUNCH_EVENTS)
+        top_level = sorted(e.time_range.start for e in cpu if e.name.startswith("aten::") and (
+            e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+        parts = {}
+        for e in cpu:
+            if e.name.startswith("part::"):
+                part = parts.setdefault(e.name[len("part::"):], dict(host_ms=0.0, launches=0, aten_calls=0))
+                start, end = e.time_range.start, e.time_range.end
+                part["host_ms"] += (end - start) / 1e3 / n
+                part["launches"] += sum(start <= t < end for t in launches) / n
+                part["aten_calls"] += sum(start <= t < end for t in top_level) / n
+        return dict(
+            iterations=n,
+            launches_per_iteration=len(launches) / n,
+            aten_calls_per_iteration=len(top_level) / n,
+            parts=parts,
+            aten_by_self_cpu=[dict(op=name, calls=calls / n, self_cpu_ms=us / 1e3 / n)
+                              for name, (calls, us) in top_ops])
+
+    def _summarise_cprofile(self, profile) -> dict:
+        import pstats
+        stats = pstats.Stats(profile).stats
+        rows = [dict(function=f"{Path(file).name}:{line}({name})", calls=calls, own_ms=1e3 * own,
+                     cumulative_ms=1e3 * cumulative)
+                for (file, line, name), (_, calls, own, cumulative, _) in stats.items()]
+        return dict(by_cumulative=sorted(rows, key=lambda r: -r["cumulative_ms"])[:self.top],
+                    by_own=sorted(rows, key=lambda r: -r["own_ms"])[:self.top])
 
 
 def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: Path):
@@ -385,7 +493,15 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             runner = Runner.from_cfg(cfg)
         clock = PartClock(cuda)
         window = (max(args.warmup, args.iters - args.profile_iters), args.iters)
-        hook = ThroughputHook(clock, window)
+        host_profile = None
+        if args.host_profile:
+            # Its window and the cProfile iteration end where the GPU-busy window starts.
+            first = window[0] - args.host_profile - 1
+            if first < args.warmup:
+                raise ValueError(f"--host-profile {args.host_profile} needs --iters >= --warmup + "
+                                 f"--profile-iters + {args.host_profile + 1}")
+            host_profile = HostProfile(clock, first, args.host_profile)
+        hook = ThroughputHook(clock, window, host_profile=host_profile)
         runner.register_hook(hook)
         model = runner.model
         clock.wrap(model.data_preprocessor, "forward", "preprocess")
@@ -399,7 +515,10 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
         with quiet_mmengine():
             runner.train()
         row["train_wall_s"] = time.perf_counter() - start
-        steady = hook.iteration_s[args.warmup:] or hook.iteration_s
+        # iteration_s[k] is iteration k + 1's; the host profile's iterations are left out.
+        profiled = set(host_profile.iterations_profiled()) if host_profile is not None else set()
+        steady = [t for k, t in enumerate(hook.iteration_s) if k >= args.warmup and k + 1 not in profiled]
+        steady = steady or hook.iteration_s
         median = statistics.median(steady)
         row.update(
             s_per_iter_median=median, s_per_iter_mean=statistics.mean(steady),
@@ -419,11 +538,12 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             optimizer_groups=len(runner.optim_wrapper.optimizer.param_groups),
             peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
             gpu_busy_fraction=hook.busy_fraction,
-            parts=clock.medians(args.warmup),
+            parts=clock.medians(args.warmup, leave_out=profiled),
             iteration_s=hook.iteration_s,
             padded_sizes=hook.sizes,
             slow_iterations=slow_iterations(hook, args.warmup, median),
             projection_1x_hours=ITERATIONS_1X * median / 3600,
+            host_profile=host_profile.summary if host_profile is not None else None,
         )
         row.update(evaluate(args, runner) if args.eval_images else {})
     row["environment"] = environment()
@@ -514,6 +634,26 @@ def print_rows(rows) -> None:
                 cells[part] = f"{t['host_ms']:.1f} ({gpu})"
             parts.append(cells)
     print_table(parts, ["variant", *PARTS], title="median ms per iteration, host (GPU)")
+    for r in rows:
+        if r.get("host_profile"):
+            print_host_profile(r["variant"], r["host_profile"])
+
+
+def print_host_profile(variant: str, summary: dict, top: int = 25) -> None:
+    from benchmarks.common import print_table
+    print(f"\nhost profile of {variant} ({summary['iterations']} iterations): "
+          f"{summary['launches_per_iteration']:.0f} kernel launches and "
+          f"{summary['aten_calls_per_iteration']:.0f} aten calls per iteration")
+    print_table([dict(part=name, **cells) for name, cells in summary["parts"].items()],
+                ["part", "host_ms", "launches", "aten_calls"], title="per part, per iteration (profiled)")
+    print_table(summary["aten_by_self_cpu"][:top], ["op", "calls", "self_cpu_ms"],
+                title="aten ops by self CPU time per iteration")
+    python = summary.get("python")
+    if python:
+        print_table(python["by_cumulative"][:top], ["function", "calls", "cumulative_ms", "own_ms"],
+                    title="Python functions by cumulative time, one iteration under cProfile")
+        print_table(python["by_own"][:top], ["function", "calls", "own_ms", "cumulative_ms"],
+                    title="Python functions by own time")
 
 
 def markdown_table(rows, link: str) -> str:
@@ -540,6 +680,9 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=20, help="iterations left out of the statistics")
     parser.add_argument("--profile-iters", type=int, default=5, help="iterations in the profiler window")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="profile the host (torch.profiler, CPU and CUDA) over N iterations before the "
+                             "GPU-busy window, then one iteration under cProfile")
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
     parser.add_argument("--images", type=int, default=400, help="images in the generated set")
     parser.add_argument("--eval-images", type=int, default=50)
@@ -561,6 +704,8 @@ def main(argv=None) -> None:
     if args.sanity:
         args.iters, args.warmup, args.images, args.eval_images, args.workers = 2, 0, 6, 2, 0
         args.profile_iters = 1
+        if args.host_profile:  # its window and the cProfile iteration come before the busy window's
+            args.iters += args.host_profile + 1
         args.amp = "off"  # mmengine's AmpOptimWrapper refuses the CPU
 
     data_parent = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="coco_like_"))
@@ -583,7 +728,7 @@ def main(argv=None) -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--json", out.name,
                    "--data", str(data_parent)]
-            for flag in ("arch", "iters", "warmup", "profile_iters", "amp", "images", "eval_images", "workers",
+            for flag in ("arch", "iters", "warmup", "profile_iters", "host_profile", "amp", "images", "eval_images", "workers",
                          "seed"):
                 if getattr(args, flag) is not None:
                     cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
