@@ -49,23 +49,32 @@ COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (612, 612), (640, 
 # AdamW), cuDNN on or off (CudnnHook; None: as the config says, i.e. off), extra hooks, and a
 # fixed input size instead of the multi-scale resize. The paper's model (reference kernels) keeps
 # mmdet's box assigners and anchor generator; this repository's variants use the configs'.
+# `gemm`: the dense convolutions as batched GEMMs (GemmConvHook), part of the per-size fix with
+# cuDNN off, so the baselines given that fix get it too (None: as the config says, i.e. on).
 VARIANTS = {
-    "paper": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=True,
+    "paper": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=True, gemm=False,
                   describe="the paper's model and recipe as they ship (eager attention and convs, "
                            "per-parameter AdamW, cuDNN)"),
-    "paper-no-cudnn": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=False,
-                           describe="the paper's model and recipe, cuDNN off"),
+    "paper-no-cudnn": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=False, gemm=True,
+                           describe="the paper's model and recipe, cuDNN off, GEMM convolutions"),
     "paper+repo-optim": dict(attn_impl="reference", conv_impl="reference", optimizer="repo", cudnn=False,
-                             describe="the paper's model with this repository's optimizer, cuDNN off"),
-    "default": dict(attn_impl="auto", conv_impl="auto", optimizer="repo", cudnn=None,
-                    describe="this repository's defaults (fused kernels, merged fused AdamW, cuDNN off)"),
+                             gemm=True, describe="the paper's model with this repository's optimizer, cuDNN off, "
+                                                 "GEMM convolutions"),
+    "default": dict(attn_impl="auto", conv_impl="auto", optimizer="repo", cudnn=None, gemm=None,
+                    describe="this repository's defaults (fused kernels, merged fused AdamW, cuDNN off, "
+                             "GEMM convolutions)"),
 }
 VARIANTS.update({
-    "default-cudnn": dict(VARIANTS["default"], cudnn=True,
+    "default-no-gemm": dict(VARIANTS["default"], gemm=False,
+                            describe="defaults without GEMM convolutions (PyTorch's per-image path)"),
+    "paper-no-cudnn-no-gemm": dict(VARIANTS["paper-no-cudnn"], gemm=False,
+                                   describe="the paper's model and recipe, cuDNN off, PyTorch's per-image "
+                                            "convolutions"),
+    "default-cudnn": dict(VARIANTS["default"], cudnn=True, gemm=False,
                           describe="this repository's defaults with cuDNN on (before the per-size fix)"),
     # Kept out of the defaults: exact, but each new bucket pays cuDNN's setup (measured: slower
     # than cuDNN off over 40 iterations, README of benchmarks/).
-    "default-buckets": dict(VARIANTS["default"], cudnn=True, hooks=[dict(type="ConvShapeBucketsHook")],
+    "default-buckets": dict(VARIANTS["default"], cudnn=True, gemm=False, hooks=[dict(type="ConvShapeBucketsHook")],
                             describe="defaults with cuDNN on and bucketed convolutions (ConvShapeBucketsHook)"),
 })
 # Each stage's blocks compiled into CUDA graphs on canvases of multiples of 128 pixels (exact but
@@ -233,9 +242,11 @@ class ThroughputHook(Hook):
         self.compiles = []
         self.kernel_specialisations = []
         self.cudnn = None
+        self.gemm_convolutions = None
 
     def before_train(self, runner):
         self.cudnn = torch.backends.cudnn.enabled  # as CudnnHook (a higher priority) left it
+        self.gemm_convolutions = sum('_plain_forward' in vars(m) for m in runner.model.modules())
         # The runner builds its optimizer wrapper inside train(), so its parts are wrapped here.
         self.clock.wrap(runner.optim_wrapper, "backward", "backward")
         self.clock.wrap(runner.optim_wrapper, "step", "optimizer")
@@ -412,10 +423,14 @@ def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: 
         cfg.optim_wrapper.dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
         cfg.optim_wrapper.loss_scale = "dynamic"
     # A variant's hooks replace the config's of the same type (the configs carry BlockGraphsHook off).
-    replaced = {h["type"] for h in variant.get("hooks", [])} | ({"CudnnHook"} if variant["cudnn"] is not None else set())
+    replaced = {h["type"] for h in variant.get("hooks", [])}
+    replaced |= {"CudnnHook"} if variant["cudnn"] is not None else set()
+    replaced |= {"GemmConvHook"} if variant["gemm"] is not None else set()
     hooks = [h for h in cfg.get("custom_hooks", []) if h["type"] not in replaced]
     if variant["cudnn"] is not None:
         hooks.append(dict(type="CudnnHook", enabled=variant["cudnn"]))
+    if variant["gemm"] is not None:
+        hooks.append(dict(type="GemmConvHook", enabled=variant["gemm"]))
     cfg.custom_hooks = hooks + list(variant.get("hooks", []))
     for loader in ("train_dataloader", "test_dataloader"):
         dataset = cfg[loader].dataset
@@ -533,6 +548,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             if hook.compiles else 0,
             kernel_specialisations=hook.kernel_specialisations,
             cudnn=hook.cudnn,
+            gemm_convolutions=hook.gemm_convolutions,
             assigner=cfg.model.train_cfg.rpn.assigner.type,
             anchor_generator=cfg.model.rpn_head.anchor_generator.type,
             optimizer_groups=len(runner.optim_wrapper.optimizer.param_groups),

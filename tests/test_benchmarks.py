@@ -391,12 +391,37 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
     assert [by_name[n]["cudnn"] for n in ("paper-no-cudnn", "paper+repo-optim", "default")] == [False] * 3
     # The yardstick of the per-size target sees one input size.
     assert by_name["default@fixed"]["distinct_input_sizes"] == 1
+    # GEMM convolutions with cuDNN off, the baselines given the fix too; the recipe as it ships without.
+    assert by_name["paper"]["gemm_convolutions"] == 0
+    assert all(by_name[n]["gemm_convolutions"] > 20 for n in ("paper-no-cudnn", "paper+repo-optim", "default"))
     annotations = json.loads((data / "instances.json").read_text())
     per_image = {}
     for ann in annotations["annotations"]:
         per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
         assert len(ann["segmentation"][0]) >= 10 and 1 <= ann["category_id"] <= 80
     assert len(annotations["images"]) == 6 and all(1 <= n <= 15 for n in per_image.values())
+
+
+def test_train_throughput_host_profile_reports_parts_ops_and_python(tmp_path):
+    """--host-profile: the profiled iterations' per-part host time and aten calls, the aten ops by
+    self CPU time and one iteration's Python functions, left out of the statistics."""
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"), "--sanity",
+                             "--variants", "default", "--host-profile", "1", "--json", str(out),
+                             "--data", str(tmp_path / "coco_like")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = load_rows(out)[0]
+    summary = row["host_profile"]
+    assert summary["iterations"] == 1 and summary["aten_calls_per_iteration"] > 100
+    assert {"backbone", "neck", "rpn", "roi", "backward"} <= set(summary["parts"])
+    assert all(part["host_ms"] > 0 for part in summary["parts"].values())
+    assert summary["parts"]["backbone"]["aten_calls"] > 10
+    assert summary["aten_by_self_cpu"][0]["self_cpu_ms"] >= summary["aten_by_self_cpu"][-1]["self_cpu_ms"] > 0
+    functions = [r["function"] for r in summary["python"]["by_cumulative"]]
+    assert any("train_step" in f for f in functions)
+    # 2 timed iterations + the profiled one + the cProfile one; the statistics keep the timed ones.
+    assert row["iterations"] == 4 and len(row["iteration_s"]) == 3
+    assert "host profile of default" in result.stdout
 
 
 def test_batch_transfer_measures_both_modes(tmp_path):

@@ -222,7 +222,8 @@ def test_rope_tables_are_not_parameters(detectors):
 def test_coco_configs_switch_cudnn_off_and_the_documented_switch_turns_it_back_on(configs, key):
     cfg = configs[key]
     hooks = [h['type'] for h in cfg.custom_hooks]
-    assert hooks == ['RNGStateHook', 'CudnnHook', 'BlockGraphsHook'] and cfg.custom_hooks[1]['enabled'] is False
+    assert hooks == ['RNGStateHook', 'CudnnHook', 'BlockGraphsHook', 'GemmConvHook']
+    assert cfg.custom_hooks[1]['enabled'] is False
     switched = Config.fromfile(config_path(*key))
     switched.merge_from_dict({'custom_hooks.1.enabled': True})  # what --cfg-options does
     assert switched.custom_hooks[1] == dict(type='CudnnHook', enabled=True)
@@ -238,6 +239,17 @@ def test_coco_configs_carry_block_graphs_switched_off_with_a_documented_switch(c
     switched.merge_from_dict({'custom_hooks.2.enabled': True})
     hook = BlockGraphsHook(**{k: v for k, v in switched.custom_hooks[2].items() if k != 'type'})
     assert hook.enabled and hook.backend == 'cudagraphs' and hook.canvas_multiple == 128
+
+
+@pytest.mark.parametrize('key', CONFIGS, ids=CONFIG_IDS)
+def test_coco_configs_run_dense_convolutions_as_gemms_with_a_documented_switch(configs, key):
+    from mlla_det.engine import GemmConvHook
+
+    cfg = configs[key]
+    assert cfg.custom_hooks[3] == dict(type='GemmConvHook', enabled=True)
+    switched = Config.fromfile(config_path(*key))
+    switched.merge_from_dict({'custom_hooks.3.enabled': False})
+    assert not GemmConvHook(**{k: v for k, v in switched.custom_hooks[3].items() if k != 'type'}).enabled
 
 
 def test_cudnn_hook_sets_cudnn_for_the_run_and_restores_it():

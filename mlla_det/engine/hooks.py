@@ -23,7 +23,7 @@ from mmdet.registry import HOOKS
 
 from .cudagraphs_per_shape import cudagraphs_per_shape
 
-__all__ = ['BlockGraphsHook', 'ConvShapeBucketsHook', 'CudnnHook', 'RNGStateHook', 'capture_rng_state', 'restore_rng_state']
+__all__ = ['BlockGraphsHook', 'ConvShapeBucketsHook', 'CudnnHook', 'GemmConvHook', 'RNGStateHook', 'capture_rng_state', 'restore_rng_state']
 
 RNG_STATE_KEY = 'rng_state'
 
@@ -267,6 +267,37 @@ class CudnnHook(Hook):
         if self._previous is not None:
             torch.backends.cudnn.enabled = self._previous
             self._previous = None
+
+
+@HOOKS.register_module()
+class GemmConvHook(Hook):
+    """Before the run (training or testing), make the model's dense convolutions and transposed
+    convolutions batched GEMMs (mlla_det/models/gemm_conv.py): the same function, summed in
+    another order. With cuDNN off (CudnnHook), PyTorch's own path for them loops over the batch,
+    an im2col and a GEMM per image, forward and backward; the mask head's 100-250 RoIs per
+    iteration made that thousands of kernel launches. One product per convolution has no per-shape
+    setup either. Depthwise convolutions stay on PyTorch's kernel. ``enabled=False`` (the configs'
+    switch) leaves the model untouched; the previous forwards come back after the run."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = bool(enabled)
+        self._model = None
+
+    def before_run(self, runner) -> None:
+        if not self.enabled:
+            return
+        from ..models.gemm_conv import gemm_convolutions
+        self._model = _bare_model(runner)
+        count = gemm_convolutions(self._model)
+        print_log(f'GemmConvHook: {count} convolutions run as batched GEMMs', logger='current')
+
+    def after_run(self, runner) -> None:
+        if self._model is not None:
+            from ..models.gemm_conv import ungemm_convolutions
+            ungemm_convolutions(self._model)
+            self._model = None
 
 
 @HOOKS.register_module()
