@@ -310,6 +310,20 @@ def compile_count() -> int:
         return 0
 
 
+def _call_site(event, frames: int = 2) -> list:
+    """The innermost `frames` Python frames (the profiler's python_function parents of an op, with
+    with_stack=True) outside torch and this script."""
+    kept = []
+    parent = event.cpu_parent
+    while parent is not None and len(kept) < frames:
+        name = parent.name
+        if ".py(" in name and not name.startswith("torch/") and "/torch/" not in name \
+                and "train_throughput.py" not in name:
+            kept.append(name.split("site-packages/")[-1])
+        parent = parent.cpu_parent
+    return kept
+
+
 def _synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -344,7 +358,7 @@ class HostProfile:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler = torch.profiler.profile(activities=activities, with_stack=True)
             self.profiler.__enter__()
             self.clock.scoped = True
         elif batch_idx == self.first + self.iterations and self.summary is not None:
@@ -387,13 +401,26 @@ class HostProfile:
                 part["host_ms"] += (end - start) / 1e3 / n
                 part["launches"] += sum(start <= t < end for t in launches) / n
                 part["aten_calls"] += sum(start <= t < end for t in top_level) / n
+        # Where the costliest and the most frequent ops are called from (outside torch).
+        traced = {name for name, _ in top_ops[:12]} | {name for name, (calls, _) in ops.items() if calls >= 300 * n}
+        sites = {}
+        for e in cpu:
+            if e.name in traced:
+                site = " < ".join(_call_site(e)) or "(autograd engine or C++)"
+                entry = sites.setdefault(e.name, {}).setdefault(site, [0, 0.0])
+                entry[0] += 1
+                entry[1] += e.self_cpu_time_total
+        call_sites = {name: [dict(site=site, calls=c / n, self_cpu_ms=us / 1e3 / n)
+                             for site, (c, us) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:4]]
+                      for name, by_site in sites.items()}
         return dict(
             iterations=n,
             launches_per_iteration=len(launches) / n,
             aten_calls_per_iteration=len(top_level) / n,
             parts=parts,
             aten_by_self_cpu=[dict(op=name, calls=calls / n, self_cpu_ms=us / 1e3 / n)
-                              for name, (calls, us) in top_ops])
+                              for name, (calls, us) in top_ops],
+            call_sites=call_sites)
 
     def _summarise_cprofile(self, profile) -> dict:
         import pstats
@@ -664,6 +691,8 @@ def print_host_profile(variant: str, summary: dict, top: int = 25) -> None:
                 ["part", "host_ms", "launches", "aten_calls"], title="per part, per iteration (profiled)")
     print_table(summary["aten_by_self_cpu"][:top], ["op", "calls", "self_cpu_ms"],
                 title="aten ops by self CPU time per iteration")
+    sites = [dict(op=op, **site) for op, by_site in summary.get("call_sites", {}).items() for site in by_site]
+    print_table(sites, ["op", "site", "calls", "self_cpu_ms"], title="where they are called from")
     python = summary.get("python")
     if python:
         print_table(python["by_cumulative"][:top], ["function", "calls", "cumulative_ms", "own_ms"],
