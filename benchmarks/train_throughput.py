@@ -448,7 +448,8 @@ def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: 
     if args.amp != "off":
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
-        cfg.optim_wrapper.loss_scale = "dynamic"
+        # bf16 has fp32's range: a loss scaler only adds its unscale, inf checks and a host sync.
+        cfg.optim_wrapper.loss_scale = "dynamic" if args.loss_scale == "dynamic" else dict(enabled=False)
     # A variant's hooks replace the config's of the same type (the configs carry BlockGraphsHook off).
     replaced = {h["type"] for h in variant.get("hooks", [])}
     replaced |= {"CudnnHook"} if variant["cudnn"] is not None else set()
@@ -529,6 +530,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
         cfg = build_config(args, variant, data_dir, ann_file, Path(work_dir))
         images_per_gpu = cfg.train_dataloader.batch_size
         row = dict(variant=name, describe=variant["describe"], arch=args.arch.upper(), amp=args.amp,
+                   loss_scale=args.loss_scale if args.amp != "off" else None,
                    images_per_gpu=images_per_gpu, iterations=args.iters, warmup=args.warmup,
                    dataloader_workers=cfg.train_dataloader.num_workers)
         with quiet_mmengine():
@@ -729,6 +731,8 @@ def main(argv=None) -> None:
                         help="profile the host (torch.profiler, CPU and CUDA) over N iterations before the "
                              "GPU-busy window, then one iteration under cProfile")
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
+    parser.add_argument("--loss-scale", default="dynamic", choices=("dynamic", "off"),
+                        help="AmpOptimWrapper's loss scaling (tools/train.py --amp: dynamic)")
     parser.add_argument("--images", type=int, default=400, help="images in the generated set")
     parser.add_argument("--eval-images", type=int, default=50)
     parser.add_argument("--workers", type=int, help="dataloader workers (default: the config's, as "
@@ -773,7 +777,7 @@ def main(argv=None) -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--json", out.name,
                    "--data", str(data_parent)]
-            for flag in ("arch", "iters", "warmup", "profile_iters", "host_profile", "amp", "images", "eval_images", "workers",
+            for flag in ("arch", "iters", "warmup", "profile_iters", "host_profile", "amp", "loss_scale", "images", "eval_images", "workers",
                          "seed"):
                 if getattr(args, flag) is not None:
                     cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
