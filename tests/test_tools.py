@@ -170,3 +170,23 @@ def test_polygons_the_evaluation_cannot_rasterise_are_named_up_front(tmp_path):
         assert_fails_with(result, 'fewer than 3 points', 'annotation 101 (image 7): 4 numbers',
                           'annotation 103 (image 7): 5 numbers')
         assert 'annotation 100 ' not in result[2] and 'annotation 102 ' not in result[2]
+
+
+def test_amp_modes_set_the_optimizer_wrapper():
+    """--amp (fp16, dynamic loss scale, as before) and --amp bf16 (no loss scaler)."""
+    import importlib.util
+
+    from mmengine.config import Config
+    spec = importlib.util.spec_from_file_location('train_tool', osp.join(REPO_ROOT, 'tools', 'train.py'))
+    train_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tool)
+    assert train_tool.parse_args(['c.py', '--amp']).amp == 'fp16'
+    assert train_tool.parse_args(['c.py', '--amp', 'bf16']).amp == 'bf16'
+    assert train_tool.parse_args(['c.py']).amp is None
+    for amp, dtype, loss_scale in (('fp16', 'float16', 'dynamic'), ('bf16', 'bfloat16', dict(enabled=False))):
+        cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-4))))
+        train_tool.apply_amp(cfg, amp)
+        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+        assert cfg.optim_wrapper.dtype == dtype and cfg.optim_wrapper.loss_scale == loss_scale
+    with pytest.raises(ValueError, match='fp16 or bf16'):
+        train_tool.apply_amp(cfg, 'fp8')

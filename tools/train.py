@@ -1,6 +1,6 @@
 """Train a detector with an MLLA backbone (mmdetection 3.x style).
 
-    python tools/train.py configs/mlla/mask-rcnn_mlla-t_fpn_1x_coco.py [--work-dir DIR] [--amp]
+    python tools/train.py configs/mlla/mask-rcnn_mlla-t_fpn_1x_coco.py [--work-dir DIR] [--amp [fp16|bf16]]
     bash tools/dist_train.sh configs/mlla/mask-rcnn_mlla-t_fpn_1x_coco.py 8 [--amp]
 
 The checks below run before mmengine's Runner starts, so a missing config, dataset or pretrained
@@ -62,8 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('config', help='config file, e.g. configs/mlla/mask-rcnn_mlla-t_fpn_1x_coco.py')
     parser.add_argument('--work-dir', help='directory for logs and checkpoints '
                         '(default: ./work_dirs/<config name>)')
-    parser.add_argument('--amp', action='store_true',
-                        help='automatic mixed precision (AmpOptimWrapper, dynamic loss scale)')
+    parser.add_argument('--amp', nargs='?', const='fp16', choices=('fp16', 'bf16'),
+                        help='automatic mixed precision (AmpOptimWrapper): --amp or --amp fp16 with a '
+                             'dynamic loss scale; --amp bf16 without one (bf16 has fp32\'s range)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate by total batch / auto_scale_lr.base_batch_size')
     parser.add_argument(
@@ -288,14 +289,27 @@ def init_distributed_without_cuda(cfg: Config) -> None:
 
 # ------------------------------------------------------------------------------ main
 
+def apply_amp(cfg: Config, amp: str) -> None:
+    """--amp: mmengine's AmpOptimWrapper in fp16 with a dynamic loss scale, or in bf16 without one
+    (a loss scaler would only add its unscaling, inf checks and a host sync per iteration)."""
+    cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    if amp == 'bf16':
+        cfg.optim_wrapper.dtype = 'bfloat16'
+        cfg.optim_wrapper.loss_scale = dict(enabled=False)
+    elif amp == 'fp16':
+        cfg.optim_wrapper.dtype = 'float16'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    else:
+        raise ValueError(f"--amp takes fp16 or bf16, got {amp!r}")
+
+
 def prepare(args: argparse.Namespace) -> Config:
     require_config_file(args.config)
     import_mlla_det()
     cfg = load_config(args)
 
     if args.amp:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+        apply_amp(cfg, args.amp)
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise PreflightError("--auto-scale-lr needs auto_scale_lr = dict(enable=..., "
