@@ -89,6 +89,7 @@ class _Conv2dGemm(torch.autograd.Function):
                 grad_x = grad_columns.view_as(x)
             else:
                 grad_x = F.fold(grad_columns, size, kernel, padding=padding, stride=stride)
+            del grad_columns  # before the columns are made again: one of the two at a time
         if ctx.needs_input_grad[1]:
             columns = _columns(x, kernel, padding, stride)
             grad_weight = _sum_of_products(grad_out, columns).view_as(weight)
