@@ -47,6 +47,8 @@
 #   train-graphs     train_throughput.py, 120 iterations each of TRAIN_VARIANTS (default: the defaults, the
 #                    defaults with pinned batches, one fixed size; ~1.5 min each, ~3.5 min with the blocks'
 #                    CUDA graphs), under TRAIN_TIMEOUT seconds (330)
+#   train-gemm       GemmConvHook's GPU tests, linear_host_cost.py, then train_throughput.py: the defaults against
+#                    the defaults with GEMM convolutions (host profile of both), 60 iterations (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
 #   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
 #                    prediction (needs a 2-GPU machine; ~8 min on 2 x H200: run it alone)
@@ -193,6 +195,13 @@ for stage in "$@"; do
         --variants "${TRAIN_VARIANTS:-default,default-pinned,default@fixed}" --iters 120 --warmup 40 --eval-images 20 \
         --json "$out/train_throughput_graphs.json" > "$out/train_throughput_graphs.log" 2>&1
       grep -v -i warn "$out/train_throughput_graphs.log" | tail -n 30 ;;
+    train-gemm)
+      gpu_tests tests/test_gemm_conv.py > "$out/gemm_tests.log" 2>&1
+      tail -n 3 "$out/gemm_tests.log"
+      timeout 60 python3 benchmarks/linear_host_cost.py --json "$out/linear_host_cost.json"
+      timeout 300 python3 benchmarks/train_throughput.py --variants default,default-gemm --iters 60 --warmup 22 \
+        --eval-images 10 --host-profile 2 --json "$out/train_throughput_gemm.json" > "$out/train_throughput_gemm.log" 2>&1
+      grep -A8 -E "training on|median ms per" "$out/train_throughput_gemm.log" ;;
     shapes)
       timeout 560 python3 tools/shapes_quickstart.py --work-dir /tmp/shapes_work --data-root /tmp/shapes_data \
         > "$out/shapes_quickstart.log" 2>&1

@@ -242,14 +242,14 @@ def test_coco_configs_carry_block_graphs_switched_off_with_a_documented_switch(c
 
 
 @pytest.mark.parametrize('key', CONFIGS, ids=CONFIG_IDS)
-def test_coco_configs_run_dense_convolutions_as_gemms_with_a_documented_switch(configs, key):
+def test_coco_configs_carry_gemm_convolutions_with_a_documented_switch(configs, key):
     from mlla_det.engine import GemmConvHook
 
     cfg = configs[key]
-    assert cfg.custom_hooks[3] == dict(type='GemmConvHook', enabled=True)
+    assert cfg.custom_hooks[3] == dict(type='GemmConvHook', enabled=False)
     switched = Config.fromfile(config_path(*key))
-    switched.merge_from_dict({'custom_hooks.3.enabled': False})
-    assert not GemmConvHook(**{k: v for k, v in switched.custom_hooks[3].items() if k != 'type'}).enabled
+    switched.merge_from_dict({'custom_hooks.3.enabled': True})
+    assert GemmConvHook(**{k: v for k, v in switched.custom_hooks[3].items() if k != 'type'}).enabled
 
 
 def test_cudnn_hook_sets_cudnn_for_the_run_and_restores_it():

@@ -78,7 +78,8 @@ optim_wrapper = dict(
 # mlla_det/engine/hooks.py). Back to cuDNN: --cfg-options custom_hooks.1.enabled=True
 # The blocks as CUDA graphs on bounded canvases (BlockGraphsHook; same outputs up to rounding):
 # off, measured no faster on the 1x pipeline (benchmarks/README.md); on: --cfg-options custom_hooks.2.enabled=True
-# Dense convolutions as batched GEMMs (GemmConvHook): without cuDNN, PyTorch's own path loops over
-# the images (and the mask head's RoIs) one by one. Off: --cfg-options custom_hooks.3.enabled=False
+# Dense convolutions as batched GEMMs (GemmConvHook; same function, tests/test_gemm_conv.py):
+# without cuDNN, PyTorch's own path loops over the images (and the mask head's RoIs) one by one.
+# Off until its speed is measured on a GPU (benchmarks/README.md); on: --cfg-options custom_hooks.3.enabled=True
 custom_hooks = [dict(type='RNGStateHook'), dict(type='CudnnHook', enabled=False),
-                dict(type='BlockGraphsHook', enabled=False), dict(type='GemmConvHook', enabled=True)]
+                dict(type='BlockGraphsHook', enabled=False), dict(type='GemmConvHook', enabled=False)]
