@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .forward_overrides import override_forwards, restore_forwards
+
 __all__ = ['bucket_size', 'bucket_convolutions', 'unbucket_convolutions', 'bucketed_convolution']
 
 STEPS_PER_OCTAVE = 4
@@ -71,22 +73,10 @@ def bucket_convolutions(model: nn.Module, exclude=()) -> int:
     state dict and outputs stay as they are. unbucket_convolutions undoes it."""
     excluded = [model.get_submodule(name) for name in exclude]
     skip = {id(m) for root in excluded for m in root.modules()}
-    count = 0
-    for module in model.modules():
-        if id(module) in skip or not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            continue
-        if '_unbucketed_forward' not in vars(module):
-            module._unbucketed_forward = module.forward
-            module.forward = functools.partial(bucketed_convolution, module)
-        count += 1
-    return count
+    return override_forwards(
+        model, lambda m: id(m) not in skip and isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)),
+        lambda m: functools.partial(bucketed_convolution, m), '_unbucketed_forward')
 
 
 def unbucket_convolutions(model: nn.Module) -> int:
-    count = 0
-    for module in model.modules():
-        if '_unbucketed_forward' in vars(module):
-            del module.forward
-            del module._unbucketed_forward
-            count += 1
-    return count
+    return restore_forwards(model, '_unbucketed_forward')

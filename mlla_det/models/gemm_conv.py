@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .forward_overrides import override_forwards, restore_forwards
+
 __all__ = ['conv2d_gemm', 'conv_transpose2d_gemm', 'gemm_convolutions', 'ungemm_convolutions']
 
 Pair = Tuple[int, int]
@@ -184,23 +186,13 @@ def gemm_convolutions(model: nn.Module) -> int:
     """Make every dense nn.Conv2d / nn.ConvTranspose2d under model run as batched GEMMs; returns
     how many. Grouped (depthwise), dilated and non-zero-padded ones are left as they are.
     Idempotent; parameters and state dict are unchanged. ungemm_convolutions undoes it."""
-    count = 0
-    for module in model.modules():
-        if not _eligible(module):
-            continue
-        if '_plain_forward' not in vars(module):
-            module._plain_forward = module.forward
-            forward = _conv_transpose2d_forward if isinstance(module, nn.ConvTranspose2d) else _conv2d_forward
-            module.forward = functools.partial(forward, module)
-        count += 1
-    return count
+    return override_forwards(model, _eligible, _gemm_forward, '_plain_forward')
+
+
+def _gemm_forward(module: nn.Module):
+    forward = _conv_transpose2d_forward if isinstance(module, nn.ConvTranspose2d) else _conv2d_forward
+    return functools.partial(forward, module)
 
 
 def ungemm_convolutions(model: nn.Module) -> int:
-    count = 0
-    for module in model.modules():
-        if '_plain_forward' in vars(module):
-            del module.forward
-            del module._plain_forward
-            count += 1
-    return count
+    return restore_forwards(model, '_plain_forward')
