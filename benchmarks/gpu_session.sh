@@ -49,6 +49,8 @@
 #                    CUDA graphs), under TRAIN_TIMEOUT seconds (330)
 #   train-gemm       GemmConvHook's GPU tests, linear_host_cost.py, then train_throughput.py: the defaults against
 #                    the defaults with GEMM convolutions (host profile of both), 60 iterations (~5 min)
+#   train-gemm-paper train_throughput.py: the paper's model with this repository's optimizer and the paper's
+#                    recipe, both with GEMM convolutions, and the defaults with them, 50 iterations (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
 #   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
 #                    prediction (needs a 2-GPU machine; ~8 min on 2 x H200: run it alone)
@@ -202,6 +204,11 @@ for stage in "$@"; do
       timeout 300 python3 benchmarks/train_throughput.py --variants default,default-gemm --iters 60 --warmup 22 \
         --eval-images 10 --host-profile 2 --json "$out/train_throughput_gemm.json" > "$out/train_throughput_gemm.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_gemm.log" ;;
+    train-gemm-paper)
+      timeout 330 python3 benchmarks/train_throughput.py --variants paper-no-cudnn-gemm,paper+repo-optim-gemm,default-gemm \
+        --iters 50 --warmup 20 --eval-images 10 --json "$out/train_throughput_gemm_paper.json" \
+        > "$out/train_throughput_gemm_paper.log" 2>&1
+      grep -A8 -E "training on|median ms per" "$out/train_throughput_gemm_paper.log" ;;
     shapes)
       timeout 560 python3 tools/shapes_quickstart.py --work-dir /tmp/shapes_work --data-root /tmp/shapes_data \
         > "$out/shapes_quickstart.log" 2>&1
