@@ -51,6 +51,8 @@
 #                    the defaults with GEMM convolutions (host profile of both), 60 iterations (~5 min)
 #   train-gemm-paper train_throughput.py: the paper's model with this repository's optimizer and the paper's
 #                    recipe, both with GEMM convolutions, and the defaults with them, 50 iterations (~5 min)
+#   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (as
+#                    so far), bf16 without a loss scaler (tools/train.py --amp bf16), fp32 (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
 #   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
 #                    prediction (needs a 2-GPU machine; ~8 min on 2 x H200: run it alone)
@@ -209,6 +211,14 @@ for stage in "$@"; do
         --iters 50 --warmup 20 --eval-images 10 --json "$out/train_throughput_gemm_paper.json" \
         > "$out/train_throughput_gemm_paper.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_gemm_paper.log" ;;
+    train-precision)
+      for mode in "--amp bf16 --loss-scale dynamic" "--amp bf16 --loss-scale off" "--amp off"; do
+        name=$(echo "$mode" | tr -d '-' | tr ' ' '_')
+        # shellcheck disable=SC2086  # the mode is a word list
+        timeout 110 python3 benchmarks/train_throughput.py --variants default $mode --iters 50 --warmup 20 \
+          --eval-images 0 --json "$out/train_throughput_$name.json" > "$out/train_throughput_$name.log" 2>&1
+        echo "$mode"; grep -A4 "training on" "$out/train_throughput_$name.log" | tail -n 1
+      done ;;
     shapes)
       timeout 560 python3 tools/shapes_quickstart.py --work-dir /tmp/shapes_work --data-root /tmp/shapes_data \
         > "$out/shapes_quickstart.log" 2>&1
