@@ -215,7 +215,7 @@ for stage in "$@"; do
       for mode in "--amp bf16 --loss-scale dynamic" "--amp bf16 --loss-scale off" "--amp off"; do
         name=$(echo "$mode" | tr -d '-' | tr ' ' '_')
         # shellcheck disable=SC2086  # the mode is a word list
-        timeout 110 python3 benchmarks/train_throughput.py --variants default $mode --iters 50 --warmup 20 \
+        timeout 150 python3 benchmarks/train_throughput.py --variants default $mode --iters 50 --warmup 20 \
           --eval-images 0 --json "$out/train_throughput_$name.json" > "$out/train_throughput_$name.log" 2>&1
         echo "$mode"; grep -A4 "training on" "$out/train_throughput_$name.log" | tail -n 1
       done ;;
