@@ -72,6 +72,24 @@ def test_conv_transpose2d_gemm_is_conv_transpose2d_in_float64(case):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('geometry', [(3, 1, 1), (1, 0, 1), (3, 1, 2)], ids=['3x3', '1x1', '3x3-stride2'])
+def test_an_empty_batch_gives_empty_outputs_and_zero_weight_grads(geometry):
+    """No RoIs for the mask head (an iteration without positives): shapes as the convolution's,
+    zero weight and bias gradients, forward and backward without error."""
+    kernel, padding, stride = geometry
+    x = torch.randn(0, 4, 14, 14, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = conv2d_gemm(x, w, b, stride, padding)
+    assert out.shape == F.conv2d(x, w, b, stride, padding).shape
+    grad_x, grad_w, grad_b = torch.autograd.grad(out.sum(), [x, w, b])
+    assert grad_x.shape == x.shape and not grad_w.any() and not grad_b.any()
+    wt = torch.randn(4, 6, 2, 2, dtype=torch.float64, requires_grad=True)
+    up = conv_transpose2d_gemm(x, wt, None, 2)
+    assert up.shape == (0, 6, 28, 28)
+    assert not torch.autograd.grad(up.sum(), wt)[0].any()
+
+
 def test_autocast_follows_the_convolution():
     """Under autocast: the convolution's output dtype and values to bf16 rounding; float64 inputs
     stay float64, as autocast leaves them."""

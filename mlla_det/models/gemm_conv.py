@@ -72,17 +72,17 @@ class _Conv2dGemm(torch.autograd.Function):
         if bias is not None:
             products += bias[:, None]
         ctx.save_for_backward(x, weight)
-        ctx.geometry = (padding, stride, (height, width), bias is not None)
+        ctx.geometry = (padding, stride, (height, width), out_h * out_w, bias is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        padding, stride, size, has_bias = ctx.geometry
-        batch, channels = x.shape[:2]
+        padding, stride, size, positions, has_bias = ctx.geometry
+        batch = x.shape[0]
         out_channels, _, kernel_h, kernel_w = weight.shape
         kernel = (kernel_h, kernel_w)
-        grad_out = grad_out.reshape(batch, out_channels, -1)
+        grad_out = grad_out.reshape(batch, out_channels, positions)
         grad_x = grad_weight = grad_bias = None
         weight_matrix = weight.reshape(out_channels, -1)
         if ctx.needs_input_grad[0]:
