@@ -615,31 +615,43 @@ def _uses_graphs(variant: dict) -> bool:
 
 
 def evaluate(args, runner) -> dict:
-    """Images/s of the test pipeline over --eval-images images (after 3 untimed ones)."""
-    from mlla_det.engine import BlockGraphsHook
+    """Images/s of the test pipeline over --eval-images images (after 3 untimed ones), with the
+    run-scoped hooks (cuDNN switch, GEMM convolutions) in force as tools/test.py's runner.test()
+    has them: runner.train() has undone them by now. (Before 2026-12-07, fourth session, this
+    evaluation ran with cuDNN on in every variant, CudnnHook having restored it.)"""
+    from mlla_det.engine import BlockGraphsHook, CudnnHook, GemmConvHook
     loader = runner.build_dataloader(runner.cfg.test_dataloader)
     model = runner.model
     model.eval()
     times = []
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    last = time.perf_counter()
-    for index, batch in enumerate(loader):
-        if index >= args.eval_images + 3:
-            break
-        for hook in runner.hooks:  # what the test loop would call: a new step for CUDA graphs
-            if isinstance(hook, BlockGraphsHook):
-                hook.before_test_iter(runner, index, batch)
-        with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None):
-            model.test_step(batch)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        if index >= 3:
-            times.append(now - last)
-        last = now
+    run_hooks = [hook for hook in runner.hooks if isinstance(hook, (CudnnHook, GemmConvHook))]
+    for hook in run_hooks:
+        hook.before_run(runner)
+    in_force = dict(eval_cudnn=torch.backends.cudnn.enabled,
+                    eval_gemm_convolutions=sum('_plain_forward' in vars(m) for m in model.modules()))
+    try:
+        last = time.perf_counter()
+        for index, batch in enumerate(loader):
+            if index >= args.eval_images + 3:
+                break
+            for hook in runner.hooks:  # what the test loop would call: a new step for CUDA graphs
+                if isinstance(hook, BlockGraphsHook):
+                    hook.before_test_iter(runner, index, batch)
+            with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None):
+                model.test_step(batch)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if index >= 3:
+                times.append(now - last)
+            last = now
+    finally:
+        for hook in reversed(run_hooks):
+            hook.after_run(runner)
     median = statistics.median(times) if times else float("nan")
-    return dict(eval_s_per_image_median=median, eval_images_per_s=1.0 / median, eval_images=len(times))
+    return dict(eval_s_per_image_median=median, eval_images_per_s=1.0 / median, eval_images=len(times), **in_force)
 
 
 # ------------------------------------------------------------------------------------ driver

@@ -391,6 +391,9 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
     assert [by_name[n]["cudnn"] for n in ("paper-no-cudnn", "paper+repo-optim", "default")] == [False] * 3
     # The yardstick of the per-size target sees one input size.
     assert by_name["default@fixed"]["distinct_input_sizes"] == 1
+    # Evaluation with the run's cuDNN setting, as tools/test.py has it (train() has undone it by then).
+    assert by_name["paper"]["eval_cudnn"] is True
+    assert [by_name[n]["eval_cudnn"] for n in ("paper-no-cudnn", "paper+repo-optim", "default")] == [False] * 3
     # GEMM convolutions as the config says (off for now), for the defaults and the baselines given the
     # cuDNN fix alike; never for the recipe as it ships.
     assert by_name["paper"]["gemm_convolutions"] == 0
@@ -424,7 +427,7 @@ def test_train_throughput_host_profile_reports_parts_ops_and_python(tmp_path):
     # 2 timed iterations + the profiled one + the cProfile one; the statistics keep the timed ones.
     assert row["iterations"] == 4 and len(row["iteration_s"]) == 3
     assert "host profile of default-gemm" in result.stdout
-    assert row["gemm_convolutions"] > 20
+    assert row["gemm_convolutions"] > 20 and row["eval_gemm_convolutions"] == row["gemm_convolutions"]
 
 
 def test_batch_transfer_measures_both_modes(tmp_path):
