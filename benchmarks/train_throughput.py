@@ -21,6 +21,7 @@ keep-ratio, batch 1, as tools/test.py runs it) with the detection threshold at 0
 weights give the 100 detections and masks per image a trained model gives.
 """
 import argparse
+import bisect
 import json
 import math
 import statistics
@@ -245,8 +246,9 @@ class ThroughputHook(Hook):
         self.gemm_convolutions = None
 
     def before_train(self, runner):
+        from mlla_det.models.gemm_conv import gemm_convolution_count
         self.cudnn = torch.backends.cudnn.enabled  # as CudnnHook (a higher priority) left it
-        self.gemm_convolutions = sum('_plain_forward' in vars(m) for m in runner.model.modules())
+        self.gemm_convolutions = gemm_convolution_count(runner.model)
         # The runner builds its optimizer wrapper inside train(), so its parts are wrapped here.
         self.clock.wrap(runner.optim_wrapper, "backward", "backward")
         self.clock.wrap(runner.optim_wrapper, "step", "optimizer")
@@ -399,8 +401,8 @@ class HostProfile:
                 part = parts.setdefault(e.name[len("part::"):], dict(host_ms=0.0, launches=0, aten_calls=0))
                 start, end = e.time_range.start, e.time_range.end
                 part["host_ms"] += (end - start) / 1e3 / n
-                part["launches"] += sum(start <= t < end for t in launches) / n
-                part["aten_calls"] += sum(start <= t < end for t in top_level) / n
+                part["launches"] += (bisect.bisect_left(launches, end) - bisect.bisect_left(launches, start)) / n
+                part["aten_calls"] += (bisect.bisect_left(top_level, end) - bisect.bisect_left(top_level, start)) / n
         # Where the costliest and the most frequent ops are called from (outside torch).
         traced = {name for name, _ in top_ops[:12]} | {name for name, (calls, _) in ops.items() if calls >= 300 * n}
         sites = {}
@@ -620,6 +622,7 @@ def evaluate(args, runner) -> dict:
     has them: runner.train() has undone them by now. (Before 2026-12-07, fourth session, this
     evaluation ran with cuDNN on in every variant, CudnnHook having restored it.)"""
     from mlla_det.engine import BlockGraphsHook, CudnnHook, GemmConvHook
+    from mlla_det.models.gemm_conv import gemm_convolution_count
     loader = runner.build_dataloader(runner.cfg.test_dataloader)
     model = runner.model
     model.eval()
@@ -630,7 +633,7 @@ def evaluate(args, runner) -> dict:
     for hook in run_hooks:
         hook.before_run(runner)
     in_force = dict(eval_cudnn=torch.backends.cudnn.enabled,
-                    eval_gemm_convolutions=sum('_plain_forward' in vars(m) for m in model.modules()))
+                    eval_gemm_convolutions=gemm_convolution_count(model))
     try:
         last = time.perf_counter()
         for index, batch in enumerate(loader):

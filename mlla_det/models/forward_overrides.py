@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ['override_forwards', 'restore_forwards']
+__all__ = ['overridden_count', 'override_forwards', 'restore_forwards']
 
 
 def override_forwards(model: nn.Module, select: Callable[[nn.Module], bool],
@@ -37,3 +37,8 @@ def restore_forwards(model: nn.Module, saved_as: str) -> int:
             delattr(module, saved_as)
             count += 1
     return count
+
+
+def overridden_count(model: nn.Module, saved_as: str) -> int:
+    """How many modules under model carry an override_forwards(..., saved_as) forward now."""
+    return sum(saved_as in vars(module) for module in model.modules())

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .forward_overrides import override_forwards, restore_forwards
+from .forward_overrides import overridden_count, override_forwards, restore_forwards
 
-__all__ = ['conv2d_gemm', 'conv_transpose2d_gemm', 'gemm_convolutions', 'ungemm_convolutions']
+__all__ = ['conv2d_gemm', 'conv_transpose2d_gemm', 'gemm_convolution_count', 'gemm_convolutions',
+           'ungemm_convolutions']
 
 Pair = Tuple[int, int]
 
@@ -196,3 +197,8 @@ def _gemm_forward(module: nn.Module):
 
 def ungemm_convolutions(model: nn.Module) -> int:
     return restore_forwards(model, '_plain_forward')
+
+
+def gemm_convolution_count(model: nn.Module) -> int:
+    """How many convolutions under model run as GEMMs now."""
+    return overridden_count(model, '_plain_forward')
