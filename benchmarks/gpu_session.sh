@@ -47,10 +47,11 @@
 #   train-graphs     train_throughput.py, 120 iterations each of TRAIN_VARIANTS (default: the defaults, the
 #                    defaults with pinned batches, one fixed size; ~1.5 min each, ~3.5 min with the blocks'
 #                    CUDA graphs), under TRAIN_TIMEOUT seconds (330)
-#   train-gemm       GemmConvHook's GPU tests, linear_host_cost.py, then train_throughput.py: the defaults against
-#                    the defaults with GEMM convolutions (host profile of both), 60 iterations (~5 min)
-#   train-gemm-paper train_throughput.py: the paper's model with this repository's optimizer and the paper's
-#                    recipe, both with GEMM convolutions, and the defaults with them, 50 iterations (~5 min)
+#   train-gemm       GemmConvHook's GPU tests, linear_host_cost.py, then train_throughput.py: the defaults without
+#                    GEMM convolutions against the defaults (host profile of both), 60 iterations (~5 min)
+#   train-ratios     the GPU tests of the GEMM convolutions and the sampler (GPU_TESTS_TIMEOUT), then
+#                    train_throughput.py: the two baselines given the per-size fixes and the defaults, 50
+#                    iterations, and a host profile of the defaults (~8 min)
 #   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (as
 #                    so far), bf16 without a loss scaler (tools/train.py --amp bf16), fp32 (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
@@ -203,14 +204,19 @@ for stage in "$@"; do
       gpu_tests tests/test_gemm_conv.py > "$out/gemm_tests.log" 2>&1
       tail -n 3 "$out/gemm_tests.log"
       timeout 60 python3 benchmarks/linear_host_cost.py --json "$out/linear_host_cost.json"
-      timeout 300 python3 benchmarks/train_throughput.py --variants default,default-gemm --iters 60 --warmup 22 \
+      timeout 300 python3 benchmarks/train_throughput.py --variants default-no-gemm,default --iters 60 --warmup 22 \
         --eval-images 10 --host-profile 2 --json "$out/train_throughput_gemm.json" > "$out/train_throughput_gemm.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_gemm.log" ;;
-    train-gemm-paper)
-      timeout 330 python3 benchmarks/train_throughput.py --variants paper-no-cudnn-gemm,paper+repo-optim-gemm,default-gemm \
-        --iters 50 --warmup 20 --eval-images 10 --json "$out/train_throughput_gemm_paper.json" \
-        > "$out/train_throughput_gemm_paper.log" 2>&1
-      grep -A8 -E "training on|median ms per" "$out/train_throughput_gemm_paper.log" ;;
+    train-ratios)
+      gpu_tests tests/test_gemm_conv.py tests/test_samplers.py > "$out/ratios_tests.log" 2>&1
+      tail -n 4 "$out/ratios_tests.log"
+      timeout 330 python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
+        --iters 50 --warmup 20 --eval-images 10 --json "$out/train_throughput_ratios.json" \
+        > "$out/train_throughput_ratios.log" 2>&1
+      grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
+      timeout 110 python3 benchmarks/train_throughput.py --variants default --iters 30 --warmup 10 --eval-images 0 \
+        --host-profile 2 --json "$out/host_profile_default.json" > "$out/host_profile_default.log" 2>&1
+      grep -A12 "where they are called from" "$out/host_profile_default.log" ;;
     train-precision)
       for mode in "--amp bf16 --loss-scale dynamic" "--amp bf16 --loss-scale off" "--amp off"; do
         name=$(echo "$mode" | tr -d '-' | tr ' ' '_')

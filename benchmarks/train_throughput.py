@@ -51,7 +51,7 @@ COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (612, 612), (640, 
 # fixed input size instead of the multi-scale resize. The paper's model (reference kernels) keeps
 # mmdet's box assigners and anchor generator; this repository's variants use the configs'.
 # `gemm`: the dense convolutions as batched GEMMs (GemmConvHook) or not; None: as the config says
-# (off until measured on a GPU). The baselines given the per-size fix follow the config too.
+# (on). The baselines given the per-size fix follow the config too.
 VARIANTS = {
     "paper": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=True, gemm=False,
                   describe="the paper's model and recipe as they ship (eager attention and convs, "
@@ -64,13 +64,9 @@ VARIANTS = {
                     describe="this repository's defaults (fused kernels, merged fused AdamW, cuDNN off)"),
 }
 VARIANTS.update({
-    "default-gemm": dict(VARIANTS["default"], gemm=True,
-                         describe="defaults with the dense convolutions as batched GEMMs (GemmConvHook)"),
-    "paper-no-cudnn-gemm": dict(VARIANTS["paper-no-cudnn"], gemm=True,
-                                describe="the paper's model and recipe, cuDNN off, GEMM convolutions"),
-    "paper+repo-optim-gemm": dict(VARIANTS["paper+repo-optim"], gemm=True,
-                                  describe="the paper's model with this repository's optimizer, cuDNN off, "
-                                           "GEMM convolutions"),
+    "default-no-gemm": dict(VARIANTS["default"], gemm=False,
+                            describe="defaults with the dense convolutions on PyTorch's own per-image path "
+                                     "(GemmConvHook off)"),
     "default-cudnn": dict(VARIANTS["default"], cudnn=True, gemm=False,
                           describe="this repository's defaults with cuDNN on (before the per-size fix)"),
     # Kept out of the defaults: exact, but each new bucket pays cuDNN's setup (measured: slower
@@ -312,24 +308,43 @@ def compile_count() -> int:
         return 0
 
 
-def _call_site(event, frames: int = 2) -> list:
-    """The innermost `frames` Python frames (the profiler's python_function parents of an op, with
-    with_stack=True) outside torch and this script."""
-    kept = []
-    parent = event.cpu_parent
-    while parent is not None and len(kept) < frames:
-        name = parent.name
-        if ".py(" in name and not name.startswith("torch/") and "/torch/" not in name \
-                and "train_throughput.py" not in name:
-            kept.append(name.split("site-packages/")[-1])
-        parent = parent.cpu_parent
-    return kept
+def _outside_torch(name: str) -> bool:
+    return ".py(" in name and not name.startswith("torch/") and "/torch/" not in name \
+        and "train_throughput.py" not in name
+
+
+def _call_sites(events, traced, frames: int = 2) -> dict:
+    """For each event in `traced`, the innermost `frames` Python frames outside torch and this
+    script (the profiler's python_function events, with_stack=True) whose time span holds it. By
+    time rather than by cpu_parent, which on some torch builds does not link aten ops to the Python
+    tracer's events; an op run by the autograd engine's thread gets the frames of the Python call
+    that ran the backward."""
+    python = sorted((e.time_range.start, e.time_range.end, e.name.split("site-packages/")[-1])
+                    for e in events if _outside_torch(e.name))
+    queries = sorted(((e.time_range.start, e.time_range.end, i) for i, e in enumerate(traced)))
+    sites, open_frames, next_frame = {}, [], 0
+    for start, end, i in queries:
+        while next_frame < len(python) and python[next_frame][0] <= start:
+            frame = python[next_frame]
+            while open_frames and open_frames[-1][1] < frame[0]:
+                open_frames.pop()
+            open_frames.append(frame)
+            next_frame += 1
+        while open_frames and open_frames[-1][1] < start:
+            open_frames.pop()
+        holding = [f[2] for f in reversed(open_frames) if f[1] >= end]
+        sites[i] = holding[:frames]
+    return sites
 
 
 def _synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
+
+# Ops whose call sites the host profile always reports: the linear layers (the block's GEMMs, with
+# autocast's weight casts) and the ops the first profile found costly without saying where from.
+ALWAYS_TRACED = ("aten::linear", "aten::randperm", "aten::max", "aten::select", "aten::copy_")
 
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
                  "cudaGraphLaunch")
@@ -404,14 +419,16 @@ class HostProfile:
                 part["launches"] += (bisect.bisect_left(launches, end) - bisect.bisect_left(launches, start)) / n
                 part["aten_calls"] += (bisect.bisect_left(top_level, end) - bisect.bisect_left(top_level, start)) / n
         # Where the costliest and the most frequent ops are called from (outside torch).
-        traced = {name for name, _ in top_ops[:12]} | {name for name, (calls, _) in ops.items() if calls >= 300 * n}
+        traced = {name for name, _ in top_ops[:12]} | {name for name, (calls, _) in ops.items() if calls >= 300 * n} \
+            | set(ALWAYS_TRACED)
+        traced_events = [e for e in cpu if e.name in traced]
+        frames_of = _call_sites(cpu, traced_events)
         sites = {}
-        for e in cpu:
-            if e.name in traced:
-                site = " < ".join(_call_site(e)) or "(autograd engine or C++)"
-                entry = sites.setdefault(e.name, {}).setdefault(site, [0, 0.0])
-                entry[0] += 1
-                entry[1] += e.self_cpu_time_total
+        for i, e in enumerate(traced_events):
+            site = " < ".join(frames_of[i]) or "(no Python frame)"
+            entry = sites.setdefault(e.name, {}).setdefault(site, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.self_cpu_time_total
         call_sites = {name: [dict(site=site, calls=c / n, self_cpu_ms=us / 1e3 / n)
                              for site, (c, us) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:4]]
                       for name, by_site in sites.items()}

@@ -145,11 +145,14 @@ def test_local_base_matches_mmdet_mask_rcnn_config():
     del reference['model']['neck']['in_channels']
     del reference['optim_wrapper']
     ours = Config.fromfile(osp.join(REPO_ROOT, 'configs', '_base_', 'mask-rcnn_fpn_coco.py')).to_dict()
-    # Its two substitutions, each giving mmdet's results bit for bit (tests/test_assigners.py,
-    # tests/test_anchor_generators.py), and nothing else.
-    substituted = {'SyncFreeMaxIoUAssigner': 'MaxIoUAssigner', 'CachedAnchorGenerator': 'AnchorGenerator'}
-    for part in (ours['model']['train_cfg']['rpn']['assigner'], ours['model']['train_cfg']['rcnn']['assigner'],
-                 ours['model']['rpn_head']['anchor_generator']):
+    # Its three substitutions, each giving mmdet's results bit for bit (tests/test_assigners.py,
+    # tests/test_anchor_generators.py; on a GPU the sampler draws the same distribution from the
+    # CUDA generator, tests/test_samplers.py), and nothing else.
+    substituted = {'SyncFreeMaxIoUAssigner': 'MaxIoUAssigner', 'CachedAnchorGenerator': 'AnchorGenerator',
+                   'DeviceRandomSampler': 'RandomSampler'}
+    train_cfg = ours['model']['train_cfg']
+    for part in (train_cfg['rpn']['assigner'], train_cfg['rcnn']['assigner'], train_cfg['rpn']['sampler'],
+                 train_cfg['rcnn']['sampler'], ours['model']['rpn_head']['anchor_generator']):
         part['type'] = substituted[part['type']]
     assert ours == reference
 
@@ -229,19 +232,24 @@ def test_coco_configs_switch_cudnn_off_and_the_documented_switch_turns_it_back_o
     assert switched.custom_hooks[1] == dict(type='CudnnHook', enabled=True)
 
 
-@pytest.mark.parametrize('index, hook_type', [(2, 'BlockGraphsHook'), (3, 'GemmConvHook')])
+@pytest.mark.parametrize('index, hook_type, on', [(2, 'BlockGraphsHook', False), (3, 'GemmConvHook', True)])
 @pytest.mark.parametrize('key', CONFIGS, ids=CONFIG_IDS)
-def test_coco_configs_carry_hooks_switched_off_with_a_documented_switch(configs, key, index, hook_type):
-    """The block graphs (measured, no faster) and the GEMM convolutions (not measured on a GPU yet):
-    in the configs, off, and --cfg-options custom_hooks.N.enabled=True builds the hook switched on."""
+def test_coco_configs_carry_hooks_with_a_documented_switch(configs, key, index, hook_type, on):
+    """The block graphs (measured no faster: off) and the GEMM convolutions (measured faster: on)
+    are in the configs, and --cfg-options custom_hooks.N.enabled=... builds the hook switched the
+    other way."""
     import mlla_det.engine as engine
 
+    def build(hook_cfg):
+        return getattr(engine, hook_type)(**{k: v for k, v in hook_cfg.items() if k != 'type'})
+
     cfg = configs[key]
-    assert cfg.custom_hooks[index] == dict(type=hook_type, enabled=False)
+    assert cfg.custom_hooks[index]['type'] == hook_type
+    assert build(cfg.custom_hooks[index]).enabled is on
     switched = Config.fromfile(config_path(*key))
-    switched.merge_from_dict({f'custom_hooks.{index}.enabled': True})
-    hook = getattr(engine, hook_type)(**{k: v for k, v in switched.custom_hooks[index].items() if k != 'type'})
-    assert hook.enabled
+    switched.merge_from_dict({f'custom_hooks.{index}.enabled': not on})
+    hook = build(switched.custom_hooks[index])
+    assert hook.enabled is (not on)
     if hook_type == 'BlockGraphsHook':
         assert hook.backend == 'cudagraphs' and hook.canvas_multiple == 128
 

@@ -61,7 +61,8 @@ model = dict(
             # mmdet's MaxIoUAssigner, assigned without waiting for the GPU (mlla_det/models/assigners.py)
             assigner=dict(type='SyncFreeMaxIoUAssigner', pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
                           match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type='RandomSampler', num=256, pos_fraction=0.5, neg_pos_ub=-1,
+            # mmdet's RandomSampler, its permutation drawn on the GPU (mlla_det/models/samplers.py)
+            sampler=dict(type='DeviceRandomSampler', num=256, pos_fraction=0.5, neg_pos_ub=-1,
                          add_gt_as_proposals=False),
             allowed_border=-1,
             pos_weight=-1,
@@ -71,7 +72,7 @@ model = dict(
         rcnn=dict(
             assigner=dict(type='SyncFreeMaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                           match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type='RandomSampler', num=512, pos_fraction=0.25, neg_pos_ub=-1,
+            sampler=dict(type='DeviceRandomSampler', num=512, pos_fraction=0.25, neg_pos_ub=-1,
                          add_gt_as_proposals=True),
             mask_size=28,
             pos_weight=-1,
