@@ -51,7 +51,7 @@
 #                    GEMM convolutions against the defaults (host profile of both), 60 iterations (~5 min)
 #   train-ratios     the GPU tests of the GEMM convolutions and the sampler (GPU_TESTS_TIMEOUT), then
 #                    train_throughput.py: the two baselines given the per-size fixes and the defaults, 45
-#                    iterations with host profiles, then the defaults in fp32 (~9.5 min)
+#                    iterations, the defaults in fp32, a host profile of the defaults (~9.5 min)
 #   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (as
 #                    so far), bf16 without a loss scaler (tools/train.py --amp bf16), fp32 (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
@@ -210,14 +210,16 @@ for stage in "$@"; do
     train-ratios)
       gpu_tests tests/test_gemm_conv.py tests/test_samplers.py > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
-      timeout 400 python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
-        --iters 45 --warmup 15 --eval-images 10 --host-profile 2 --json "$out/train_throughput_ratios.json" \
+      timeout 340 python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
+        --iters 45 --warmup 15 --eval-images 10 --json "$out/train_throughput_ratios.json" \
         > "$out/train_throughput_ratios.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
-      grep -A14 "where they are called from" "$out/train_throughput_ratios.log" | tail -n 14
       timeout 100 python3 benchmarks/train_throughput.py --variants default --amp off --iters 45 --warmup 15 \
         --eval-images 0 --json "$out/train_throughput_fp32.json" > "$out/train_throughput_fp32.log" 2>&1
-      echo "fp32:"; grep -A4 "training on" "$out/train_throughput_fp32.log" | tail -n 1 ;;
+      echo "fp32:"; grep -A4 "training on" "$out/train_throughput_fp32.log" | tail -n 1
+      timeout 90 python3 benchmarks/train_throughput.py --variants default --iters 20 --warmup 5 --eval-images 0 \
+        --host-profile 2 --json "$out/host_profile_default.json" > "$out/host_profile_default.log" 2>&1
+      grep -A12 "where they are called from" "$out/host_profile_default.log" ;;
     train-precision)
       for mode in "--amp bf16 --loss-scale dynamic" "--amp bf16 --loss-scale off" "--amp off"; do
         name=$(echo "$mode" | tr -d '-' | tr ' ' '_')
