@@ -50,8 +50,9 @@
 #   train-gemm       GemmConvHook's GPU tests, linear_host_cost.py, then train_throughput.py: the defaults without
 #                    GEMM convolutions against the defaults (host profile of both), 60 iterations (~5 min)
 #   train-ratios     the GPU tests of the GEMM convolutions and the sampler (GPU_TESTS_TIMEOUT), then
-#                    train_throughput.py: the two baselines given the per-size fixes and the defaults, 45
-#                    iterations, the defaults in fp32, a host profile of the defaults (~9.5 min)
+#                    train_throughput.py: a prewarm run of the defaults (Triton's disk cache; the host
+#                    profile), the two baselines given the per-size fixes and the defaults, 40 iterations,
+#                    then the defaults in fp32 (~9.5 min)
 #   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (as
 #                    so far), bf16 without a loss scaler (tools/train.py --amp bf16), fp32 (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
@@ -210,16 +211,14 @@ for stage in "$@"; do
     train-ratios)
       gpu_tests tests/test_gemm_conv.py tests/test_samplers.py > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
-      timeout 340 python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
-        --iters 45 --warmup 15 --eval-images 10 --json "$out/train_throughput_ratios.json" \
-        > "$out/train_throughput_ratios.log" 2>&1
+      timeout 450 python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
+        --prewarm --host-profile 2 --iters 40 --warmup 12 --eval-images 10 \
+        --json "$out/train_throughput_ratios.json" > "$out/train_throughput_ratios.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
-      timeout 100 python3 benchmarks/train_throughput.py --variants default --amp off --iters 45 --warmup 15 \
+      grep -A14 "where they are called from" "$out/train_throughput_ratios.log" | tail -n 14
+      timeout 80 python3 benchmarks/train_throughput.py --variants default --amp off --iters 40 --warmup 12 \
         --eval-images 0 --json "$out/train_throughput_fp32.json" > "$out/train_throughput_fp32.log" 2>&1
-      echo "fp32:"; grep -A4 "training on" "$out/train_throughput_fp32.log" | tail -n 1
-      timeout 90 python3 benchmarks/train_throughput.py --variants default --iters 20 --warmup 5 --eval-images 0 \
-        --host-profile 2 --json "$out/host_profile_default.json" > "$out/host_profile_default.log" 2>&1
-      grep -A12 "where they are called from" "$out/host_profile_default.log" ;;
+      echo "fp32:"; grep -A4 "training on" "$out/train_throughput_fp32.log" | tail -n 1 ;;
     train-precision)
       for mode in "--amp bf16 --loss-scale dynamic" "--amp bf16 --loss-scale off" "--amp off"; do
         name=$(echo "$mode" | tr -d '-' | tr ' ' '_')

@@ -759,6 +759,12 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=20, help="iterations left out of the statistics")
     parser.add_argument("--profile-iters", type=int, default=5, help="iterations in the profiler window")
+    parser.add_argument("--prewarm", action="store_true",
+                        help="first run the first variant with the fused kernels once more, unreported (its row "
+                             "beside --json as .prewarm.json; with --host-profile, the profile is taken there): it "
+                             "compiles the Triton kernels' specialisations for this run's input sizes into "
+                             "Triton's disk cache, as a real run's first hundreds of iterations do, so that no "
+                             "timed variant pays compiles that the others do not")
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="profile the host (torch.profiler, CPU and CUDA) over N iterations before the "
                              "GPU-busy window, then one iteration under cProfile")
@@ -802,31 +808,48 @@ def main(argv=None) -> None:
         write_json(args.json, [row])
         return
 
-    rows = []
-    for name in args.variants.split(","):
+    names = args.variants.split(",")
+    for name in names:
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--json", out.name,
-                   "--data", str(data_parent)]
-            for flag in ("arch", "iters", "warmup", "profile_iters", "host_profile", "amp", "loss_scale", "images", "eval_images", "workers",
-                         "seed"):
-                if getattr(args, flag) is not None:
-                    cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            if args.sanity:
-                cmd.append("--sanity")
-            print(f"--- {name}: {VARIANTS[name]['describe']}", flush=True)
-            start = time.perf_counter()
-            subprocess.run(cmd, check=False)
-            text = Path(out.name).read_text()
-            row = json.loads(text)[0] if text else dict(variant=name, error="the variant's process wrote nothing")
-            row["process_s"] = time.perf_counter() - start
-            rows.append(row)
-            if args.json:  # after every variant: a run cut short keeps what it measured
-                write_json(args.json, rows)
+    if args.prewarm:
+        fused = [name for name in names if "reference" not in (VARIANTS[name]["attn_impl"], VARIANTS[name]["conv_impl"])]
+        if fused:
+            print(f"--- prewarm, not reported: {fused[0]} once more, filling Triton's disk cache", flush=True)
+            row = run_child(args, fused[0], data_parent)
+            if args.json:
+                write_json(Path(args.json).with_suffix(".prewarm.json"), [row])
+            if row.get("host_profile"):
+                print_host_profile(f"{fused[0]} (prewarm)", row["host_profile"])
+    rows = []
+    for name in names:
+        print(f"--- {name}: {VARIANTS[name]['describe']}", flush=True)
+        rows.append(run_child(args, name, data_parent, host_profile=not args.prewarm))
+        if args.json:  # after every variant: a run cut short keeps what it measured
+            write_json(args.json, rows)
     print_rows(rows)
     if args.json:
         write_json(args.json, rows)
+
+
+def run_child(args, name: str, data_parent: Path, host_profile: bool = True) -> dict:
+    """One variant in a process of its own; its row, or what went wrong."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--json", out.name,
+               "--data", str(data_parent)]
+        flags = ["arch", "iters", "warmup", "profile_iters", "amp", "loss_scale", "images", "eval_images", "workers",
+                 "seed"] + (["host_profile"] if host_profile else [])
+        for flag in flags:
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if args.sanity:
+            cmd.append("--sanity")
+        start = time.perf_counter()
+        subprocess.run(cmd, check=False)
+        text = Path(out.name).read_text()
+        row = json.loads(text)[0] if text else dict(variant=name, error="the variant's process wrote nothing")
+        row["process_s"] = time.perf_counter() - start
+        return row
 
 
 if __name__ == "__main__":

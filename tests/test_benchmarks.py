@@ -410,13 +410,17 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
 
 def test_train_throughput_host_profile_reports_parts_ops_and_python(tmp_path):
     """--host-profile: the profiled iterations' per-part host time and aten calls, the aten ops by
-    self CPU time and one iteration's Python functions, left out of the statistics."""
+    self CPU time, their call sites and one iteration's Python functions, left out of the
+    statistics. With --prewarm, the profile is taken in the unreported prewarm process."""
     out = tmp_path / "throughput.json"
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"), "--sanity",
-                             "--variants", "default-no-gemm", "--host-profile", "1", "--json", str(out),
+                             "--variants", "default-no-gemm", "--prewarm", "--host-profile", "1", "--json", str(out),
                              "--data", str(tmp_path / "coco_like")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    row = load_rows(out)[0]
+    [timed] = load_rows(out)
+    [row] = load_rows(out.with_suffix(".prewarm.json"))
+    assert row["variant"] == timed["variant"] == "default-no-gemm"
+    assert timed["host_profile"] is None and timed["iterations"] == 2
     summary = row["host_profile"]
     assert summary["iterations"] == 1 and summary["aten_calls_per_iteration"] > 100
     assert {"backbone", "neck", "rpn", "roi", "backward"} <= set(summary["parts"])
@@ -430,7 +434,8 @@ def test_train_throughput_host_profile_reports_parts_ops_and_python(tmp_path):
     # The forward's linear layers are called from Python: their call sites name the model's file.
     linear_sites = [site["site"] for site in summary["call_sites"].get("aten::linear", [])]
     assert any("mlla.py" in site for site in linear_sites), linear_sites
-    assert "host profile of default-no-gemm" in result.stdout
+    assert "host profile of default-no-gemm (prewarm)" in result.stdout
+    assert result.stdout.index("--- prewarm") < result.stdout.index("--- default-no-gemm")
     assert row["gemm_convolutions"] == row["eval_gemm_convolutions"] == 0
 
 
