@@ -211,12 +211,12 @@ for stage in "$@"; do
     train-ratios)
       gpu_tests tests/test_gemm_conv.py tests/test_samplers.py > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
-      timeout 450 python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
+      timeout 410 python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
         --prewarm --host-profile 2 --iters 40 --warmup 12 --eval-images 10 \
         --json "$out/train_throughput_ratios.json" > "$out/train_throughput_ratios.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
       grep -A14 "where they are called from" "$out/train_throughput_ratios.log" | tail -n 14
-      timeout 80 python3 benchmarks/train_throughput.py --variants default --amp off --iters 40 --warmup 12 \
+      timeout 120 python3 benchmarks/train_throughput.py --variants default --amp off --prewarm --iters 40 --warmup 12 \
         --eval-images 0 --json "$out/train_throughput_fp32.json" > "$out/train_throughput_fp32.log" 2>&1
       echo "fp32:"; grep -A4 "training on" "$out/train_throughput_fp32.log" | tail -n 1 ;;
     train-precision)
