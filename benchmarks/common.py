@@ -252,26 +252,29 @@ def detector_config(arch: str, attn_impl: str = "auto", conv_impl: str = "refere
     return cfg
 
 
-# The box assigners, samplers and anchor generator of the paper's model (mmdet's) and of this
-# repository's configs (the same results, or on a GPU the same sampling distribution, with fewer
-# launches, no host synchronisation and no host-side shuffle: mlla_det/models/).
-HEAD_UTILS = {"paper": dict(assigner="MaxIoUAssigner", sampler="RandomSampler", anchor_generator="AnchorGenerator"),
+# The box assigners, samplers, box coders and anchor generator of the paper's model (mmdet's) and
+# of this repository's configs (the same results, or on a GPU the same sampling distribution, with
+# fewer launches, no host synchronisation and no host-side shuffle: mlla_det/models/).
+HEAD_UTILS = {"paper": dict(assigner="MaxIoUAssigner", sampler="RandomSampler", bbox_coder="DeltaXYWHBBoxCoder",
+                            anchor_generator="AnchorGenerator"),
               "repo": dict(assigner="SyncFreeMaxIoUAssigner", sampler="DeviceRandomSampler",
-                           anchor_generator="CachedAnchorGenerator")}
+                           bbox_coder="PairedDeltaXYWHBBoxCoder", anchor_generator="CachedAnchorGenerator")}
 
 
 def set_head_utils(model_cfg, kind: str) -> None:
-    """Point a Mask R-CNN config's RPN and RoI-head assigners and samplers and its anchor generator
-    at `kind` (a key of HEAD_UTILS)."""
+    """Point a Mask R-CNN config's RPN and RoI-head assigners, samplers and box coders and its
+    anchor generator at `kind` (a key of HEAD_UTILS)."""
     for stage in ("rpn", "rcnn"):
         model_cfg.train_cfg[stage]["assigner"]["type"] = HEAD_UTILS[kind]["assigner"]
         model_cfg.train_cfg[stage]["sampler"]["type"] = HEAD_UTILS[kind]["sampler"]
+    model_cfg.rpn_head.bbox_coder["type"] = HEAD_UTILS[kind]["bbox_coder"]
+    model_cfg.roi_head.bbox_head.bbox_coder["type"] = HEAD_UTILS[kind]["bbox_coder"]
     model_cfg.rpn_head.anchor_generator["type"] = HEAD_UTILS[kind]["anchor_generator"]
 
 
 def use_head_utils(model, kind: str, model_cfg) -> None:
-    """The same on a detector built from `model_cfg`: its assigners, samplers and anchor generator
-    rebuilt."""
+    """The same on a detector built from `model_cfg`: its assigners, samplers, box coders and
+    anchor generator rebuilt."""
     from mmdet.registry import TASK_UTILS
     types = HEAD_UTILS[kind]
     model.rpn_head.assigner = TASK_UTILS.build(dict(model.rpn_head.train_cfg["assigner"], type=types["assigner"]))
@@ -280,6 +283,9 @@ def use_head_utils(model, kind: str, model_cfg) -> None:
         dict(model.rpn_head.train_cfg["sampler"], type=types["sampler"]), default_args=dict(context=model.rpn_head))
     model.roi_head.bbox_sampler = TASK_UTILS.build(
         dict(model.roi_head.train_cfg["sampler"], type=types["sampler"]), default_args=dict(context=model.roi_head))
+    model.rpn_head.bbox_coder = TASK_UTILS.build(dict(model_cfg.rpn_head.bbox_coder, type=types["bbox_coder"]))
+    model.roi_head.bbox_head.bbox_coder = TASK_UTILS.build(
+        dict(model_cfg.roi_head.bbox_head.bbox_coder, type=types["bbox_coder"]))
     model.rpn_head.prior_generator = TASK_UTILS.build(
         dict(model_cfg.rpn_head.anchor_generator, type=types["anchor_generator"]))
 

@@ -90,19 +90,29 @@ def test_same_assignment_on_the_gpu():
 
 
 def test_detector_training_step_is_bitwise_the_same_with_mmdet_head_utils():
-    """A whole Mask R-CNN training step with the configs' assigners and anchor generator, and with
-    mmdet's (the paper's model): the same losses and gradients, bit for bit."""
+    """A whole Mask R-CNN training step with the configs' assigners, samplers, box coders and anchor
+    generator, and with mmdet's (the paper's model): the same losses and gradients, bit for bit
+    (on the CPU, where the sampler draws what mmdet's does)."""
+    from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
+    from mmdet.models.task_modules.samplers import RandomSampler
+
     from benchmarks.common import use_head_utils
     from mlla_det.models.anchor_generators import CachedAnchorGenerator
+    from mlla_det.models.bbox_coders import PairedDeltaXYWHBBoxCoder
+    from mlla_det.models.samplers import DeviceRandomSampler
     from tests.test_conv_buckets import detector_and_batch, training_step
 
     model, batch = detector_and_batch("cpu")
     model_cfg = _model_cfg()
     assert type(model.rpn_head.assigner) is SyncFreeMaxIoUAssigner
     assert type(model.rpn_head.prior_generator) is CachedAnchorGenerator
+    assert type(model.rpn_head.bbox_coder) is type(model.roi_head.bbox_head.bbox_coder) is PairedDeltaXYWHBBoxCoder
+    assert type(model.rpn_head.sampler) is type(model.roi_head.bbox_sampler) is DeviceRandomSampler
     repo_losses, repo_grads = training_step(model, batch)
     use_head_utils(model, "paper", model_cfg)
     assert type(model.roi_head.bbox_assigner) is MaxIoUAssigner
+    assert type(model.rpn_head.bbox_coder) is type(model.roi_head.bbox_head.bbox_coder) is DeltaXYWHBBoxCoder
+    assert type(model.rpn_head.sampler) is type(model.roi_head.bbox_sampler) is RandomSampler
     paper_losses, paper_grads = training_step(model, batch)
     assert repo_losses == paper_losses
     assert repo_grads.keys() == paper_grads.keys()
