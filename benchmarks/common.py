@@ -256,26 +256,43 @@ def detector_config(arch: str, attn_impl: str = "auto", conv_impl: str = "refere
 # of this repository's configs (the same results, or on a GPU the same sampling distribution, with
 # fewer launches, no host synchronisation and no host-side shuffle: mlla_det/models/).
 HEAD_UTILS = {"paper": dict(assigner="MaxIoUAssigner", sampler="RandomSampler", bbox_coder="DeltaXYWHBBoxCoder",
-                            anchor_generator="AnchorGenerator"),
+                            anchor_generator="AnchorGenerator", rpn_head="RPNHead"),
               "repo": dict(assigner="SyncFreeMaxIoUAssigner", sampler="DeviceRandomSampler",
-                           bbox_coder="PairedDeltaXYWHBBoxCoder", anchor_generator="CachedAnchorGenerator")}
+                           bbox_coder="PairedDeltaXYWHBBoxCoder", anchor_generator="CachedAnchorGenerator",
+                           rpn_head="LevelMergedRPNHead")}
 
 
 def set_head_utils(model_cfg, kind: str) -> None:
-    """Point a Mask R-CNN config's RPN and RoI-head assigners, samplers and box coders and its
-    anchor generator at `kind` (a key of HEAD_UTILS)."""
+    """Point a Mask R-CNN config's RPN head type, its RPN and RoI-head assigners, samplers and box
+    coders and its anchor generator at `kind` (a key of HEAD_UTILS)."""
+    types = HEAD_UTILS[kind]
     for stage in ("rpn", "rcnn"):
-        model_cfg.train_cfg[stage]["assigner"]["type"] = HEAD_UTILS[kind]["assigner"]
-        model_cfg.train_cfg[stage]["sampler"]["type"] = HEAD_UTILS[kind]["sampler"]
-    model_cfg.rpn_head.bbox_coder["type"] = HEAD_UTILS[kind]["bbox_coder"]
-    model_cfg.roi_head.bbox_head.bbox_coder["type"] = HEAD_UTILS[kind]["bbox_coder"]
-    model_cfg.rpn_head.anchor_generator["type"] = HEAD_UTILS[kind]["anchor_generator"]
+        model_cfg.train_cfg[stage]["assigner"]["type"] = types["assigner"]
+        model_cfg.train_cfg[stage]["sampler"]["type"] = types["sampler"]
+    model_cfg.rpn_head["type"] = types["rpn_head"]
+    model_cfg.rpn_head.bbox_coder["type"] = types["bbox_coder"]
+    model_cfg.roi_head.bbox_head.bbox_coder["type"] = types["bbox_coder"]
+    model_cfg.rpn_head.anchor_generator["type"] = types["anchor_generator"]
+
+
+def use_rpn_head(model, kind: str, model_cfg) -> None:
+    """Replace a detector's RPN head by one of HEAD_UTILS[kind]'s type with the same weights (its
+    other parts as `model_cfg` says)."""
+    from mmdet.registry import MODELS
+    settings = dict(model_cfg.rpn_head, type=HEAD_UTILS[kind]["rpn_head"], train_cfg=model_cfg.train_cfg.rpn,
+                    test_cfg=model_cfg.test_cfg.rpn)
+    settings.setdefault("num_classes", 1)
+    head = MODELS.build(settings)
+    head.load_state_dict(model.rpn_head.state_dict())
+    parameter = next(model.rpn_head.parameters())
+    model.rpn_head = head.to(device=parameter.device, dtype=parameter.dtype).train(model.rpn_head.training)
 
 
 def use_head_utils(model, kind: str, model_cfg) -> None:
-    """The same on a detector built from `model_cfg`: its assigners, samplers, box coders and
-    anchor generator rebuilt."""
+    """set_head_utils on a detector built from `model_cfg`: its RPN head, assigners, samplers, box
+    coders and anchor generator rebuilt."""
     from mmdet.registry import TASK_UTILS
+    use_rpn_head(model, kind, model_cfg)
     types = HEAD_UTILS[kind]
     model.rpn_head.assigner = TASK_UTILS.build(dict(model.rpn_head.train_cfg["assigner"], type=types["assigner"]))
     model.roi_head.bbox_assigner = TASK_UTILS.build(dict(model.roi_head.train_cfg["assigner"], type=types["assigner"]))

@@ -16,7 +16,8 @@ model = dict(
         pad_size_divisor=32),
     neck=dict(type='FPN', out_channels=256, num_outs=5),
     rpn_head=dict(
-        type='RPNHead',
+        # mmdet's RPNHead, its training loss taken once over all levels (mlla_det/models/rpn_head.py)
+        type='LevelMergedRPNHead',
         in_channels=256,
         feat_channels=256,
         # mmdet's AnchorGenerator, its grids kept on the device (mlla_det/models/anchor_generators.py)

@@ -2,7 +2,8 @@ from .anchor_generators import CachedAnchorGenerator
 from .assigners import SyncFreeMaxIoUAssigner
 from .backbones import MLLA
 from .bbox_coders import PairedDeltaXYWHBBoxCoder
+from .rpn_head import LevelMergedRPNHead
 from .samplers import DeviceRandomSampler
 
-__all__ = ["CachedAnchorGenerator", "DeviceRandomSampler", "MLLA", "PairedDeltaXYWHBBoxCoder",
+__all__ = ["CachedAnchorGenerator", "DeviceRandomSampler", "LevelMergedRPNHead", "MLLA", "PairedDeltaXYWHBBoxCoder",
            "SyncFreeMaxIoUAssigner"]
