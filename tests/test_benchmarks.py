@@ -389,6 +389,12 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
     # The paper's recipe keeps cuDNN; the configs (and the baselines given the same fix) switch it off.
     assert by_name["paper"]["cudnn"] is True
     assert [by_name[n]["cudnn"] for n in ("paper-no-cudnn", "paper+repo-optim", "default")] == [False] * 3
+    # mmdet's head utilities for the paper's model, this repository's for the defaults.
+    assert [by_name[n]["rpn_head"] for n in ("paper", "paper+repo-optim", "default")] == \
+        ["RPNHead", "RPNHead", "LevelMergedRPNHead"]
+    assert by_name["paper"]["bbox_coder"] == "DeltaXYWHBBoxCoder" and by_name["paper"]["sampler"] == "RandomSampler"
+    assert by_name["default"]["bbox_coder"] == "PairedDeltaXYWHBBoxCoder"
+    assert by_name["default"]["sampler"] == "DeviceRandomSampler"
     # The yardstick of the per-size target sees one input size.
     assert by_name["default@fixed"]["distinct_input_sizes"] == 1
     # Evaluation with the run's cuDNN setting, as tools/test.py has it (train() has undone it by then).
