@@ -51,8 +51,8 @@
 #                    GEMM convolutions against the defaults (host profile of both), 60 iterations (~5 min)
 #   train-ratios     the GPU tests of the GEMM convolutions and the sampler (GPU_TESTS_TIMEOUT), then
 #                    train_throughput.py: a prewarm run of the defaults (Triton's disk cache; the host
-#                    profile), the two baselines given the per-size fixes and the defaults, 40 iterations,
-#                    then the defaults in fp32 (~9.5 min)
+#                    profile), the two baselines given the per-size fixes and the defaults, RATIOS_ITERS
+#                    (30) iterations, then the defaults in fp32, prewarmed too (~8 min)
 #   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (as
 #                    so far), bf16 without a loss scaler (tools/train.py --amp bf16), fp32 (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
@@ -211,12 +211,12 @@ for stage in "$@"; do
     train-ratios)
       gpu_tests tests/test_gemm_conv.py tests/test_samplers.py tests/test_bbox_coders.py > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
-      timeout 410 python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
-        --prewarm --host-profile 2 --iters 40 --warmup 12 --eval-images 10 \
+      timeout "${RATIOS_TIMEOUT:-330}" python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
+        --prewarm --host-profile 2 --iters "${RATIOS_ITERS:-30}" --warmup 10 --eval-images 8 \
         --json "$out/train_throughput_ratios.json" > "$out/train_throughput_ratios.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
       grep -A14 "where they are called from" "$out/train_throughput_ratios.log" | tail -n 14
-      timeout 120 python3 benchmarks/train_throughput.py --variants default --amp off --prewarm --iters 40 --warmup 12 \
+      timeout 110 python3 benchmarks/train_throughput.py --variants default --amp off --prewarm --iters 30 --warmup 10 \
         --eval-images 0 --json "$out/train_throughput_fp32.json" > "$out/train_throughput_fp32.log" 2>&1
       echo "fp32:"; grep -A4 "training on" "$out/train_throughput_fp32.log" | tail -n 1 ;;
     train-precision)
