@@ -275,17 +275,16 @@ def set_head_utils(model_cfg, kind: str) -> None:
     model_cfg.rpn_head.anchor_generator["type"] = types["anchor_generator"]
 
 
-def use_rpn_head(model, kind: str, model_cfg) -> None:
-    """Replace a detector's RPN head by one of HEAD_UTILS[kind]'s type with the same weights (its
-    other parts as `model_cfg` says)."""
+def use_rpn_head(model, kind: str, model_cfg=None) -> None:
+    """Make a detector's RPN head one of HEAD_UTILS[kind]'s type. The object stays (its class is
+    switched: LevelMergedRPNHead only overrides a method of RPNHead and adds no state), so that
+    what holds the head, such as detector.py's compiled methods, keeps holding it."""
     from mmdet.registry import MODELS
-    settings = dict(model_cfg.rpn_head, type=HEAD_UTILS[kind]["rpn_head"], train_cfg=model_cfg.train_cfg.rpn,
-                    test_cfg=model_cfg.test_cfg.rpn)
-    settings.setdefault("num_classes", 1)
-    head = MODELS.build(settings)
-    head.load_state_dict(model.rpn_head.state_dict())
-    parameter = next(model.rpn_head.parameters())
-    model.rpn_head = head.to(device=parameter.device, dtype=parameter.dtype).train(model.rpn_head.training)
+    head_type = MODELS.get(HEAD_UTILS[kind]["rpn_head"])
+    current = type(model.rpn_head)
+    if not (issubclass(head_type, current) or issubclass(current, head_type)):
+        raise TypeError(f"cannot switch an RPN head of type {current.__name__} to {head_type.__name__}")
+    model.rpn_head.__class__ = head_type
 
 
 def use_head_utils(model, kind: str, model_cfg) -> None:
