@@ -256,42 +256,44 @@ def detector_config(arch: str, attn_impl: str = "auto", conv_impl: str = "refere
 # of this repository's configs (the same results, or on a GPU the same sampling distribution, with
 # fewer launches, no host synchronisation and no host-side shuffle: mlla_det/models/).
 HEAD_UTILS = {"paper": dict(assigner="MaxIoUAssigner", sampler="RandomSampler", bbox_coder="DeltaXYWHBBoxCoder",
-                            anchor_generator="AnchorGenerator", rpn_head="RPNHead"),
+                            anchor_generator="AnchorGenerator", rpn_head="RPNHead", mask_head="FCNMaskHead"),
               "repo": dict(assigner="SyncFreeMaxIoUAssigner", sampler="DeviceRandomSampler",
                            bbox_coder="PairedDeltaXYWHBBoxCoder", anchor_generator="CachedAnchorGenerator",
-                           rpn_head="LevelMergedRPNHead")}
+                           rpn_head="LevelMergedRPNHead", mask_head="DeviceTargetsFCNMaskHead")}
 
 
 def set_head_utils(model_cfg, kind: str) -> None:
-    """Point a Mask R-CNN config's RPN head type, its RPN and RoI-head assigners, samplers and box
-    coders and its anchor generator at `kind` (a key of HEAD_UTILS)."""
+    """Point a Mask R-CNN config's RPN and mask head types, its RPN and RoI-head assigners, samplers
+    and box coders and its anchor generator at `kind` (a key of HEAD_UTILS)."""
     types = HEAD_UTILS[kind]
     for stage in ("rpn", "rcnn"):
         model_cfg.train_cfg[stage]["assigner"]["type"] = types["assigner"]
         model_cfg.train_cfg[stage]["sampler"]["type"] = types["sampler"]
     model_cfg.rpn_head["type"] = types["rpn_head"]
+    model_cfg.roi_head.mask_head["type"] = types["mask_head"]
     model_cfg.rpn_head.bbox_coder["type"] = types["bbox_coder"]
     model_cfg.roi_head.bbox_head.bbox_coder["type"] = types["bbox_coder"]
     model_cfg.rpn_head.anchor_generator["type"] = types["anchor_generator"]
 
 
-def use_rpn_head(model, kind: str, model_cfg=None) -> None:
-    """Make a detector's RPN head one of HEAD_UTILS[kind]'s type. The object stays (its class is
-    switched: LevelMergedRPNHead only overrides a method of RPNHead and adds no state), so that
-    what holds the head, such as detector.py's compiled methods, keeps holding it."""
+def use_heads(model, kind: str) -> None:
+    """Make a detector's RPN and mask heads HEAD_UTILS[kind]'s types. The objects stay (their
+    classes are switched: this repository's heads only override methods of mmdet's and add no
+    state), so that what holds a head, such as detector.py's compiled methods, keeps holding it."""
     from mmdet.registry import MODELS
-    head_type = MODELS.get(HEAD_UTILS[kind]["rpn_head"])
-    current = type(model.rpn_head)
-    if not (issubclass(head_type, current) or issubclass(current, head_type)):
-        raise TypeError(f"cannot switch an RPN head of type {current.__name__} to {head_type.__name__}")
-    model.rpn_head.__class__ = head_type
+    for owner, name, key in ((model, "rpn_head", "rpn_head"), (model.roi_head, "mask_head", "mask_head")):
+        head = getattr(owner, name)
+        head_type, current = MODELS.get(HEAD_UTILS[kind][key]), type(head)
+        if not (issubclass(head_type, current) or issubclass(current, head_type)):
+            raise TypeError(f"cannot switch a {name} of type {current.__name__} to {head_type.__name__}")
+        head.__class__ = head_type
 
 
 def use_head_utils(model, kind: str, model_cfg) -> None:
-    """set_head_utils on a detector built from `model_cfg`: its RPN head, assigners, samplers, box
-    coders and anchor generator rebuilt."""
+    """set_head_utils on a detector built from `model_cfg`: its heads switched (use_heads), its
+    assigners, samplers, box coders and anchor generator rebuilt."""
     from mmdet.registry import TASK_UTILS
-    use_rpn_head(model, kind, model_cfg)
+    use_heads(model, kind)
     types = HEAD_UTILS[kind]
     model.rpn_head.assigner = TASK_UTILS.build(dict(model.rpn_head.train_cfg["assigner"], type=types["assigner"]))
     model.roi_head.bbox_assigner = TASK_UTILS.build(dict(model.roi_head.train_cfg["assigner"], type=types["assigner"]))

@@ -209,7 +209,8 @@ for stage in "$@"; do
         --eval-images 10 --host-profile 2 --json "$out/train_throughput_gemm.json" > "$out/train_throughput_gemm.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_gemm.log" ;;
     train-ratios)
-      gpu_tests tests/test_gemm_conv.py tests/test_samplers.py tests/test_bbox_coders.py > "$out/ratios_tests.log" 2>&1
+      gpu_tests tests/test_gemm_conv.py tests/test_samplers.py tests/test_bbox_coders.py tests/test_mask_head.py \
+        > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
       timeout "${RATIOS_TIMEOUT:-330}" python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
         --prewarm --host-profile 2 --iters "${RATIOS_ITERS:-30}" --warmup 10 --eval-images 8 \

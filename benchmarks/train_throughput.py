@@ -602,6 +602,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             sampler=cfg.model.train_cfg.rpn.sampler.type,
             bbox_coder=cfg.model.rpn_head.bbox_coder.type,
             rpn_head=cfg.model.rpn_head.type,
+            mask_head=cfg.model.roi_head.mask_head.type,
             optimizer_groups=len(runner.optim_wrapper.optimizer.param_groups),
             peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
             gpu_busy_fraction=hook.busy_fraction,

@@ -92,11 +92,11 @@ def test_same_assignment_on_the_gpu():
 def test_detector_training_step_is_bitwise_the_same_with_mmdet_head_utils():
     """A whole Mask R-CNN training step with the configs' assigners, samplers, box coders and anchor
     generator, and with mmdet's (the paper's model): the same losses and gradients, bit for bit
-    (on the CPU, where the sampler draws what mmdet's does). The RPN head is mmdet's on both sides."""
+    (on the CPU, where the sampler draws what mmdet's does). The heads are mmdet's on both sides."""
     from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
     from mmdet.models.task_modules.samplers import RandomSampler
 
-    from benchmarks.common import use_head_utils, use_rpn_head
+    from benchmarks.common import use_head_utils, use_heads
     from mlla_det.models.anchor_generators import CachedAnchorGenerator
     from mlla_det.models.bbox_coders import PairedDeltaXYWHBBoxCoder
     from mlla_det.models.samplers import DeviceRandomSampler
@@ -104,9 +104,10 @@ def test_detector_training_step_is_bitwise_the_same_with_mmdet_head_utils():
 
     model, batch = detector_and_batch("cpu")
     model_cfg = _model_cfg()
-    # The level-merged RPN loss sums in another order (tests/test_rpn_head.py): mmdet's RPN head on
-    # both sides, the bit-for-bit claim is about the rest.
-    use_rpn_head(model, "paper", model_cfg)
+    # The level-merged RPN loss sums in another order (tests/test_rpn_head.py): mmdet's heads on
+    # both sides, the bit-for-bit claim is about the rest (the mask head's targets are bitwise
+    # mmdet's too, tests/test_mask_head.py).
+    use_heads(model, "paper")
     assert type(model.rpn_head.assigner) is SyncFreeMaxIoUAssigner
     assert type(model.rpn_head.prior_generator) is CachedAnchorGenerator
     assert type(model.rpn_head.bbox_coder) is type(model.roi_head.bbox_head.bbox_coder) is PairedDeltaXYWHBBoxCoder

@@ -52,7 +52,8 @@ model = dict(
             out_channels=256,
             featmap_strides=[4, 8, 16, 32]),
         mask_head=dict(
-            type='FCNMaskHead',
+            # mmdet's FCNMaskHead, its targets made on the GPU (mlla_det/models/mask_head.py)
+            type='DeviceTargetsFCNMaskHead',
             num_convs=4,
             in_channels=256,
             conv_out_channels=256,
