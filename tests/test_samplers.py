@@ -44,9 +44,9 @@ def _check_uniform_subsets(device):
         picked = sampler.random_choice(gallery, num)
         assert picked.device == gallery.device and picked.dtype == gallery.dtype and picked.numel() == num
         assert picked.unique().numel() == num
-        positions = (picked // 3 - 100).cpu()
+        positions = picked // 3 - 100
         assert bool(((picked % 3 == 0) & (positions >= 0) & (positions < gallery.numel())).all())
-        counts[positions] += 1
+        counts[positions.cpu()] += 1
     expected = draws * num / gallery.numel()  # 200 each
     chi_square = float(((counts - expected) ** 2 / expected).sum())
     # 199 degrees of freedom (a bit fewer without replacement): mean 199, sd 20; 320 is 6 sd away.
