@@ -318,7 +318,7 @@ def _call_sites(events, traced, frames: int = 2) -> dict:
     script (the profiler's python_function events, with_stack=True) whose time span holds it. By
     time rather than by cpu_parent, which on some torch builds does not link aten ops to the Python
     tracer's events; an op run by the autograd engine's thread gets the frames of the Python call
-    that ran the backward."""
+    that ran the backward. Where that finds nothing, the op's own recorded stack."""
     python = sorted((e.time_range.start, e.time_range.end, e.name.split("site-packages/")[-1])
                     for e in events if _outside_torch(e.name))
     queries = sorted(((e.time_range.start, e.time_range.end, i) for i, e in enumerate(traced)))
@@ -334,6 +334,11 @@ def _call_sites(events, traced, frames: int = 2) -> dict:
             open_frames.pop()
         holding = [f[2] for f in reversed(open_frames) if f[1] >= end]
         sites[i] = holding[:frames]
+    # Builds whose events() leave the Python tracer's events out (torch 2.11 with CUDA on the GPU
+    # machine: every site came back empty) still fill each op's own stack, innermost frame first.
+    for i, e in enumerate(traced):
+        if not sites[i] and getattr(e, "stack", None):
+            sites[i] = [frame.split("site-packages/")[-1] for frame in e.stack if _outside_torch(frame)][:frames]
     return sites
 
 
