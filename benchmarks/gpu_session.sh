@@ -52,7 +52,8 @@
 #   train-ratios     the GPU tests of the GEMM convolutions and the sampler (GPU_TESTS_TIMEOUT), then
 #                    train_throughput.py: a prewarm run of the defaults (Triton's disk cache; the host
 #                    profile), the two baselines given the per-size fixes and the defaults, RATIOS_ITERS
-#                    (30) iterations, then the defaults in fp32, prewarmed too (~8 min)
+#                    (30) iterations, then the defaults in fp32, prewarmed too (~9 min: a cold prewarm
+#                    alone took 112 s on an H100)
 #   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (as
 #                    so far), bf16 without a loss scaler (tools/train.py --amp bf16), fp32 (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
@@ -212,7 +213,7 @@ for stage in "$@"; do
       gpu_tests tests/test_gemm_conv.py tests/test_samplers.py tests/test_bbox_coders.py tests/test_mask_head.py \
         > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
-      timeout "${RATIOS_TIMEOUT:-330}" python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
+      timeout "${RATIOS_TIMEOUT:-420}" python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
         --prewarm --host-profile 2 --iters "${RATIOS_ITERS:-30}" --warmup 10 --eval-images 8 \
         --json "$out/train_throughput_ratios.json" > "$out/train_throughput_ratios.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
