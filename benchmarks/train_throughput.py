@@ -49,7 +49,8 @@ COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (612, 612), (640, 
 # AdamW group per parameter, as the paper's recipe; "repo": the configs' merged groups and fused
 # AdamW), cuDNN on or off (CudnnHook; None: as the config says, i.e. off), extra hooks, and a
 # fixed input size instead of the multi-scale resize. The paper's model (reference kernels) keeps
-# mmdet's box assigners and anchor generator; this repository's variants use the configs'.
+# mmdet's head utilities (assigners, samplers, box coders, anchor generator, RPN and mask heads:
+# common.HEAD_UTILS); this repository's variants use the configs'.
 # `gemm`: the dense convolutions as batched GEMMs (GemmConvHook) or not; None: as the config says
 # (on). The baselines given the per-size fix follow the config too.
 VARIANTS = {
