@@ -281,9 +281,9 @@ def use_heads(model, kind: str) -> None:
     classes are switched: this repository's heads only override methods of mmdet's and add no
     state), so that what holds a head, such as detector.py's compiled methods, keeps holding it."""
     from mmdet.registry import MODELS
-    for owner, name, key in ((model, "rpn_head", "rpn_head"), (model.roi_head, "mask_head", "mask_head")):
+    for owner, name in ((model, "rpn_head"), (model.roi_head, "mask_head")):
         head = getattr(owner, name)
-        head_type, current = MODELS.get(HEAD_UTILS[kind][key]), type(head)
+        head_type, current = MODELS.get(HEAD_UTILS[kind][name]), type(head)
         if not (issubclass(head_type, current) or issubclass(current, head_type)):
             raise TypeError(f"cannot switch a {name} of type {current.__name__} to {head_type.__name__}")
         head.__class__ = head_type

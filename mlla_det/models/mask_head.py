@@ -27,8 +27,9 @@ def bitmap_mask_targets(boxes: torch.Tensor, mask_indices: torch.Tensor, masks: 
     height, width = _pair(mask_size)
     if boxes.size(0) == 0 or len(masks) == 0:
         return boxes.new_zeros((0, height, width))
-    clipped = torch.stack([boxes[:, 0].clamp(0, masks.width), boxes[:, 1].clamp(0, masks.height),
-                           boxes[:, 2].clamp(0, masks.width), boxes[:, 3].clamp(0, masks.height)], dim=1)
+    clipped = boxes.clone()
+    clipped[:, 0::2].clamp_(0, masks.width)
+    clipped[:, 1::2].clamp_(0, masks.height)
     rois = torch.cat([torch.arange(boxes.size(0), device=boxes.device, dtype=boxes.dtype)[:, None], clipped], dim=1)
     # From pageable memory the upload waits for the GPU (a stream synchronisation in the copy);
     # from pinned memory it is queued like a kernel.
