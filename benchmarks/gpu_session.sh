@@ -52,8 +52,9 @@
 #   train-ratios     the GPU tests of the GEMM convolutions and the sampler (GPU_TESTS_TIMEOUT), then
 #                    train_throughput.py: a prewarm run of the defaults (Triton's disk cache; the host
 #                    profile), the two baselines given the per-size fixes and the defaults, RATIOS_ITERS
-#                    (30) iterations, then the defaults in fp32, prewarmed too (~9 min: a cold prewarm
-#                    alone took 112 s on an H100)
+#                    (30) iterations and RATIOS_EVAL_IMAGES (8) evaluation images each, then the defaults
+#                    in fp32 (RATIOS_FP32=0 skips), prewarmed too (~9 min: a cold prewarm alone took 112 s
+#                    on an H100)
 #   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (as
 #                    so far), bf16 without a loss scaler (tools/train.py --amp bf16), fp32 (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
@@ -73,7 +74,7 @@ reference_dir=${MLLA_REFERENCE_DIR:-shared/reference}
 export MLLA_REFERENCE_DIR=$reference_dir
 
 stamp() { echo "== $1 ($(date +%T))"; }
-gpu_tests() { timeout 400 python3 -m pytest -m gpu -q -rf "$@"; }
+gpu_tests() { timeout "${GPU_TESTS_TIMEOUT:-400}" python3 -m pytest -m gpu -q -rf "$@"; }
 # compile_then_time SCRIPT NAME MODES COLD_IMPLS TIMED_IMPLS TAIL_LINES: benchmarks/SCRIPT.py (MLLA-T) for
 # MODES x fp32/bf16 in one timed run of TIMED_IMPLS, into $out/SCRIPT_NAME.{json,log}. First one worker
 # process per (COLD_IMPLS entry, mode, dtype), side by side, compiles the torch.compile graphs, so that
@@ -214,7 +215,7 @@ for stage in "$@"; do
         > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
       timeout "${RATIOS_TIMEOUT:-420}" python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
-        --prewarm --host-profile 2 --iters "${RATIOS_ITERS:-30}" --warmup 10 --eval-images 8 \
+        --prewarm --host-profile 2 --iters "${RATIOS_ITERS:-30}" --warmup 10 --eval-images "${RATIOS_EVAL_IMAGES:-8}" \
         --json "$out/train_throughput_ratios.json" > "$out/train_throughput_ratios.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
       grep -A14 "where they are called from" "$out/train_throughput_ratios.log" | tail -n 14
