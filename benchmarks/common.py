@@ -256,10 +256,12 @@ def detector_config(arch: str, attn_impl: str = "auto", conv_impl: str = "refere
 # of this repository's configs (the same results, or on a GPU the same sampling distribution, with
 # fewer launches, no host synchronisation and no host-side shuffle: mlla_det/models/).
 HEAD_UTILS = {"paper": dict(assigner="MaxIoUAssigner", sampler="RandomSampler", bbox_coder="DeltaXYWHBBoxCoder",
-                            anchor_generator="AnchorGenerator", rpn_head="RPNHead", mask_head="FCNMaskHead"),
+                            anchor_generator="AnchorGenerator", rpn_head="RPNHead", mask_head="FCNMaskHead",
+                            data_preprocessor="DetDataPreprocessor"),
               "repo": dict(assigner="SyncFreeMaxIoUAssigner", sampler="DeviceRandomSampler",
                            bbox_coder="PairedDeltaXYWHBBoxCoder", anchor_generator="CachedAnchorGenerator",
-                           rpn_head="LevelMergedRPNHead", mask_head="DeviceTargetsFCNMaskHead")}
+                           rpn_head="LevelMergedRPNHead", mask_head="DeviceTargetsFCNMaskHead",
+                           data_preprocessor="DeviceMasksDetDataPreprocessor")}
 
 
 def set_head_utils(model_cfg, kind: str) -> None:
@@ -274,14 +276,16 @@ def set_head_utils(model_cfg, kind: str) -> None:
     model_cfg.rpn_head.bbox_coder["type"] = types["bbox_coder"]
     model_cfg.roi_head.bbox_head.bbox_coder["type"] = types["bbox_coder"]
     model_cfg.rpn_head.anchor_generator["type"] = types["anchor_generator"]
+    model_cfg.data_preprocessor["type"] = types["data_preprocessor"]
 
 
 def use_heads(model, kind: str) -> None:
-    """Make a detector's RPN and mask heads HEAD_UTILS[kind]'s types. The objects stay (their
-    classes are switched: this repository's heads only override methods of mmdet's and add no
-    state), so that what holds a head, such as detector.py's compiled methods, keeps holding it."""
+    """Make a detector's RPN and mask heads and its data preprocessor HEAD_UTILS[kind]'s types.
+    The objects stay (their classes are switched: this repository's versions only override
+    methods of mmdet's and add no state), so that what holds a head, such as detector.py's
+    compiled methods, keeps holding it."""
     from mmdet.registry import MODELS
-    for owner, name in ((model, "rpn_head"), (model.roi_head, "mask_head")):
+    for owner, name in ((model, "rpn_head"), (model.roi_head, "mask_head"), (model, "data_preprocessor")):
         head = getattr(owner, name)
         head_type, current = MODELS.get(HEAD_UTILS[kind][name]), type(head)
         if not (issubclass(head_type, current) or issubclass(current, head_type)):

@@ -49,8 +49,8 @@ COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (612, 612), (640, 
 # AdamW group per parameter, as the paper's recipe; "repo": the configs' merged groups and fused
 # AdamW), cuDNN on or off (CudnnHook; None: as the config says, i.e. off), extra hooks, and a
 # fixed input size instead of the multi-scale resize. The paper's model (reference kernels) keeps
-# mmdet's head utilities (assigners, samplers, box coders, anchor generator, RPN and mask heads:
-# common.HEAD_UTILS); this repository's variants use the configs'.
+# mmdet's head utilities (assigners, samplers, box coders, anchor generator, RPN and mask heads,
+# the data preprocessor: common.HEAD_UTILS); this repository's variants use the configs'.
 # `gemm`: the dense convolutions as batched GEMMs (GemmConvHook) or not; None: as the config says
 # (on). The baselines given the per-size fix follow the config too.
 VARIANTS = {
@@ -609,6 +609,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             bbox_coder=cfg.model.rpn_head.bbox_coder.type,
             rpn_head=cfg.model.rpn_head.type,
             mask_head=cfg.model.roi_head.mask_head.type,
+            data_preprocessor=cfg.model.data_preprocessor.type,
             optimizer_groups=len(runner.optim_wrapper.optimizer.param_groups),
             peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
             gpu_busy_fraction=hook.busy_fraction,

@@ -9,6 +9,7 @@ from mmdet.structures.mask import BitmapMasks, PolygonMasks
 from mmengine.config import ConfigDict
 from mmengine.structures import InstanceData
 
+from mlla_det.models.device_masks import DeviceBitmapMasks
 from mlla_det.models.mask_head import DeviceTargetsFCNMaskHead
 
 HEAD = dict(num_convs=1, in_channels=8, conv_out_channels=8, num_classes=3)
@@ -47,6 +48,9 @@ def check_against_mmdet(device):
             assert got.device == expected.device and got.dtype == expected.dtype == torch.float32
             assert torch.equal(got, expected)
             assert soft or set(got.unique().tolist()) <= {0.0, 1.0}
+            # The masks as the data preprocessor leaves them (device_masks.py): already on the device.
+            on_device = [InstanceData(masks=DeviceBitmapMasks.from_bitmap_masks(i.masks, device)) for i in instances]
+            assert torch.equal(ours.get_targets(copies(sampled), on_device, cfg), expected)
 
 
 def test_the_same_targets_as_mmdet():

@@ -8,7 +8,8 @@ default_scope = 'mmdet'
 model = dict(
     type='MaskRCNN',
     data_preprocessor=dict(
-        type='DetDataPreprocessor',
+        # mmdet's DetDataPreprocessor, the masks padded on the GPU (mlla_det/models/device_masks.py)
+        type='DeviceMasksDetDataPreprocessor',
         mean=[123.675, 116.28, 103.53],
         std=[58.395, 57.12, 57.375],
         bgr_to_rgb=True,
