@@ -53,10 +53,11 @@
 #                    train_throughput.py: a prewarm run of the defaults (Triton's disk cache; the host
 #                    profile), the two baselines given the per-size fixes and the defaults, RATIOS_ITERS
 #                    (30) iterations and RATIOS_EVAL_IMAGES (8) evaluation images each, then the defaults
-#                    in fp32 (RATIOS_FP32=0 skips), prewarmed too (~9 min: a cold prewarm alone took 112 s
-#                    on an H100)
-#   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (as
-#                    so far), bf16 without a loss scaler (tools/train.py --amp bf16), fp32 (~5 min)
+#                    in fp32 (RATIOS_FP32=0 skips; RATIOS_FP32_TIMEOUT, 200 s), prewarmed too (~10 min: a cold
+#                    prewarm alone took 112 s on an H100)
+#   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (the
+#                    benchmark's default until 2026-12-07), bf16 without a loss scaler (tools/train.py --amp
+#                    bf16, the default since), fp32 (~5 min)
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
 #   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
 #                    prediction (needs a 2-GPU machine; ~8 min on 2 x H200: run it alone)
@@ -212,17 +213,18 @@ for stage in "$@"; do
       grep -A8 -E "training on|median ms per" "$out/train_throughput_gemm.log" ;;
     train-ratios)
       gpu_tests tests/test_gemm_conv.py tests/test_samplers.py tests/test_bbox_coders.py tests/test_mask_head.py \
-        > "$out/ratios_tests.log" 2>&1
+        tests/test_device_masks.py > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
       timeout "${RATIOS_TIMEOUT:-420}" python3 benchmarks/train_throughput.py --variants paper-no-cudnn,paper+repo-optim,default \
         --prewarm --host-profile 2 --iters "${RATIOS_ITERS:-30}" --warmup 10 --eval-images "${RATIOS_EVAL_IMAGES:-8}" \
         --json "$out/train_throughput_ratios.json" > "$out/train_throughput_ratios.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
-      grep -A14 "where they are called from" "$out/train_throughput_ratios.log" | tail -n 14
+      grep -A14 "Python functions by own time" "$out/train_throughput_ratios.log" | cut -c1-150
       if [ "${RATIOS_FP32:-1}" = 1 ]; then
-        timeout 110 python3 benchmarks/train_throughput.py --variants default --amp off --prewarm --iters 30 --warmup 10 \
+        timeout "${RATIOS_FP32_TIMEOUT:-200}" python3 benchmarks/train_throughput.py --variants default --amp off \
+          --prewarm --iters "${RATIOS_ITERS:-30}" --warmup 10 \
           --eval-images 0 --json "$out/train_throughput_fp32.json" > "$out/train_throughput_fp32.log" 2>&1
-        echo "fp32:"; grep -A4 "training on" "$out/train_throughput_fp32.log" | tail -n 1
+        echo "fp32:"; grep -A4 -E "training on|median ms per" "$out/train_throughput_fp32.log" | grep -E "^\| +default"
       fi ;;
     train-precision)
       for mode in "--amp bf16 --loss-scale dynamic" "--amp bf16 --loss-scale off" "--amp off"; do

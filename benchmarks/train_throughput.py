@@ -780,8 +780,10 @@ def main(argv=None) -> None:
                         help="profile the host (torch.profiler, CPU and CUDA) over N iterations before the "
                              "GPU-busy window, then one iteration under cProfile")
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
-    parser.add_argument("--loss-scale", default="dynamic", choices=("dynamic", "off"),
-                        help="AmpOptimWrapper's loss scaling (tools/train.py --amp: dynamic)")
+    parser.add_argument("--loss-scale", choices=("dynamic", "off"),
+                        help="AmpOptimWrapper's loss scaling (default: as tools/train.py --amp has it, dynamic "
+                             "for fp16, off for bf16; the runs before the sixth session of 2026-12-07 used "
+                             "dynamic for bf16 too)")
     parser.add_argument("--images", type=int, default=400, help="images in the generated set")
     parser.add_argument("--eval-images", type=int, default=50)
     parser.add_argument("--workers", type=int, help="dataloader workers (default: the config's, as "
@@ -794,6 +796,8 @@ def main(argv=None) -> None:
     parser.add_argument("--from-json", metavar="PATH", help="print the tables of an earlier run and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.loss_scale is None:
+        args.loss_scale = "off" if args.amp == "bf16" else "dynamic"
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())
         print_rows(rows)
