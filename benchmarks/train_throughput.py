@@ -336,11 +336,24 @@ def _call_sites(events, traced, frames: int = 2) -> dict:
         holding = [f[2] for f in reversed(open_frames) if f[1] >= end]
         sites[i] = holding[:frames]
     # Builds whose events() leave the Python tracer's events out (torch 2.11 with CUDA on the GPU
-    # machine: every site came back empty) still fill each op's own stack, innermost frame first.
+    # machine: every site came back empty) fill each op's own stack, innermost frame first, when
+    # the profiler is verbose (host_profiler).
     for i, e in enumerate(traced):
         if not sites[i] and getattr(e, "stack", None):
             sites[i] = [frame.split("site-packages/")[-1] for frame in e.stack if _outside_torch(frame)][:frames]
     return sites
+
+
+def host_profiler(activities) -> "torch.profiler.profile":
+    """torch.profiler with Python stacks. `verbose` makes each op keep its own stack (`e.stack`),
+    which _call_sites falls back on where the Python tracer's events are missing; without it the
+    stacks stay empty (torch 2.11 and 2.14)."""
+    options = {}
+    try:
+        options["experimental_config"] = torch._C._profiler._ExperimentalConfig(verbose=True)
+    except (AttributeError, TypeError):  # torch builds without the option keep the time-range sites
+        pass
+    return torch.profiler.profile(activities=activities, with_stack=True, **options)
 
 
 def _synchronize():
@@ -381,7 +394,7 @@ class HostProfile:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities, with_stack=True)
+            self.profiler = host_profiler(activities)
             self.profiler.__enter__()
             self.clock.scoped = True
         elif batch_idx == self.first + self.iterations and self.summary is not None:

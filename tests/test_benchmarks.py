@@ -448,6 +448,23 @@ def test_train_throughput_host_profile_reports_parts_ops_and_python(tmp_path):
     assert row["gemm_convolutions"] == row["eval_gemm_convolutions"] == 0
 
 
+def _scaled_sum(x):
+    return (x * 3).sum()
+
+
+def test_host_profile_call_sites_fall_back_on_each_op_s_own_stack():
+    """Where the profiler's events hold no Python-tracer events (torch 2.11 on the GPU machine),
+    the call sites come from each op's own stack, which host_profiler's verbose mode records."""
+    from benchmarks.train_throughput import _call_sites, host_profiler
+    with host_profiler([torch.profiler.ProfilerActivity.CPU]) as profiler:
+        _scaled_sum(torch.randn(64))
+    events = profiler.events()
+    [mul] = [e for e in events if e.name == "aten::mul"]
+    without_python = [e for e in events if ".py(" not in e.name]
+    assert any("_scaled_sum" in frame for frame in _call_sites(without_python, [mul])[0])
+    assert any("_scaled_sum" in frame for frame in _call_sites(events, [mul])[0])
+
+
 def test_batch_transfer_measures_both_modes(tmp_path):
     """benchmarks/batch_transfer.py on the 1x pipeline, a few small batches: both modes run with
     their own workers, see the same mask bytes per batch, and the JSON holds them."""
