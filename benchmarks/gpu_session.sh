@@ -61,6 +61,13 @@
 #   shapes           the quick start: train, evaluate, render a prediction (~9 min)
 #   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
 #                    prediction (needs a 2-GPU machine; ~8 min on 2 x H200: run it alone)
+#   save-triton-cache  Triton's cache (the kernels this call compiled) packed as $OUT/triton_cache.tar.xz
+#                    when it is small enough to come back (16 MiB); run it last
+# Triton's compiled kernels can travel between calls: a cold prewarm of the 1x pipeline spent
+# ~110 s of a call compiling them (H100). Bring a triton_cache.tar.xz back with save-triton-cache,
+# copy it into the project's root (git-ignored) and carry it with .whl: this script unpacks it into
+# Triton's cache before the stages run (the same kernels on any sm_90 card; a changed kernel simply
+# compiles again).
 # Full logs and JSON go to $OUT (the device tool brings them back); short summaries print.
 # The golden-data tests need ../shared/reference on the GPU machine too, where only the repository
 # travels: once here, `mkdir -p shared && cp -r ../shared/reference shared/ && echo /shared/ >>
@@ -73,6 +80,12 @@ export PYTHONUNBUFFERED=1
 reference_dir=${MLLA_REFERENCE_DIR:-shared/reference}
 [ -d "$reference_dir" ] || reference_dir=../shared/reference
 export MLLA_REFERENCE_DIR=$reference_dir
+triton_cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+export TRITON_CACHE_DIR=$triton_cache
+if [ -f triton_cache.tar.xz ]; then
+  mkdir -p "$triton_cache" && tar -C "$triton_cache" -xJf triton_cache.tar.xz \
+    && echo "Triton cache: $(find "$triton_cache" -mindepth 1 -maxdepth 1 | wc -l) kernels unpacked from triton_cache.tar.xz"
+fi
 
 stamp() { echo "== $1 ($(date +%T))"; }
 gpu_tests() { timeout "${GPU_TESTS_TIMEOUT:-400}" python3 -m pytest -m gpu -q -rf "$@"; }
@@ -243,6 +256,15 @@ for stage in "$@"; do
     dist)
       timeout 570 bash benchmarks/scaling_2gpu.sh "$out" > "$out/dist.log" 2>&1
       echo "dist exit: $?"; tail -n 25 "$out/dist.log" ;;
+    save-triton-cache)
+      XZ_OPT="-T0 -6" tar -C "$triton_cache" -cJf "$out/triton_cache.tar.xz" .
+      size=$(stat -c %s "$out/triton_cache.tar.xz")
+      if [ "$size" -gt 16000000 ]; then
+        echo "Triton cache: $size bytes packed, over the 16 MiB a file may come back with; not kept"
+        rm -f "$out/triton_cache.tar.xz"
+      else
+        echo "Triton cache: $(find "$triton_cache" -mindepth 1 -maxdepth 1 | wc -l) kernels, $size bytes packed"
+      fi ;;
     bundle)
       tar czf /tmp/session.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/session.tgz "$out/" ;;
     *)
