@@ -7,8 +7,9 @@ images per batch, and the attention's launch configuration (mlla_kernels/triton/
 GPU of --sms SMs) give, per pass and direction, what Triton compiles a kernel for: the constexprs
 and options that follow from the size (partials, pipelining depth, register cap, atomic or not)
 and the integer arguments' specialisation (equal to 1, divisible by 16) of the token count and
-the map's width. Reported: distinct compile keys after k iterations, as they are now and with
-those two integers left unspecialised (Triton's do_not_specialize).
+the map's width. Reported: distinct compile keys after k iterations with those two integers
+specialised (the kernels before 2026-12-07, sixth session) and unspecialised (Triton's
+do_not_specialize: the kernels since, mlla_kernels/triton/_common.py UNSPECIALISED_SIZES).
 """
 import argparse
 import sys
@@ -72,8 +73,8 @@ def main(argv=None) -> list:
         late = [i for i in counted["iterations_with_new_keys"] if i > 500]
         rows.append(dict(sizes_specialised=specialise_sizes, sms=args.sms, iterations=args.iters,
                          keys_after=counted["keys_after"], iterations_with_new_keys_after_500=len(late)))
-        label = "as now" if specialise_sizes else "token count and width unspecialised"
-        print(f"{label:>36}: compile keys after k iterations {counted['keys_after']}; "
+        label = "sizes specialised (before)" if specialise_sizes else "token count and width unspecialised (now)"
+        print(f"{label:>42}: compile keys after k iterations {counted['keys_after']}; "
               f"iterations bringing new keys after 500: {len(late)}")
     if args.json:
         write_json(args.json, rows)

@@ -32,16 +32,23 @@ class CachedLauncher:
         self.name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", type(fn).__name__)
         self.compiled = {}
         names = list(getattr(fn, "arg_names", []))
-        self.constexpr_names = [p.name for p in getattr(fn, "params", []) if p.is_constexpr]
+        params = list(getattr(fn, "params", []))
+        self.constexpr_names = [p.name for p in params if p.is_constexpr]
         self.n_runtime = len(names) - len(self.constexpr_names)
+        # Runtime parameters Triton does not specialise on (do_not_specialize): their values stay
+        # out of the key, which is then exactly as fine as Triton's for them.
+        self.unspecialised = frozenset(i for i, p in enumerate(q for q in params if not q.is_constexpr)
+                                       if getattr(p, "do_not_specialize", False))
 
     @staticmethod
-    def _spec(arg):
+    def _spec(arg, specialised: bool = True):
         if isinstance(arg, torch.Tensor):
             return (arg.dtype, arg.data_ptr() % 16 == 0)
         if isinstance(arg, bool):
             return ("b", arg)
         if isinstance(arg, int):
+            if not specialised:
+                return (-2 ** 31 <= arg < 2 ** 31,)
             return (arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31)
         return (type(arg), arg)
 
@@ -54,8 +61,8 @@ class CachedLauncher:
         if not CachedLauncher.enabled or len(args) != self.n_runtime:
             return self.fn[grid](*args, **options, **constexprs)
         const_values = tuple(constexprs[name] for name in self.constexpr_names)
-        key = (tuple(self._spec(a) for a in args), const_values, num_warps, num_stages, max_registers,
-               torch.cuda.current_device())
+        key = (tuple(self._spec(a, i not in self.unspecialised) for i, a in enumerate(args)), const_values,
+               num_warps, num_stages, max_registers, torch.cuda.current_device())
         kernel = self.compiled.get(key)
         if kernel is not None:
             grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
@@ -70,9 +77,10 @@ class CachedLauncher:
         kernel = self.fn[grid](*args, **options, **constexprs)
         if CachedLauncher.enabled and hasattr(kernel, "packed_metadata") and hasattr(kernel, "__getitem__"):
             self.compiled[key] = kernel
+            int_specs = [(a == 1, a % 16 == 0) for i, a in enumerate(args)
+                         if type(a) is int and i not in self.unspecialised]
             _SPECIALISATIONS.append(f"{self.name} {constexprs} warps={num_warps} "
-                                    f"stages={num_stages} maxnreg={max_registers} "
-                                    f"ints(==1, %16)={[(a == 1, a % 16 == 0) for a in args if type(a) is int]}")
+                                    f"stages={num_stages} maxnreg={max_registers} ints(==1, %16)={int_specs}")
 
 
 _LAUNCHERS = {}

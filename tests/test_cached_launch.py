@@ -8,8 +8,8 @@ from mlla_kernels.cached_launch import CachedLauncher, specialisation_count, spe
 class _FakeParam:
     """What CachedLauncher reads of a JITFunction's parameters."""
 
-    def __init__(self, name, is_constexpr):
-        self.name, self.is_constexpr = name, is_constexpr
+    def __init__(self, name, is_constexpr, do_not_specialize=False):
+        self.name, self.is_constexpr, self.do_not_specialize = name, is_constexpr, do_not_specialize
 
 
 class _FakeJit:
@@ -17,8 +17,8 @@ class _FakeJit:
     fn[grid](*args, num_warps, **constexprs), which records ("jit", grid, args) in calls and
     returns `compiled`."""
 
-    def __init__(self, params, compiled, calls):
-        self.params = [_FakeParam(name, is_constexpr) for name, is_constexpr in params]
+    def __init__(self, params, compiled, calls, unspecialised=()):
+        self.params = [_FakeParam(name, is_constexpr, name in unspecialised) for name, is_constexpr in params]
         self.arg_names = [p.name for p in self.params]
         self.compiled, self.calls = compiled, calls
 
@@ -62,6 +62,41 @@ def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypa
     assert "{'K': 8} warps=4" in described[0] and "(False, True)" in described[0]
     assert "(True, False)" in described[1] and "(False, False)" in described[2]
     assert "{'K': 16}" in described[5] and "warps=8" in described[6]
+
+
+def test_cached_launch_leaves_unspecialised_ints_out_of_its_key(monkeypatch):
+    """An int Triton does not specialise on (do_not_specialize) does not split the cache: any value
+    relaunches the kernel compiled first, as Triton would; the other ints still do."""
+    calls = []
+
+    class FakeCompiled:
+        packed_metadata = None
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("cached", grid, args))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(CachedLauncher, "enabled", True)
+    launch = CachedLauncher(_FakeJit([("t", False), ("n", False), ("m", False), ("K", True)], FakeCompiled(),
+                                     calls, unspecialised=("n",)))
+    t = torch.zeros(64)
+    for n in (32, 1, 41, 2 ** 20):
+        launch((1,), (t, n, 32), 4, K=8)
+    launch((1,), (t, 41, 33), 4, K=8)    # the specialised int changes: a new specialisation
+    assert [c[0] for c in calls] == ["jit", "cached", "cached", "cached", "jit"]
+    assert calls[2][2][1] == 41
+
+
+def test_the_attention_kernels_leave_their_sizes_unspecialised():
+    from mlla_kernels.triton import backward, forward
+    from mlla_kernels.triton._common import UNSPECIALISED_SIZES
+    for kernel in (forward.kv_state_kernel, forward.output_kernel, backward.query_grad_state_kernel,
+                   backward.key_value_grad_kernel):
+        if hasattr(kernel, "params"):  # a JITFunction
+            unspecialised = {p.name for p in kernel.params if p.do_not_specialize}
+        else:  # the interpreter's stand-in keeps the decorator's arguments
+            unspecialised = set(kernel.kwargs["do_not_specialize"])
+        assert unspecialised == set(UNSPECIALISED_SIZES), (kernel.fn.__name__, unspecialised)
 
 
 def test_cached_launch_failure_falls_back_to_triton(monkeypatch):

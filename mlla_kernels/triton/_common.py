@@ -25,6 +25,11 @@ INV_TWO_PI = tl.constexpr(1.0 / (2.0 * math.pi))
 NORMALIZER_EPS = tl.constexpr(1e-6)
 # Partial states whose loads load_state keeps in flight at once.
 FOLD_LOADS_IN_FLIGHT = tl.constexpr(4)
+# The size integers Triton does not specialise on (equal to 1, divisible by 16). They only bound
+# masks and split token runs into rows and columns, never address contiguous memory, so the hint
+# gains nothing, while over the 1x pipeline's sizes it would make about two thirds of the
+# kernels' compiles (benchmarks/attention_specialisations.py: 149 compile keys, 55 without).
+UNSPECIALISED_SIZES = ("num_tokens", "width")
 
 
 @triton.jit

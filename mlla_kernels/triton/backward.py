@@ -13,13 +13,13 @@ state, so it is written by the pass that reduces dKV: q and dout are read once.
 import triton
 import triton.language as tl
 
-from ._common import (block_mask, block_pointer, dot_operand, feature_map, feature_map_grad,
+from ._common import (UNSPECIALISED_SIZES, block_mask, block_pointer, dot_operand, feature_map, feature_map_grad,
                       feature_map_grad_from_phi, head_pointer, load_state, load_query_block, load_tile, matmul_parts,
                       program_head, quadrants, rope, rope_cos_sin, split_tf32, store_state, store_tile, tile_offsets,
                       token_reduction, token_run, unrope)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED_SIZES)
 def query_grad_state_kernel(
     qk_ptr, grad_ptr, state_ptr, grad_qk_ptr, grad_state_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
@@ -92,7 +92,7 @@ def query_grad_state_kernel(
     store_state(out_ptr, dkv, dkbar, HEAD_DIM, DIM_PAD, ATOMIC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED_SIZES)
 def key_value_grad_kernel(
     qk_ptr, v_ptr, grad_partials_ptr, grad_qk_ptr, grad_v_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,

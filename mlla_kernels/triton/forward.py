@@ -6,12 +6,12 @@ channel) followed by sum_m phi(k_m) (d). The output pass scales both by 1/N.
 import triton
 import triton.language as tl
 
-from ._common import (block_mask, block_pointer, dot_operand, feature_map, head_pointer, load_state, load_query_block,
-                      load_tile, matmul, matmul_parts, program_head, quadrants, rope, rope_cos_sin, split_tf32,
-                      store_state, store_tile, tile_offsets, token_reduction, token_run)
+from ._common import (UNSPECIALISED_SIZES, block_mask, block_pointer, dot_operand, feature_map, head_pointer,
+                      load_state, load_query_block, load_tile, matmul, matmul_parts, program_head, quadrants, rope,
+                      rope_cos_sin, split_tf32, store_state, store_tile, tile_offsets, token_reduction, token_run)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED_SIZES)
 def kv_state_kernel(
     qk_ptr, v_ptr, state_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
@@ -61,7 +61,7 @@ def kv_state_kernel(
     store_state(out_ptr, kv, tl.sum(k_blocks, axis=0), HEAD_DIM, DIM_PAD, ATOMIC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED_SIZES)
 def output_kernel(
     qk_ptr, partials_ptr, state_ptr, out_ptr,
     num_tokens, width, num_heads, quarter_c, tokens_per_split,
