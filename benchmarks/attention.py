@@ -77,6 +77,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile-report", action="store_true",
                         help="no GPU needed: compile the four kernels for sm_90 at the default launch shapes and "
                              "both pipelining depths, and print registers, spills (ptxas -v) and shared memory")
+    parser.add_argument("--specialisation-report", action="store_true",
+                        help="no GPU needed: the four kernels compiled for sm_90 with and without the size "
+                             "integers' divisibility hint (UNSPECIALISED_SIZES), SASS compared")
     parser.add_argument("--cpu-sanity", action="store_true", help="tiny shape in the Triton interpreter")
     return parser.parse_args(argv)
 
@@ -406,24 +409,15 @@ def print_table(rows, copy_gbps, device_name):
         f"{r['model']}{r['stage']}-{r['dtype']} {r['peak_mb_eager']:.0f}/{r['peak_mb_fused']:.0f}" for r in rows))
 
 
-def compile_report():
-    """Registers and spill bytes per kernel at the default tile shapes, from triton.compile for
-    sm_90 and the ptxas Triton ships: the cheapest check that a tile shape fits the register file."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _sm90_compiles(head_dims=(16, 32, 64)):
+    """The four kernels as launched at the default launch shapes, for triton.compile on sm_90: per
+    head size, dtype, kernel and pipelining depth, (label, kernel, signature, constexprs, attrs,
+    options), attrs marking what Triton specialises as 16-divisible at launch."""
     from mlla_kernels.triton.backward import key_value_grad_kernel, query_grad_state_kernel
     from mlla_kernels.triton.forward import kv_state_kernel, output_kernel
     from mlla_kernels.triton.launch import FEW_BLOCKS_NUM_STAGES, NUM_STAGES, _padded, dot_mode, launch_config
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    print(f"triton {triton.__version__}, sm_90")
-    for head_dim in (16, 32, 64):
+    for head_dim in head_dims:
         forward = launch_config(64000, 4, head_dim, torch.device("cpu"), "forward")
         backward = launch_config(64000, 4, head_dim, torch.device("cpu"), "backward")
         for dtype in ("fp32", "bf16"):
@@ -451,20 +445,75 @@ def compile_report():
                            if name.endswith("_ptr") or (name.startswith("stride") and not name.endswith("_c"))}
                 # Both pipelining depths the launch uses (the shallower one where programs run few blocks).
                 for num_stages in (NUM_STAGES, FEW_BLOCKS_NUM_STAGES):
-                    compiled = triton.compile(
-                        ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=aligned),
-                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps, num_stages=num_stages))
-                    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-                        ptx.write(compiled.asm["ptx"])
-                        ptx.flush()
-                        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull],
-                                             capture_output=True, text=True).stderr
-                    regs = re.search(r"Used (\d+) registers", log)
-                    spills = re.search(r"(\d+) bytes spill stores", log)
-                    print(f"d={head_dim:<3} {dtype} {kernel.__name__:18} {cfg.block_n:>3} tokens x "
-                          f"{cfg.num_warps} warps, {num_stages} stages, {consts['DOT_MODE']}: "
-                          f"{regs.group(1) if regs else '?'} registers, "
-                          f"{spills.group(1) if spills else '?'} B spilled, {compiled.metadata.shared} B shared")
+                    label = (f"d={head_dim:<3} {dtype} {kernel.__name__:18} {cfg.block_n:>3} tokens x "
+                             f"{cfg.num_warps} warps, {num_stages} stages, {consts['DOT_MODE']}")
+                    yield label, kernel, signature, consts, aligned, dict(num_warps=cfg.num_warps,
+                                                                          num_stages=num_stages)
+
+
+def _compile_sm90(kernel, signature, consts, attrs, options):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_report():
+    """Registers and spill bytes per kernel at the default tile shapes, from triton.compile for
+    sm_90 and the ptxas Triton ships: the cheapest check that a tile shape fits the register file."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    print(f"triton {triton.__version__}, sm_90")
+    for label, kernel, signature, consts, aligned, options in _sm90_compiles():
+        compiled = _compile_sm90(kernel, signature, consts, aligned, options)
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+            ptx.write(compiled.asm["ptx"])
+            ptx.flush()
+            log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull],
+                                 capture_output=True, text=True).stderr
+        regs = re.search(r"Used (\d+) registers", log)
+        spills = re.search(r"(\d+) bytes spill stores", log)
+        print(f"{label}: {regs.group(1) if regs else '?'} registers, "
+              f"{spills.group(1) if spills else '?'} B spilled, {compiled.metadata.shared} B shared")
+    return 0
+
+
+def _sass(compiled) -> list:
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        listing = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True).stdout
+    return [re.sub(r"/\*[0-9a-f]+\*/", "", line).strip() for line in listing.splitlines()
+            if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+
+
+def specialisation_report():
+    """What Triton's specialisation of the size integers (UNSPECIALISED_SIZES) would change in the
+    kernels: each compiled for sm_90 with those integers marked 16-divisible, as Triton would
+    specialise them at sizes such as 64x64, and without (as launched), SASS compared."""
+    import triton
+
+    from mlla_kernels.triton._common import UNSPECIALISED_SIZES
+    print(f"triton {triton.__version__}, sm_90: SASS instructions with the sizes 16-divisible / unspecialised")
+    for label, kernel, signature, consts, aligned, options in _sm90_compiles(head_dims=(32, 64)):
+        hinted = {**aligned, **{(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                                if name in UNSPECIALISED_SIZES}}
+        with_hint = _sass(_compile_sm90(kernel, signature, consts, hinted, options))
+        without = _sass(_compile_sm90(kernel, signature, consts, aligned, options))
+        print(f"{label}: {len(with_hint)} / {len(without)}"
+              f"{' (identical)' if with_hint == without else ' (differ)'}")
     return 0
 
 
@@ -509,6 +558,8 @@ def main(argv=None):
         return compile_worker(args.compile_worker, args.models, args.dtypes)
     if args.compile_report:
         return compile_report()
+    if args.specialisation_report:
+        return specialisation_report()
     device = timing_device("attention.py", args.cpu_sanity)
     if device is None:
         return 0
