@@ -64,8 +64,66 @@ def test_out_indices_select_stages_and_norms():
 
 def test_drop_path_grows_linearly():
     model = MLLA(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), drop_path_rate=0.3)
-    rates = [float(getattr(block.drop_path, "drop_prob", 0.0)) for stage in model.layers for block in stage.blocks]
+    rates = [block.drop_prob for stage in model.layers for block in stage.blocks]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 8))
+
+
+def test_stochastic_depth_is_mmcv_drop_path_drawn_once_for_all_branches():
+    """draw_residual_scales + add_residual give the paper's DropPath (mmcv's, as timm's) on the same
+    uniform draws; each branch keeps its samples with its own probability, rescaled by 1/p."""
+    from mmcv.cnn.bricks import DropPath
+
+    from mlla_det.models.backbones.mlla import add_residual, draw_residual_scales
+    shortcut, branch = torch.randn(64, 10, 8), torch.randn(64, 10, 8)
+    for drop_prob in (0.1, 0.5):
+        torch.manual_seed(3)
+        [scale] = draw_residual_scales(torch.tensor([1.0 - drop_prob]), 64)
+        ours = add_residual(shortcut, branch, scale)
+        torch.manual_seed(3)
+        theirs = shortcut + DropPath(drop_prob).train()(branch)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+        assert 0 < int((scale == 0).sum()) < 64  # both kept and dropped samples compared
+    keep = torch.tensor([1.0, 0.9, 0.5])
+    scales = torch.stack(draw_residual_scales(keep, 40000)).flatten(1)
+    for p, drawn in zip(keep.tolist(), scales):
+        assert set(drawn.unique().tolist()) <= {0.0, torch.tensor(1 / p).item()}
+        kept = (drawn > 0).double().mean().item()
+        assert abs(kept - p) <= 5 * (p * (1 - p) / 40000) ** 0.5 + 1e-12, (p, kept)
+
+
+def test_training_forward_draws_every_branch_once(monkeypatch):
+    """A training forward draws all blocks' factors in one call; a block called alone draws its own;
+    evaluation draws none and gives the same outputs as without stochastic depth."""
+    import mlla_det.models.backbones.mlla as mlla
+    draws = []
+    real_draw = mlla.draw_residual_scales
+
+    def counting_draw(keep_probs, batch):
+        draws.append(tuple(keep_probs.tolist()))
+        return real_draw(keep_probs, batch)
+
+    monkeypatch.setattr(mlla, "draw_residual_scales", counting_draw)
+    torch.manual_seed(0)
+    model = MLLA(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), drop_path_rate=0.4,
+                 attn_impl="reference", conv_impl="reference")
+    image = torch.randn(2, 3, 64, 64)
+    model.train()(image)
+    assert len(draws) == 1 and len(draws[0]) == 2 * 5
+    torch.testing.assert_close(torch.tensor(draws[0][::2]), 1 - torch.linspace(0, 0.4, 5))
+    block = model.layers[1].blocks[1]
+    block(torch.randn(2, 64, 32), (8, 8))
+    assert len(draws) == 2 and len(draws[1]) == 2
+    model.eval()
+    with torch.no_grad():
+        dropped = model(image)
+        for stage in model.layers:
+            for block in stage.blocks:
+                block.drop_prob = 0.0
+        model.stochastic_depth = False
+        plain = model(image)
+    assert len(draws) == 2
+    for a, b in zip(dropped, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_checkpointing_gives_the_same_gradients(golden):

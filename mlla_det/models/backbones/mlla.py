@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
-from mmcv.cnn.bricks import DropPath
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
@@ -46,6 +45,21 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 def keep_tokens(x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """x with the tokens outside a canvas's image region set to zero (x itself without a mask)."""
     return x if token_mask is None else torch.where(token_mask, x, 0)
+
+
+def draw_residual_scales(keep_probs: torch.Tensor, batch: int) -> Tuple[torch.Tensor, ...]:
+    """Stochastic depth's per-sample factors for len(keep_probs) residual branches at once: each
+    (batch, 1, 1), 1/p with probability p (the branch kept, rescaled) and 0 otherwise, p being the
+    branch's keep probability; float32. The draw of timm's and mmcv's DropPath, floor(p + U) / p,
+    made for every branch in one go instead of five launches per branch."""
+    uniform = torch.rand(keep_probs.shape[0], batch, device=keep_probs.device, dtype=torch.float32)
+    scales = (keep_probs[:, None] + uniform).floor_().div_(keep_probs[:, None])
+    return scales.view(-1, batch, 1, 1).unbind(0)
+
+
+def add_residual(shortcut: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """shortcut + branch, the branch multiplied by its stochastic-depth factor when given."""
+    return shortcut + branch if scale is None else shortcut + branch * scale
 
 
 def canvas_side(size: int, multiple: int) -> int:
@@ -175,24 +189,32 @@ class MLLABlock(nn.Module):
         self.attn = LinearAttention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl,
                                     conv_impl=conv_impl)
         self.out_proj = nn.Linear(dim, dim)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        # Stochastic depth of both residual branches (the paper's DropPath): MLLA draws the
+        # factors of all blocks at once (draw_residual_scales); a block called alone draws its own.
+        self.drop_prob = float(drop_path)
         self.cpe2 = depthwise_conv3x3(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor] = None,
+                residual_scales: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """token_mask (canvas mode, see MLLAStage): every spatial step (the 3x3 convolutions and
         the attention) sees zeros outside the image region, as the plain model sees its padding;
-        the per-token steps leave values there that nothing reads."""
+        the per-token steps leave values there that nothing reads. residual_scales: the two
+        branches' stochastic-depth factors (draw_residual_scales), drawn here in training if not given."""
+        if residual_scales is None and self.training and self.drop_prob > 0.0:
+            residual_scales = draw_residual_scales(x.new_full((2,), 1.0 - self.drop_prob, dtype=torch.float32),
+                                                   x.shape[0])
+        attn_scale, mlp_scale = residual_scales if residual_scales is not None else (None, None)
         x = depthwise_tokens(self.cpe1, keep_tokens(x, token_mask), hw_shape, "residual", self.conv_impl)
         shortcut = x
         x = self.norm1(x)
         gate = self.act(self.act_proj(x))
         x = depthwise_tokens(self.dwc, keep_tokens(self.in_proj(x), token_mask), hw_shape, "silu", self.conv_impl)
         x = self.attn(keep_tokens(x, token_mask), hw_shape, token_mask)
-        x = shortcut + self.drop_path(self.out_proj(x * gate))
+        x = add_residual(shortcut, self.out_proj(x * gate), attn_scale)
         x = depthwise_tokens(self.cpe2, keep_tokens(x, token_mask), hw_shape, "residual", self.conv_impl)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return add_residual(x, self.mlp(self.norm2(x)), mlp_scale)
 
 
 class PatchMerging(nn.Module):
@@ -232,27 +254,31 @@ class MLLAStage(nn.Module):
         # to this multiple, zero-masked outside the input's region. None: on the input as it is.
         self.canvas_multiple: Optional[int] = None
 
-    def run_blocks(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The blocks alone; token_mask (B or 1, N, 1) bool in canvas mode."""
-        for block in self.blocks:
+    def run_blocks(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor] = None,
+                   residual_scales: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """The blocks alone; token_mask (B or 1, N, 1) bool in canvas mode; residual_scales: two
+        stochastic-depth factors per block, in order (None: each block draws its own in training)."""
+        for i, block in enumerate(self.blocks):
+            scales = None if residual_scales is None else residual_scales[2 * i:2 * i + 2]
             if self.use_checkpoint and x.requires_grad:
-                x = checkpoint.checkpoint(block, x, hw_shape, token_mask, use_reentrant=False)
+                x = checkpoint.checkpoint(block, x, hw_shape, token_mask, scales, use_reentrant=False)
             else:
-                x = block(x, hw_shape, token_mask)
+                x = block(x, hw_shape, token_mask, scales)
         return x
 
-    def run_blocks_on_canvas(self, x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    def run_blocks_on_canvas(self, x: torch.Tensor, region: torch.Tensor,
+                             residual_scales: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """The blocks on canvas tokens x (B, Hc*Wc, C), `region` (Hc, Wc) marking the input's
         tokens: the part BlockGraphsHook compiles, one CUDA graph per canvas. The canvas's sides
         come from region's shape rather than int arguments: under torch.compile(dynamic=True)
         they are then tensor sizes, which the compiler knows are at least 2."""
         canvas_hw = (region.shape[0], region.shape[1])
-        return self.run_blocks(x, canvas_hw, region.reshape(1, -1, 1))
+        return self.run_blocks(x, canvas_hw, region.reshape(1, -1, 1), residual_scales)
 
-    def forward(self, x: torch.Tensor, hw_shape: HwShape):
+    def forward(self, x: torch.Tensor, hw_shape: HwShape, residual_scales: Optional[Sequence[torch.Tensor]] = None):
         """Returns the stage output (before downsampling) and the next stage's input."""
         if self.canvas_multiple is None:
-            x = self.run_blocks(x, hw_shape)
+            x = self.run_blocks(x, hw_shape, residual_scales=residual_scales)
         else:
             hw_shape = tuple(hw_shape)
             canvas_hw = tuple(canvas_side(size, self.canvas_multiple) for size in hw_shape)
@@ -263,7 +289,7 @@ class MLLAStage(nn.Module):
             # first call (Dynamo gives equal sizes one symbol) and then specialised with it.
             torch._dynamo.mark_static(x, 0)
             torch._dynamo.mark_static(x, 2)
-            x = self.run_blocks_on_canvas(x, region)
+            x = self.run_blocks_on_canvas(x, region, residual_scales)
             x = tokens_from_canvas(x, hw_shape, canvas_hw)
         if self.downsample is None:
             return x, hw_shape, x, hw_shape
@@ -384,6 +410,11 @@ class MLLA(BaseModule):
                 use_checkpoint=use_checkpoint, attn_impl=attn_impl, conv_impl=conv_impl))
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
+        # Keep probabilities of every block's two residual branches, in order: the factors of all
+        # of them are drawn in one go per training forward (not in the state dict).
+        self.register_buffer("residual_keep_probs", torch.tensor(
+            [1.0 - rate for rate in drop_path for _ in range(2)], dtype=torch.float32), persistent=False)
+        self.stochastic_depth = drop_path_rate > 0.0
 
         self.apply(self._init_weights)
 
@@ -447,9 +478,17 @@ class MLLA(BaseModule):
             raise ValueError(f"MLLA expects images of shape (B, C, H, W), got {tuple(x.shape)}")
         x, hw_shape = self.patch_embed(x)
         x = self.pos_drop(x)
+        residual_scales = None
+        if self.training and self.stochastic_depth:
+            residual_scales = draw_residual_scales(self.residual_keep_probs, x.shape[0])
         outs = []
+        first = 0
         for i, stage in enumerate(self.layers):
-            out, out_hw_shape, x, hw_shape = stage(x, hw_shape)
+            stage_scales = None
+            if residual_scales is not None:
+                stage_scales = residual_scales[first:first + 2 * len(stage.blocks)]
+            first += 2 * len(stage.blocks)
+            out, out_hw_shape, x, hw_shape = stage(x, hw_shape, stage_scales)
             if i in self.out_indices:
                 out = getattr(self, f"norm{i}")(out)
                 outs.append(tokens_to_map(out, out_hw_shape).contiguous())
