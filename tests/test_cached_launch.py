@@ -29,20 +29,30 @@ class _FakeJit:
         return run
 
 
+class _RecordingCompiled:
+    """A compiled kernel whose launcher records ("cached", grid, args) in calls."""
+    packed_metadata = None
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("cached", grid, args))
+
+
+def _recording_launcher(monkeypatch, params, calls, unspecialised=()):
+    """A CachedLauncher (enabled, device 0) over a fake JITFunction of `params` that records its
+    ordinary launches ("jit") and its cached relaunches ("cached") in calls."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(CachedLauncher, "enabled", True)
+    return CachedLauncher(_FakeJit(params, _RecordingCompiled(calls), calls, unspecialised=unspecialised))
+
+
 def test_cached_launch_reuses_a_kernel_only_for_the_same_specialisation(monkeypatch):
     """CachedLauncher relaunches a compiled kernel only when everything Triton specialises on
     (dtypes, 16-byte alignment, ints equal to 1 or divisible by 16, constexprs, warps) matches."""
     calls = []
-
-    class FakeCompiled:
-        packed_metadata = None
-
-        def __getitem__(self, grid):
-            return lambda *args: calls.append(("cached", grid, args))
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(CachedLauncher, "enabled", True)
-    launch = CachedLauncher(_FakeJit([("t", False), ("n", False), ("K", True)], FakeCompiled(), calls))
+    launch = _recording_launcher(monkeypatch, [("t", False), ("n", False), ("K", True)], calls)
     count_before = specialisation_count()
     t = torch.zeros(64)
     launch((1,), (t, 32), 4, K=8)
@@ -68,17 +78,8 @@ def test_cached_launch_leaves_unspecialised_ints_out_of_its_key(monkeypatch):
     """An int Triton does not specialise on (do_not_specialize) does not split the cache: any value
     relaunches the kernel compiled first, as Triton would; the other ints still do."""
     calls = []
-
-    class FakeCompiled:
-        packed_metadata = None
-
-        def __getitem__(self, grid):
-            return lambda *args: calls.append(("cached", grid, args))
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(CachedLauncher, "enabled", True)
-    launch = CachedLauncher(_FakeJit([("t", False), ("n", False), ("m", False), ("K", True)], FakeCompiled(),
-                                     calls, unspecialised=("n",)))
+    launch = _recording_launcher(monkeypatch, [("t", False), ("n", False), ("m", False), ("K", True)], calls,
+                                 unspecialised=("n",))
     t = torch.zeros(64)
     for n in (32, 1, 41, 2 ** 20):
         launch((1,), (t, n, 32), 4, K=8)
