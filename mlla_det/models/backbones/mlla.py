@@ -51,8 +51,8 @@ def draw_residual_scales(keep_probs: torch.Tensor, batch: int) -> Tuple[torch.Te
     """Stochastic depth's per-sample factors for len(keep_probs) residual branches at once: each
     (batch, 1, 1), 1/p with probability p (the branch kept, rescaled) and 0 otherwise, p being the
     branch's keep probability; in float32, or keep_probs' dtype if wider. The draw of timm's and
-    mmcv's DropPath, floor(p + U) / p,
-    made for every branch in one go instead of five launches per branch."""
+    mmcv's DropPath, floor(p + U) / p, made for every branch in one go instead of five launches
+    per branch."""
     uniform = torch.rand(keep_probs.shape[0], batch, device=keep_probs.device, dtype=torch.float32)
     scales = (keep_probs[:, None] + uniform).floor_().div_(keep_probs[:, None])
     return scales.view(-1, batch, 1, 1).unbind(0)
