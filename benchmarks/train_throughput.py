@@ -102,6 +102,7 @@ VARIANTS["default-cudnn@fixed"] = dict(VARIANTS["default-cudnn"], fixed_size=FIX
 DEFAULT_VARIANTS = ("paper", "paper-no-cudnn", "paper+repo-optim", "default", "default@fixed")
 
 PARTS = ("preprocess", "backbone", "neck", "rpn", "roi", "backward", "optimizer")
+EVAL_PARTS = ("preprocess", "backbone", "neck", "rpn", "roi")  # the heads' predict methods: proposals, boxes, masks
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -633,7 +634,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             projection_1x_hours=ITERATIONS_1X * median / 3600,
             host_profile=host_profile.summary if host_profile is not None else None,
         )
-        row.update(evaluate(args, runner) if args.eval_images else {})
+        row.update(evaluate(args, runner, clock) if args.eval_images else {})
     row["environment"] = environment()
     return row
 
@@ -657,11 +658,13 @@ def _uses_graphs(variant: dict) -> bool:
     return any(h["type"] == "BlockGraphsHook" for h in variant.get("hooks", []))
 
 
-def evaluate(args, runner) -> dict:
+def evaluate(args, runner, clock: PartClock) -> dict:
     """Images/s of the test pipeline over --eval-images images (after 3 untimed ones), with the
     run-scoped hooks (cuDNN switch, GEMM convolutions) in force as tools/test.py's runner.test()
     has them: runner.train() has undone them by now. (Before 2026-12-07, fourth session, this
-    evaluation ran with cuDNN on in every variant, CudnnHook having restored it.)"""
+    evaluation ran with cuDNN on in every variant, CudnnHook having restored it.) Also each
+    image's median host and GPU milliseconds per part (EVAL_PARTS), from the training's part
+    clock, started afresh, with the heads' predict methods wrapped too."""
     from mlla_det.engine import BlockGraphsHook, CudnnHook, GemmConvHook
     from mlla_det.models.gemm_conv import gemm_convolution_count
     loader = runner.build_dataloader(runner.cfg.test_dataloader)
@@ -675,11 +678,15 @@ def evaluate(args, runner) -> dict:
         hook.before_run(runner)
     in_force = dict(eval_cudnn=torch.backends.cudnn.enabled,
                     eval_gemm_convolutions=gemm_convolution_count(model))
+    clock.records = []
+    clock.wrap(model.rpn_head, "predict", "rpn")
+    clock.wrap(model.roi_head, "predict", "roi")
     try:
         last = time.perf_counter()
         for index, batch in enumerate(loader):
             if index >= args.eval_images + 3:
                 break
+            clock.new_iteration()
             for hook in runner.hooks:  # what the test loop would call: a new step for CUDA graphs
                 if isinstance(hook, BlockGraphsHook):
                     hook.before_test_iter(runner, index, batch)
@@ -695,7 +702,9 @@ def evaluate(args, runner) -> dict:
         for hook in reversed(run_hooks):
             hook.after_run(runner)
     median = statistics.median(times) if times else float("nan")
-    return dict(eval_s_per_image_median=median, eval_images_per_s=1.0 / median, eval_images=len(times), **in_force)
+    parts = clock.medians(3)
+    return dict(eval_s_per_image_median=median, eval_images_per_s=1.0 / median, eval_images=len(times),
+                eval_parts={part: parts[part] for part in EVAL_PARTS}, **in_force)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -735,6 +744,17 @@ def print_rows(rows) -> None:
                 cells[part] = f"{t['host_ms']:.1f} ({gpu})"
             parts.append(cells)
     print_table(parts, ["variant", *PARTS], title="median ms per iteration, host (GPU)")
+    eval_parts = []
+    for r in rows:
+        if r.get("eval_parts"):
+            cells = {"variant": r["variant"]}
+            for part, t in r["eval_parts"].items():
+                if t["host_ms"] is not None:
+                    gpu = "-" if t["gpu_ms"] is None else f"{t['gpu_ms']:.1f}"
+                    cells[part] = f"{t['host_ms']:.1f} ({gpu})"
+            eval_parts.append(cells)
+    if eval_parts:
+        print_table(eval_parts, ["variant", *EVAL_PARTS], title="median ms per evaluation image, host (GPU)")
     for r in rows:
         if r.get("host_profile"):
             print_host_profile(r["variant"], r["host_profile"])

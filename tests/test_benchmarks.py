@@ -379,6 +379,9 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
         assert row["projection_1x_hours"] == pytest.approx(88_500 * row["s_per_iter_median"] / 3600)
         assert 1 <= row["distinct_input_sizes"] <= 2  # 2 iterations
         assert row["eval_images_per_s"] > 0
+        # Where an evaluation image's time goes: every part of the test step ran and was timed.
+        assert set(row["eval_parts"]) == set(train_throughput.EVAL_PARTS)
+        assert all(part["host_ms"] > 0 for part in row["eval_parts"].values()), row["eval_parts"]
         assert row["dataloader_workers"] == 0  # --sanity's; otherwise the config's
         assert set(row["parts"]) == set(train_throughput.PARTS)
         assert all(part["host_ms"] > 0 for part in row["parts"].values()), row["parts"]
