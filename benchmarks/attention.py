@@ -451,6 +451,12 @@ def _sm90_compiles(head_dims=(16, 32, 64)):
                                                                           num_stages=num_stages)
 
 
+def _triton_tool(name: str) -> str:
+    """The path of a CUDA tool Triton ships (ptxas, cuobjdump)."""
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
 def _compile_sm90(kernel, signature, consts, attrs, options):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -468,7 +474,7 @@ def compile_report():
 
     import triton
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = _triton_tool("ptxas")
     print(f"triton {triton.__version__}, sm_90")
     for label, kernel, signature, consts, aligned, options in _sm90_compiles():
         compiled = _compile_sm90(kernel, signature, consts, aligned, options)
@@ -489,12 +495,11 @@ def _sass(compiled) -> list:
     import subprocess
     import tempfile
 
-    import triton
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        listing = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True).stdout
+        listing = subprocess.run([_triton_tool("cuobjdump"), "-sass", cubin.name], capture_output=True,
+                                 text=True).stdout
     return [re.sub(r"/\*[0-9a-f]+\*/", "", line).strip() for line in listing.splitlines()
             if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
 

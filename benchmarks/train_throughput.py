@@ -103,6 +103,7 @@ DEFAULT_VARIANTS = ("paper", "paper-no-cudnn", "paper+repo-optim", "default", "d
 
 PARTS = ("preprocess", "backbone", "neck", "rpn", "roi", "backward", "optimizer")
 EVAL_PARTS = ("preprocess", "backbone", "neck", "rpn", "roi")  # the heads' predict methods: proposals, boxes, masks
+EVAL_WARMUP = 3  # evaluation images run before the timed ones
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -659,7 +660,7 @@ def _uses_graphs(variant: dict) -> bool:
 
 
 def evaluate(args, runner, clock: PartClock) -> dict:
-    """Images/s of the test pipeline over --eval-images images (after 3 untimed ones), with the
+    """Images/s of the test pipeline over --eval-images images (after EVAL_WARMUP untimed ones), with the
     run-scoped hooks (cuDNN switch, GEMM convolutions) in force as tools/test.py's runner.test()
     has them: runner.train() has undone them by now. (Before 2026-12-07, fourth session, this
     evaluation ran with cuDNN on in every variant, CudnnHook having restored it.) Also each
@@ -684,7 +685,7 @@ def evaluate(args, runner, clock: PartClock) -> dict:
     try:
         last = time.perf_counter()
         for index, batch in enumerate(loader):
-            if index >= args.eval_images + 3:
+            if index >= args.eval_images + EVAL_WARMUP:
                 break
             clock.new_iteration()
             for hook in runner.hooks:  # what the test loop would call: a new step for CUDA graphs
@@ -695,14 +696,14 @@ def evaluate(args, runner, clock: PartClock) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
-            if index >= 3:
+            if index >= EVAL_WARMUP:
                 times.append(now - last)
             last = now
     finally:
         for hook in reversed(run_hooks):
             hook.after_run(runner)
     median = statistics.median(times) if times else float("nan")
-    parts = clock.medians(3)
+    parts = clock.medians(EVAL_WARMUP)
     return dict(eval_s_per_image_median=median, eval_images_per_s=1.0 / median, eval_images=len(times),
                 eval_parts={part: parts[part] for part in EVAL_PARTS}, **in_force)
 
@@ -735,29 +736,28 @@ def print_rows(rows) -> None:
                "compiles", "peak_gb", "gpu_busy", "proj_1x_h", "eval_img_s", "error"]
     print_table(table, [c for c in columns if any(c in t for t in table)],
                 title="training on the 1x pipeline (2 images per GPU); 1x projection: 8 GPUs, 88.5k iterations")
-    parts = []
-    for r in rows:
-        if "parts" in r:
-            cells = {"variant": r["variant"]}
-            for part, t in r["parts"].items():
-                gpu = "-" if t["gpu_ms"] is None else f"{t['gpu_ms']:.1f}"
-                cells[part] = f"{t['host_ms']:.1f} ({gpu})"
-            parts.append(cells)
-    print_table(parts, ["variant", *PARTS], title="median ms per iteration, host (GPU)")
-    eval_parts = []
-    for r in rows:
-        if r.get("eval_parts"):
-            cells = {"variant": r["variant"]}
-            for part, t in r["eval_parts"].items():
-                if t["host_ms"] is not None:
-                    gpu = "-" if t["gpu_ms"] is None else f"{t['gpu_ms']:.1f}"
-                    cells[part] = f"{t['host_ms']:.1f} ({gpu})"
-            eval_parts.append(cells)
+    print_table(_parts_cells(rows, "parts"), ["variant", *PARTS], title="median ms per iteration, host (GPU)")
+    eval_parts = _parts_cells(rows, "eval_parts")
     if eval_parts:
         print_table(eval_parts, ["variant", *EVAL_PARTS], title="median ms per evaluation image, host (GPU)")
     for r in rows:
         if r.get("host_profile"):
             print_host_profile(r["variant"], r["host_profile"])
+
+
+def _parts_cells(rows, key: str) -> list:
+    """One table row per result row holding `key` (PartClock.medians): "host (GPU)" ms per part,
+    parts without a host time left blank."""
+    table = []
+    for r in rows:
+        if r.get(key):
+            cells = {"variant": r["variant"]}
+            for part, t in r[key].items():
+                if t["host_ms"] is not None:
+                    gpu = "-" if t["gpu_ms"] is None else f"{t['gpu_ms']:.1f}"
+                    cells[part] = f"{t['host_ms']:.1f} ({gpu})"
+            table.append(cells)
+    return table
 
 
 def print_host_profile(variant: str, summary: dict, top: int = 25) -> None:

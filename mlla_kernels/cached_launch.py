@@ -35,10 +35,11 @@ class CachedLauncher:
         params = list(getattr(fn, "params", []))
         self.constexpr_names = [p.name for p in params if p.is_constexpr]
         self.n_runtime = len(names) - len(self.constexpr_names)
-        # Runtime parameters Triton does not specialise on (do_not_specialize): their values stay
-        # out of the key, which is then exactly as fine as Triton's for them.
-        self.unspecialised = frozenset(i for i, p in enumerate(q for q in params if not q.is_constexpr)
-                                       if getattr(p, "do_not_specialize", False))
+        # Per runtime parameter, whether Triton specialises on its value: a do_not_specialize int's
+        # value stays out of the key, which is then exactly as fine as Triton's for it.
+        self.specialised = tuple(not getattr(p, "do_not_specialize", False) for p in params if not p.is_constexpr)
+        if len(self.specialised) != self.n_runtime:  # no parameter list to read: key every value
+            self.specialised = (True,) * self.n_runtime
 
     @staticmethod
     def _spec(arg, specialised: bool = True):
@@ -61,7 +62,7 @@ class CachedLauncher:
         if not CachedLauncher.enabled or len(args) != self.n_runtime:
             return self.fn[grid](*args, **options, **constexprs)
         const_values = tuple(constexprs[name] for name in self.constexpr_names)
-        key = (tuple(self._spec(a, i not in self.unspecialised) for i, a in enumerate(args)), const_values,
+        key = (tuple(self._spec(a, specialised) for a, specialised in zip(args, self.specialised)), const_values,
                num_warps, num_stages, max_registers, torch.cuda.current_device())
         kernel = self.compiled.get(key)
         if kernel is not None:
@@ -77,8 +78,8 @@ class CachedLauncher:
         kernel = self.fn[grid](*args, **options, **constexprs)
         if CachedLauncher.enabled and hasattr(kernel, "packed_metadata") and hasattr(kernel, "__getitem__"):
             self.compiled[key] = kernel
-            int_specs = [(a == 1, a % 16 == 0) for i, a in enumerate(args)
-                         if type(a) is int and i not in self.unspecialised]
+            int_specs = [(a == 1, a % 16 == 0) for a, specialised in zip(args, self.specialised)
+                         if type(a) is int and specialised]
             _SPECIALISATIONS.append(f"{self.name} {constexprs} warps={num_warps} "
                                     f"stages={num_stages} maxnreg={max_registers} ints(==1, %16)={int_specs}")
 
