@@ -44,9 +44,10 @@
 #   bundle           pack everything in $OUT into $OUT/session.tgz (the device tool brings back
 #                    at most 8 files); run it last
 #   tests-graphs     BlockGraphsHook's GPU tests, both backends or the one GRAPHS_BACKEND names (~2.5 min)
-#   train-graphs     train_throughput.py, 120 iterations each of TRAIN_VARIANTS (default: the defaults, the
-#                    defaults with pinned batches, one fixed size; ~1.5 min each, ~3.5 min with the blocks'
-#                    CUDA graphs), under TRAIN_TIMEOUT seconds (330)
+#   train-graphs     train_throughput.py, TRAIN_ITERS iterations (120; medians after TRAIN_WARMUP, 40) each of
+#                    TRAIN_VARIANTS (default: the defaults, the defaults with pinned batches, one fixed size;
+#                    ~1.5 min each, ~3.5 min with the blocks' CUDA graphs), TRAIN_EVAL_IMAGES evaluation images
+#                    (20), TRAIN_EXTRA more arguments (e.g. --prewarm), under TRAIN_TIMEOUT seconds (330)
 #   train-gemm       GemmConvHook's GPU tests, linear_host_cost.py, then train_throughput.py: the defaults without
 #                    GEMM convolutions against the defaults (host profile of both), 60 iterations (~5 min)
 #   train-ratios     the GPU tests of the GEMM convolutions and the sampler (GPU_TESTS_TIMEOUT), then
@@ -214,7 +215,8 @@ for stage in "$@"; do
       tail -n 4 "$out/graphs_tests.log" ;;
     train-graphs)
       TORCH_LOGS=recompiles timeout "${TRAIN_TIMEOUT:-330}" python3 benchmarks/train_throughput.py \
-        --variants "${TRAIN_VARIANTS:-default,default-pinned,default@fixed}" --iters 120 --warmup 40 --eval-images 20 \
+        --variants "${TRAIN_VARIANTS:-default,default-pinned,default@fixed}" --iters "${TRAIN_ITERS:-120}" \
+        --warmup "${TRAIN_WARMUP:-40}" --eval-images "${TRAIN_EVAL_IMAGES:-20}" ${TRAIN_EXTRA:-} \
         --json "$out/train_throughput_graphs.json" > "$out/train_throughput_graphs.log" 2>&1
       grep -v -i warn "$out/train_throughput_graphs.log" | tail -n 30 ;;
     train-gemm)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
-from benchmarks.common import round_up, write_json  # noqa: E402
+from benchmarks.common import launch_costs, round_up, write_json  # noqa: E402
 from mlla_kernels.cached_launch import specialisation_count, specialisations  # noqa: E402
 
 ITERATIONS_1X = 88_500  # 12 epochs of COCO train2017 (118k images) at 16 images per iteration
@@ -637,6 +637,8 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
         )
         row.update(evaluate(args, runner, clock) if args.eval_images else {})
     row["environment"] = environment()
+    # What single calls cost this host, to read the parts' host times by (common.launch_costs).
+    row["launch_costs_us"] = launch_costs("cuda", calls=500) if torch.cuda.is_available() else None
     return row
 
 

@@ -184,9 +184,10 @@ def test_bench_and_bandwidth_on_cpu():
 
 
 def test_launch_costs_measure_each_kind_of_call():
-    """Three positive timings, on the GPU or (the empty Triton kernel in the interpreter) the CPU."""
+    """A positive timing per kind of call, on the GPU or (the empty Triton kernel in the interpreter) the CPU."""
     costs = common.launch_costs("cuda" if torch.cuda.is_available() else "cpu", calls=20)
-    assert set(costs) == {"triton_empty_launch_us", "aten_add_us", "autograd_mul_fwd_bwd_us"}
+    assert set(costs) == {"triton_empty_launch_us", "aten_add_us", "autograd_mul_fwd_bwd_us", "aten_empty_us",
+                          "aten_cast_bf16_us", "aten_mm_bf16_us", "aten_addmm_bf16_us", "aten_bmm_bf16_us"}
     assert all(value > 0 for value in costs.values())
 
 
