@@ -52,19 +52,26 @@ COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (612, 612), (640, 
 # mmdet's head utilities (assigners, samplers, box coders, anchor generator, RPN and mask heads,
 # the data preprocessor: common.HEAD_UTILS); this repository's variants use the configs'.
 # `gemm`: the dense convolutions as batched GEMMs (GemmConvHook) or not; None: as the config says
-# (on). The baselines given the per-size fix follow the config too.
+# (on). The baselines given the per-size fix follow the config too. `backbone`: more MLLA arguments
+# (the paper's model leaves autocast to cast each linear layer's weights: precast_linears off).
+PAPER_BACKBONE = dict(precast_linears=False)
 VARIANTS = {
     "paper": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=True, gemm=False,
+                  backbone=PAPER_BACKBONE,
                   describe="the paper's model and recipe as they ship (eager attention and convs, "
                            "per-parameter AdamW, cuDNN)"),
     "paper-no-cudnn": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=False, gemm=None,
-                           describe="the paper's model and recipe, cuDNN off"),
+                           backbone=PAPER_BACKBONE, describe="the paper's model and recipe, cuDNN off"),
     "paper+repo-optim": dict(attn_impl="reference", conv_impl="reference", optimizer="repo", cudnn=False,
-                             gemm=None, describe="the paper's model with this repository's optimizer, cuDNN off"),
+                             gemm=None, backbone=PAPER_BACKBONE,
+                             describe="the paper's model with this repository's optimizer, cuDNN off"),
     "default": dict(attn_impl="auto", conv_impl="auto", optimizer="repo", cudnn=None, gemm=None,
                     describe="this repository's defaults (fused kernels, merged fused AdamW, cuDNN off)"),
 }
 VARIANTS.update({
+    "default-no-precast": dict(VARIANTS["default"], backbone=dict(precast_linears=False),
+                               describe="defaults with autocast casting each linear layer's weight and bias "
+                                        "(MLLA precast_linears off)"),
     "default-no-gemm": dict(VARIANTS["default"], gemm=False,
                             describe="defaults with the dense convolutions on PyTorch's own per-image path "
                                      "(GemmConvHook off)"),
@@ -481,6 +488,7 @@ def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: 
     cfg.model.backbone.init_cfg = None
     cfg.model.backbone.attn_impl = variant["attn_impl"]
     cfg.model.backbone.conv_impl = variant["conv_impl"]
+    cfg.model.backbone.update(variant.get("backbone", {}))
     set_head_utils(cfg.model, "paper" if variant["attn_impl"] == "reference" else "repo")
     if variant["optimizer"] == "paper":
         cfg.optim_wrapper.pop("constructor", None)
