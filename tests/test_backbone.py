@@ -126,6 +126,75 @@ def test_training_forward_draws_every_branch_once(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def autocast_step(model, image, device_type, precast):
+    """Outputs and parameter gradients of one forward + backward under bf16 autocast, the blocks'
+    linear layers cast together (precast) or by autocast one by one; a fresh weighting per output
+    element so that every gradient entry counts."""
+    for stage in model.layers:
+        stage.precast_linears = precast
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device_type, torch.bfloat16):
+        outs = model(image)
+    generator = torch.Generator().manual_seed(7)
+    sum((o.float() * torch.rand(o.shape, generator=generator).to(o.device)).sum() for o in outs).backward()
+    return [o.detach() for o in outs], {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_linears_cast_together_are_autocast_bit_for_bit():
+    """Under autocast the blocks' linear weights cast by one copy per stage give the outputs and
+    every gradient of autocast's own casts exactly; the weights' gradients arrive in fp32."""
+    torch.manual_seed(0)
+    model = MLLA(embed_dim=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4), drop_path_rate=0.0,
+                 attn_impl="reference", conv_impl="reference").train()
+    image = torch.randn(2, 3, 64, 96)
+    own_outs, own_grads = autocast_step(model, image, "cpu", precast=False)
+    cast_outs, cast_grads = autocast_step(model, image, "cpu", precast=True)
+    for a, b in zip(own_outs, cast_outs):
+        assert torch.equal(a, b)
+    assert set(own_grads) == set(cast_grads)
+    for name, grad in cast_grads.items():
+        assert grad.dtype == torch.float32 and torch.equal(grad, own_grads[name]), name
+    assert all(m.precast is None for stage in model.layers for m in stage.linears)
+
+
+def test_linears_cast_together_only_under_narrower_autocast(monkeypatch):
+    """One CastTogether per stage under bf16 autocast; none in fp32, with checkpointing, or with
+    the switch off; and the precast weights are handed back when a block raises."""
+    import mlla_det.models.backbones.mlla as mlla
+    calls = []
+    real_apply = mlla.CastTogether.apply
+    monkeypatch.setattr(mlla.CastTogether, "apply", lambda *a: calls.append(len(a) - 1) or real_apply(*a))
+    image = torch.randn(2, 3, 64, 64)
+
+    def stage_calls(autocast=True, **kwargs):
+        calls.clear()
+        model = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), attn_impl="reference",
+                     conv_impl="reference", **kwargs).train()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            model(image)
+        return list(calls)
+
+    # One block: in_proj, act_proj, qk, out_proj, fc1, fc2, each with a bias.
+    assert stage_calls() == [12] * 4
+    assert stage_calls(qkv_bias=False) == [11] * 4
+    assert stage_calls(autocast=False) == []
+    assert stage_calls(use_checkpoint=True) == []
+    assert stage_calls(precast_linears=False) == []
+
+    model = MLLA(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), attn_impl="reference",
+                 conv_impl="reference")
+    stage = model.layers[0]
+
+    def failing_forward(*args, **kwargs):
+        assert all(m.precast is not None for m in stage.linears)
+        raise RuntimeError("block failed")
+
+    monkeypatch.setattr(stage.blocks[0], "forward", failing_forward)
+    with torch.autocast("cpu", torch.bfloat16), pytest.raises(RuntimeError, match="block failed"):
+        model(image)
+    assert all(m.precast is None for m in stage.linears)
+
+
 def test_checkpointing_gives_the_same_gradients(golden):
     torch.manual_seed(0)
     image = torch.randn(1, 3, 40, 56, dtype=torch.float64)
