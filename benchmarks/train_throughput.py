@@ -52,26 +52,28 @@ COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (612, 612), (640, 
 # mmdet's head utilities (assigners, samplers, box coders, anchor generator, RPN and mask heads,
 # the data preprocessor: common.HEAD_UTILS); this repository's variants use the configs'.
 # `gemm`: the dense convolutions as batched GEMMs (GemmConvHook) or not; None: as the config says
-# (on). The baselines given the per-size fix follow the config too. `backbone`: more MLLA arguments
-# (the paper's model leaves autocast to cast each linear layer's weights: precast_linears off).
-PAPER_BACKBONE = dict(precast_linears=False)
+# (on). The baselines given the per-size fix follow the config too.
+# The blocks' CUDA graphs (BlockGraphsHook, on in the configs) are this repository's, not a per-size
+# fix: the paper's model runs without them.
+NO_GRAPHS = [dict(type="BlockGraphsHook", enabled=False)]
 VARIANTS = {
     "paper": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=True, gemm=False,
-                  backbone=PAPER_BACKBONE,
-                  describe="the paper's model and recipe as they ship (eager attention and convs, "
-                           "per-parameter AdamW, cuDNN)"),
+                  hooks=NO_GRAPHS, describe="the paper's model and recipe as they ship (eager attention and "
+                                            "convs, per-parameter AdamW, cuDNN)"),
     "paper-no-cudnn": dict(attn_impl="reference", conv_impl="reference", optimizer="paper", cudnn=False, gemm=None,
-                           backbone=PAPER_BACKBONE, describe="the paper's model and recipe, cuDNN off"),
+                           hooks=NO_GRAPHS, describe="the paper's model and recipe, cuDNN off"),
     "paper+repo-optim": dict(attn_impl="reference", conv_impl="reference", optimizer="repo", cudnn=False,
-                             gemm=None, backbone=PAPER_BACKBONE,
+                             gemm=None, hooks=NO_GRAPHS,
                              describe="the paper's model with this repository's optimizer, cuDNN off"),
     "default": dict(attn_impl="auto", conv_impl="auto", optimizer="repo", cudnn=None, gemm=None,
-                    describe="this repository's defaults (fused kernels, merged fused AdamW, cuDNN off)"),
+                    describe="this repository's defaults (fused kernels, merged fused AdamW, cuDNN off, the "
+                             "blocks as CUDA graphs on canvases)"),
 }
+# The canvases' side multiple of the configs' BlockGraphsHook (pixels), for the canvas count.
+GRAPH_CANVAS = 128
 VARIANTS.update({
-    "default-no-precast": dict(VARIANTS["default"], backbone=dict(precast_linears=False),
-                               describe="defaults with autocast casting each linear layer's weight and bias "
-                                        "(MLLA precast_linears off)"),
+    "default-no-graphs": dict(VARIANTS["default"], hooks=NO_GRAPHS,
+                              describe="defaults with the blocks launched op by op (BlockGraphsHook off)"),
     "default-no-gemm": dict(VARIANTS["default"], gemm=False,
                             describe="defaults with the dense convolutions on PyTorch's own per-image path "
                                      "(GemmConvHook off)"),
@@ -81,23 +83,14 @@ VARIANTS.update({
     # than cuDNN off over 40 iterations, README of benchmarks/).
     "default-buckets": dict(VARIANTS["default"], cudnn=True, gemm=False, hooks=[dict(type="ConvShapeBucketsHook")],
                             describe="defaults with cuDNN on and bucketed convolutions (ConvShapeBucketsHook)"),
+    "default-graphs-inductor": dict(
+        VARIANTS["default"], hooks=[dict(type="BlockGraphsHook", canvas_multiple=GRAPH_CANVAS, backend="inductor")],
+        describe="defaults with the blocks compiled by Inductor into CUDA graphs on canvases"),
+    # Batches in pinned memory (the dataloader's pin_memory) copied to the GPU without blocking the
+    # host (the data preprocessor's non_blocking).
+    "default-pinned": dict(VARIANTS["default"], pinned=True,
+                           describe="defaults with batches pinned and copied without blocking"),
 })
-# Each stage's blocks compiled into CUDA graphs on canvases of multiples of 128 pixels (exact but
-# for rounding; mlla_det/engine/hooks.py).
-GRAPH_CANVAS = 128
-VARIANTS["default-graphs"] = dict(VARIANTS["default"],
-                                  hooks=[dict(type="BlockGraphsHook", canvas_multiple=GRAPH_CANVAS)],
-                                  describe="defaults with the blocks as CUDA graphs on canvases (BlockGraphsHook)")
-VARIANTS["default-graphs-inductor"] = dict(
-    VARIANTS["default"], hooks=[dict(type="BlockGraphsHook", canvas_multiple=GRAPH_CANVAS, backend="inductor")],
-    describe="defaults with the blocks compiled by Inductor into CUDA graphs on canvases")
-# Batches in pinned memory (the dataloader's pin_memory) copied to the GPU without blocking the
-# host (the data preprocessor's non_blocking).
-VARIANTS["default-pinned"] = dict(VARIANTS["default"], pinned=True,
-                                  describe="defaults with batches pinned and copied without blocking")
-VARIANTS["default-graphs-pinned"] = dict(VARIANTS["default-graphs"], pinned=True,
-                                         describe="defaults with the blocks' CUDA graphs, batches pinned and "
-                                                  "copied without blocking")
 # The per-size target's yardstick: the same model at one input size of about the pipeline's mean
 # padded area (704 x 1024 = 0.72 MP; the 1x pipeline over COCO's sizes averages 0.71 MP padded).
 FIXED_SIZE = (704, 1024)
@@ -488,7 +481,6 @@ def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: 
     cfg.model.backbone.init_cfg = None
     cfg.model.backbone.attn_impl = variant["attn_impl"]
     cfg.model.backbone.conv_impl = variant["conv_impl"]
-    cfg.model.backbone.update(variant.get("backbone", {}))
     set_head_utils(cfg.model, "paper" if variant["attn_impl"] == "reference" else "repo")
     if variant["optimizer"] == "paper":
         cfg.optim_wrapper.pop("constructor", None)
@@ -498,7 +490,7 @@ def build_config(args, variant: dict, data_dir: Path, ann_file: Path, work_dir: 
         cfg.optim_wrapper.dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
         # bf16 has fp32's range: a loss scaler only adds its unscale, inf checks and a host sync.
         cfg.optim_wrapper.loss_scale = "dynamic" if args.loss_scale == "dynamic" else dict(enabled=False)
-    # A variant's hooks replace the config's of the same type (the configs carry BlockGraphsHook off).
+    # A variant's hooks replace the config's of the same type.
     replaced = {h["type"] for h in variant.get("hooks", [])}
     replaced |= {"CudnnHook"} if variant["cudnn"] is not None else set()
     replaced |= {"GemmConvHook"} if variant["gemm"] is not None else set()
@@ -666,7 +658,8 @@ def slow_iterations(hook, warmup: int, median: float) -> list:
 
 
 def _uses_graphs(variant: dict) -> bool:
-    return any(h["type"] == "BlockGraphsHook" for h in variant.get("hooks", []))
+    """Whether the variant keeps the configs' BlockGraphsHook on (a variant's hook replaces it)."""
+    return all(h.get("enabled", True) for h in variant.get("hooks", []) if h["type"] == "BlockGraphsHook")
 
 
 def evaluate(args, runner, clock: PartClock) -> dict:
@@ -685,10 +678,15 @@ def evaluate(args, runner, clock: PartClock) -> dict:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run_hooks = [hook for hook in runner.hooks if isinstance(hook, (CudnnHook, GemmConvHook))]
+    graph_hooks = [hook for hook in runner.hooks if isinstance(hook, BlockGraphsHook)]
     for hook in run_hooks:
         hook.before_run(runner)
+    for hook in graph_hooks:  # the test loop's: evaluation on canvases only if the hook says so
+        hook.before_test(runner)
+    backbone = getattr(model, "backbone", None)
     in_force = dict(eval_cudnn=torch.backends.cudnn.enabled,
-                    eval_gemm_convolutions=gemm_convolution_count(model))
+                    eval_gemm_convolutions=gemm_convolution_count(model),
+                    eval_canvas_multiples=[stage.canvas_multiple for stage in getattr(backbone, "layers", [])])
     clock.records = []
     clock.wrap(model.rpn_head, "predict", "rpn")
     clock.wrap(model.roi_head, "predict", "roi")
@@ -698,9 +696,8 @@ def evaluate(args, runner, clock: PartClock) -> dict:
             if index >= args.eval_images + EVAL_WARMUP:
                 break
             clock.new_iteration()
-            for hook in runner.hooks:  # what the test loop would call: a new step for CUDA graphs
-                if isinstance(hook, BlockGraphsHook):
-                    hook.before_test_iter(runner, index, batch)
+            for hook in graph_hooks:  # what the test loop would call: a new step for CUDA graphs
+                hook.before_test_iter(runner, index, batch)
             with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None):
                 model.test_step(batch)
             if device == "cuda":
@@ -710,6 +707,8 @@ def evaluate(args, runner, clock: PartClock) -> dict:
                 times.append(now - last)
             last = now
     finally:
+        for hook in graph_hooks:
+            hook.after_test(runner)
         for hook in reversed(run_hooks):
             hook.after_run(runner)
     median = statistics.median(times) if times else float("nan")

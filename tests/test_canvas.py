@@ -10,6 +10,8 @@ the control tests show what a missing mask does (errors of order 1).
 import numpy as np
 import pytest
 import torch
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
 
 import mlla_det.models.backbones.mlla as mlla
 from mlla_det.engine.cudagraphs_per_shape import cudagraphs_per_shape
@@ -191,8 +193,9 @@ def test_detector_training_step_on_a_canvas_is_unchanged():
 
 
 class _Runner:
-    def __init__(self, model):
+    def __init__(self, model, distributed=False):
         self.model = model
+        self.distributed = distributed
 
 
 class _Detector(torch.nn.Module):
@@ -228,16 +231,39 @@ def test_hook_switch_and_errors(monkeypatch):
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     hook.before_train_iter(None, 0)
-    hook.before_val_iter(None, 0)
-    hook.before_test_iter(None, 0)
+    # Evaluation runs the plain model by default: no canvas, no step marks, the canvas back after.
+    for begin, end, step in ((hook.before_val, hook.after_val, hook.before_val_iter),
+                             (hook.before_test, hook.after_test, hook.before_test_iter)):
+        begin(None)
+        assert all(stage.canvas_multiple is None for stage in model.backbone.layers)
+        step(None, 0)
+        end(None)
+        assert [stage.canvas_multiple for stage in model.backbone.layers] == [64, 32, 16, 8]
+    assert len(marks) == 1
+    evaluating = BlockGraphsHook(canvas_multiple=256, evaluation=True)
+    evaluating.before_run(_Runner(model))
+    evaluating.before_val(None)
+    evaluating.before_val_iter(None, 0)
+    evaluating.before_test_iter(None, 0)
+    assert [stage.canvas_multiple for stage in model.backbone.layers] == [64, 32, 16, 8]
     assert len(marks) == 3
 
+    # Several processes: the blocks stay as they are unless the hook is told to keep the graphs.
+    plain = _Detector(small_model())
+    BlockGraphsHook().before_run(_Runner(plain, distributed=True))
+    assert "run_blocks_on_canvas" not in vars(plain.backbone.layers[0])
+    assert plain.backbone.layers[0].canvas_multiple is None
+    BlockGraphsHook(distributed=True).before_run(_Runner(plain, distributed=True))
+    assert "run_blocks_on_canvas" in vars(plain.backbone.layers[0])
 
-def test_block_graphs_hook_through_the_runner(tmp_path, monkeypatch):
+
+@pytest.mark.parametrize("evaluation", [False, True])
+def test_block_graphs_hook_through_the_runner(tmp_path, monkeypatch, evaluation):
     """The hook inside mmengine's Runner on the tiny shapes config with multi-scale batches (CPU):
-    training and the validation after it run through the compiled canvases, a new step is marked
-    before every iteration, and the compiles stay bounded. The CPU has no CUDA graphs, so the hook
-    sees a CUDA device only while it sets up, and torch.compile gets Dynamo's aot_eager backend."""
+    training runs through the compiled canvases, a new step is marked before every iteration, and
+    the compiles stay bounded; the validation after it runs the plain model, or with
+    `evaluation=True` the canvases too. The CPU has no CUDA graphs, so the hook sees a CUDA device
+    only while it sets up, and torch.compile gets Dynamo's aot_eager backend."""
     import importlib.util
     import os
 
@@ -261,7 +287,8 @@ def test_block_graphs_hook_through_the_runner(tmp_path, monkeypatch):
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=4, val_interval=4)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=10 ** 9, by_epoch=False)
     cfg.model.backbone.update(drop_path_rate=0.0, depths=[1, 1, 1, 1])  # compiles in seconds
-    cfg.custom_hooks = [dict(type="RNGStateHook"), dict(type="BlockGraphsHook", canvas_multiple=64)]
+    cfg.custom_hooks = [dict(type="RNGStateHook"), dict(type="BlockGraphsHook", canvas_multiple=64, evaluation=evaluation),
+                        dict(type="CanvasDuringValidation")]
     cfg.log_level = "WARNING"
 
     counter = CompileCounterWithBackend("aot_eager")
@@ -290,9 +317,25 @@ def test_block_graphs_hook_through_the_runner(tmp_path, monkeypatch):
     backbone = runner.model.backbone
     assert compiled == [dict(backend=cudagraphs_per_shape)] * 4
     assert [stage.canvas_multiple for stage in backbone.layers] == [16, 8, 4, 2]
-    assert len(marks) == 4 + 1  # four training iterations, one validation batch of 2 images
-    assert 4 <= counter.frame_count <= 4 * 2 * 2  # stages x (train, eval) x Dynamo's restart
+    # Four training iterations, then one validation batch of 2 images.
+    assert len(marks) == 4 + evaluation
+    assert CanvasDuringValidation.seen == [[16, 8, 4, 2] if evaluation else [None] * 4]
+    # Stages x gradient modes x Dynamo's restart.
+    assert 4 <= counter.frame_count <= 4 * (1 + evaluation) * 2
     assert runner.message_hub.get_scalar("train/loss").current() > 0
+
+
+@HOOKS.register_module()
+class CanvasDuringValidation(Hook):
+    """Records the backbone's canvas multiples at each validation batch (after BlockGraphsHook's hooks)."""
+    priority = "LOWEST"
+    seen = []
+
+    def before_val(self, runner):
+        CanvasDuringValidation.seen = []
+
+    def before_val_iter(self, runner, batch_idx, data_batch=None):
+        CanvasDuringValidation.seen.append([stage.canvas_multiple for stage in runner.model.backbone.layers])
 
 
 def _set_kernels(model, impl):

@@ -76,12 +76,14 @@ optim_wrapper = dict(
 # anew at each input size it has not seen; this pipeline brings a new size almost every iteration
 # (MLLA-T on an H100: 2.58 s per iteration with cuDNN, 0.31-0.33 s without; CudnnHook in
 # mlla_det/engine/hooks.py). Back to cuDNN: --cfg-options custom_hooks.1.enabled=True
-# The blocks as CUDA graphs on bounded canvases (BlockGraphsHook; same outputs up to rounding):
-# off, measured no faster on the 1x pipeline (benchmarks/README.md); on: --cfg-options custom_hooks.2.enabled=True
+# The blocks as CUDA graphs in training, on bounded canvases (BlockGraphsHook; same outputs up to
+# rounding): MLLA-T on an H100, 0.178 s per iteration instead of 0.219 (median), each new canvas
+# costing ~4 s once, about 40 canvases in a run; evaluation runs the plain model; one GPU only
+# unless told otherwise (benchmarks/README.md). Off: --cfg-options custom_hooks.2.enabled=False
 # Dense convolutions as batched GEMMs (GemmConvHook; same function, tests/test_gemm_conv.py):
 # without cuDNN, PyTorch's own path loops over the images (and the mask head's RoIs) one by one
 # (MLLA-T on an H100: 4,196 kernel launches per iteration instead of 6,577, 0.27 s instead of 0.34;
 # benchmarks/README.md).
 # Off: --cfg-options custom_hooks.3.enabled=False
 custom_hooks = [dict(type='RNGStateHook'), dict(type='CudnnHook', enabled=False),
-                dict(type='BlockGraphsHook', enabled=False), dict(type='GemmConvHook')]
+                dict(type='BlockGraphsHook'), dict(type='GemmConvHook')]

@@ -302,7 +302,7 @@ class GemmConvHook(Hook):
 
 @HOOKS.register_module()
 class BlockGraphsHook(Hook):
-    """Run the MLLA backbone's blocks as CUDA graphs, one per canvas, in training and testing.
+    """Run the MLLA backbone's blocks as CUDA graphs in training, one graph per canvas.
 
     The multi-scale pipeline brings a new padded input size nearly every iteration, so graphs of
     the exact shapes would be recorded over and over. Instead each stage's blocks run on a canvas
@@ -313,6 +313,18 @@ class BlockGraphsHook(Hook):
     size that fits the canvas, so that the blocks' hundreds of kernel launches cost one graph
     launch of host time. The stem, the downsampling layers, the neck and the heads stay as they are.
 
+    On in the COCO configs: on the 1x pipeline (H100, MLLA-T, bf16) the median iteration went from
+    0.219 to 0.178 s; each new canvas costs about 4 s once (a warm-up and a recording, forward and
+    backward), 24 canvases in the first 100 iterations, about 40 in a long run (benchmarks/README.md).
+
+    ``evaluation``: validation and testing on canvases too (graphs recorded per canvas in inference
+    mode). Off by default: evaluation then runs the plain model, with the paper's padding, as
+    without the hook; the graphs' gain there has not been measured since the heads stopped waiting
+    for the GPU.
+
+    ``distributed``: keep the graphs when training in several processes (DDP). Off by default,
+    with a warning: the graphs have not been run under DDP yet (no machine of several GPUs was lent).
+
     ``backend``: 'cudagraphs' (default) replays the model's own kernels (AOT autograd and
     Inductor's CUDA-graph trees, no code generation), through ``cudagraphs_per_shape``: torch's
     own 'cudagraphs' backend records one graph for all shapes under dynamic shapes
@@ -322,25 +334,26 @@ class BlockGraphsHook(Hook):
     strides; seen with torch 2.14 on the CPU).
 
     ``enabled=False`` leaves the model untouched (the configs' switch). On a machine without CUDA
-    the hook does nothing but say so: graphs need a GPU.
-
-    Off in the configs: on the 1x pipeline (H100, MLLA-T, bf16) it saved 30 ms of the backbone's
-    host time but the heads' host synchronisations then waited for the backbone's GPU work, so the
-    median iteration stayed at 0.216 s against 0.212 s without it, and each new canvas cost two
-    slow iterations (warm-up and recording; benchmarks/README.md)."""
+    the hook does nothing but say so: graphs need a GPU."""
 
     priority = 'VERY_HIGH'
     BACKENDS = ('cudagraphs', 'inductor')
 
     def __init__(self, enabled: bool = True, canvas_multiple: int = 128, backend: str = 'cudagraphs',
-                 recompile_limit: int = 64):
+                 recompile_limit: int = 64, evaluation: bool = False, distributed: bool = False):
         if backend not in self.BACKENDS:
             raise ValueError(f'BlockGraphsHook backend must be one of {self.BACKENDS}, got {backend!r}')
         self.enabled = bool(enabled)
         self.canvas_multiple = canvas_multiple
         self.backend = backend
         self.recompile_limit = recompile_limit
-        self._active = False
+        self.evaluation = bool(evaluation)
+        self.distributed = bool(distributed)
+        self._backbone = None
+
+    @property
+    def _active(self) -> bool:
+        return self._backbone is not None
 
     def before_run(self, runner) -> None:
         from ..models.backbones.mlla import MLLA
@@ -349,6 +362,11 @@ class BlockGraphsHook(Hook):
         if not torch.cuda.is_available():
             print_log('BlockGraphsHook: no CUDA device, the blocks run as they are', logger='current',
                       level=logging.WARNING)
+            return
+        if getattr(runner, 'distributed', False) and not self.distributed:
+            print_log('BlockGraphsHook: training in several processes, where the blocks\' CUDA graphs have '
+                      'not been verified yet; the blocks run as they are (BlockGraphsHook(distributed=True) '
+                      'keeps the graphs)', logger='current', level=logging.WARNING)
             return
         backbone = getattr(_bare_model(runner), 'backbone', None)
         if not isinstance(backbone, MLLA):
@@ -363,21 +381,43 @@ class BlockGraphsHook(Hook):
                    else dict(mode='reduce-overhead'))
         for stage in backbone.layers:
             stage.run_blocks_on_canvas = torch.compile(stage.run_blocks_on_canvas, dynamic=True, **options)
-        self._active = True
+        self._backbone = backbone
         print_log(f'BlockGraphsHook: the blocks of {len(backbone.layers)} stages compiled for CUDA '
-                  f'graphs ({self.backend}), canvases of multiples of {self.canvas_multiple} pixels',
-                  logger='current')
+                  f'graphs ({self.backend}), canvases of multiples of {self.canvas_multiple} pixels, '
+                  f'{"training and evaluation" if self.evaluation else "training only"}', logger='current')
 
     def _new_step(self) -> None:
         # Tells the graphs' memory pool that the previous step's outputs are no longer in use.
         if self._active:
             torch.compiler.cudagraph_mark_step_begin()
 
+    def _evaluation_begins(self) -> None:
+        if self._active and not self.evaluation:
+            self._backbone.set_canvas(None)
+
+    def _evaluation_ends(self) -> None:
+        if self._active and not self.evaluation:
+            self._backbone.set_canvas(self.canvas_multiple)
+
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         self._new_step()
 
+    def before_val(self, runner) -> None:
+        self._evaluation_begins()
+
+    def after_val(self, runner) -> None:
+        self._evaluation_ends()
+
+    def before_test(self, runner) -> None:
+        self._evaluation_begins()
+
+    def after_test(self, runner) -> None:
+        self._evaluation_ends()
+
     def before_val_iter(self, runner, batch_idx, data_batch=None) -> None:
-        self._new_step()
+        if self.evaluation:
+            self._new_step()
 
     def before_test_iter(self, runner, batch_idx, data_batch=None) -> None:
-        self._new_step()
+        if self.evaluation:
+            self._new_step()

@@ -8,7 +8,6 @@ ImageNet and Mask R-CNN weights load as they are. The attention math runs throug
 choose eager PyTorch or the fused Triton kernels for each. The convolutions stay nn.Conv2d
 modules, so the state dict is the paper's.
 """
-import contextlib
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -16,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
@@ -95,38 +93,6 @@ def tokens_from_canvas(x: torch.Tensor, hw_shape: HwShape, canvas_hw: HwShape) -
     return x.reshape(b, canvas_h, canvas_w, c)[:, :height, :width].reshape(b, height * width, c).clone()
 
 
-class CastTogether(torch.autograd.Function):
-    """Tensors cast to one dtype by one copy, and their gradients cast back by one. Autocast casts
-    each weight and bias of a linear layer on its own, one launch in the forward and one backward
-    node each: 216 of each per MLLA-T training step. The values are the same bit for bit."""
-
-    @staticmethod
-    def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        ctx.source_dtype = tensors[0].dtype
-        # torch's flatten / unflatten helpers (DDP's): the per-tensor views stay in C++.
-        flat = _flatten_dense_tensors(tensors).to(dtype)
-        return tuple(_unflatten_dense_tensors(flat, tensors))
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        flat = _flatten_dense_tensors(grads).to(ctx.source_dtype)
-        return (None,) + tuple(_unflatten_dense_tensors(flat, grads))
-
-
-class PrecastLinear(nn.Linear):
-    """nn.Linear that can be handed its weight and bias already cast (`precast`), as its stage
-    does under autocast (MLLAStage.linears_cast_together); the same parameters and state dict."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.precast: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.precast is None:
-            return F.linear(x, self.weight, self.bias)
-        return F.linear(x, *self.precast)
-
-
 def depthwise_conv3x3(dim: int) -> nn.Conv2d:
     return nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
@@ -161,9 +127,9 @@ class ConvNormAct(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = PrecastLinear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = PrecastLinear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +148,7 @@ class LinearAttention(nn.Module):
         self.num_heads = num_heads
         self.attn_impl = attn_impl
         self.conv_impl = conv_impl
-        self.qk = PrecastLinear(dim, dim * 2, bias=qkv_bias)
+        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.lepe = depthwise_conv3x3(dim)
         # The paper's checkpoints carry a fixed 56x56 RoPE table (`rope.rotations`) that detection
         # never uses: angles are computed for the actual (H, W). Drop it when loading.
@@ -217,13 +183,13 @@ class MLLABlock(nn.Module):
         self.conv_impl = conv_impl
         self.cpe1 = depthwise_conv3x3(dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.in_proj = PrecastLinear(dim, dim)
-        self.act_proj = PrecastLinear(dim, dim)
+        self.in_proj = nn.Linear(dim, dim)
+        self.act_proj = nn.Linear(dim, dim)
         self.dwc = depthwise_conv3x3(dim)
         self.act = nn.SiLU()
         self.attn = LinearAttention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl,
                                     conv_impl=conv_impl)
-        self.out_proj = PrecastLinear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
         # Stochastic depth of both residual branches (the paper's DropPath): MLLA draws the
         # factors of all blocks at once (draw_residual_scales); a block called alone draws its own.
         self.drop_prob = float(drop_path)
@@ -277,10 +243,9 @@ class PatchMerging(nn.Module):
 class MLLAStage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, drop_path: Sequence[float], mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, downsample: bool = True, use_checkpoint: bool = False,
-                 attn_impl: str = "auto", conv_impl: str = "auto", precast_linears: bool = True):
+                 attn_impl: str = "auto", conv_impl: str = "auto"):
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        self.precast_linears = precast_linears
         self.blocks = nn.ModuleList([
             MLLABlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
                       drop_path=drop_path[i], attn_impl=attn_impl, conv_impl=conv_impl)
@@ -289,41 +254,11 @@ class MLLAStage(nn.Module):
         # Canvas mode (MLLA.set_canvas): the blocks run on a token map whose sides are rounded up
         # to this multiple, zero-masked outside the input's region. None: on the input as it is.
         self.canvas_multiple: Optional[int] = None
-        self.linears = [m for m in self.blocks.modules() if isinstance(m, PrecastLinear)]
-
-    @contextlib.contextmanager
-    def linears_cast_together(self, x: torch.Tensor):
-        """Under autocast to a narrower dtype, the blocks' linear layers get their weights and
-        biases cast by one CastTogether for the whole stage instead of one autocast cast each
-        (bit for bit the same). Left to autocast when `precast_linears` is off and with
-        activation checkpointing (whose recomputation runs after the stage has returned)."""
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        if (not self.precast_linears or dtype is None or self.use_checkpoint
-                or dtype.itemsize >= self.linears[0].weight.dtype.itemsize):
-            yield
-            return
-        params = [p for m in self.linears for p in (m.weight, m.bias) if p is not None]
-        cast = iter(CastTogether.apply(dtype, *params))
-        for m in self.linears:
-            m.precast = (next(cast), next(cast) if m.bias is not None else None)
-        try:
-            yield
-        finally:
-            for m in self.linears:
-                m.precast = None
 
     def run_blocks(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor] = None,
                    residual_scales: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """The blocks alone; token_mask (B or 1, N, 1) bool in canvas mode; residual_scales: two
         stochastic-depth factors per block, in order (None: each block draws its own in training)."""
-        if torch.compiler.is_compiling():  # the compiler fuses autocast's casts itself
-            return self._run_each_block(x, hw_shape, token_mask, residual_scales)
-        with self.linears_cast_together(x):
-            return self._run_each_block(x, hw_shape, token_mask, residual_scales)
-
-    def _run_each_block(self, x: torch.Tensor, hw_shape: HwShape, token_mask: Optional[torch.Tensor],
-                        residual_scales: Optional[Sequence[torch.Tensor]]) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             scales = None if residual_scales is None else residual_scales[2 * i:2 * i + 2]
             if self.use_checkpoint and x.requires_grad:
@@ -437,9 +372,6 @@ class MLLA(BaseModule):
             memory; launched from Python step by step, where the host's launch cost sets the pace,
             they win under bf16 autocast and in Mask R-CNN training but can lose in an fp32
             backbone-only step (benchmarks/README.md has both).
-        precast_linears: under autocast, cast the blocks' linear weights and biases with one copy
-            per stage (and their gradients back with one) instead of autocast's cast per tensor:
-            the same values bit for bit, ~430 fewer launches per MLLA-T training step.
         init_cfg: mmengine init config; `dict(type='Pretrained', checkpoint=PATH)` loads an MLLA
             ImageNet checkpoint (weights under `model`) or a detection checkpoint.
         img_size, patch_size, in_chans, num_classes, qk_scale: the paper's configs pass these;
@@ -449,8 +381,7 @@ class MLLA(BaseModule):
     def __init__(self, embed_dim: int = 64, depths: Sequence[int] = (2, 4, 8, 4),
                  num_heads: Sequence[int] = (2, 4, 8, 16), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.1, out_indices: Sequence[int] = (0, 1, 2, 3),
-                 use_checkpoint: bool = False, attn_impl: str = "auto", conv_impl: str = "auto",
-                 precast_linears: bool = True, init_cfg: Optional[dict] = None,
+                 use_checkpoint: bool = False, attn_impl: str = "auto", conv_impl: str = "auto", init_cfg: Optional[dict] = None,
                  img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000, qk_scale=None,
                  **kwargs):
         super().__init__(init_cfg=init_cfg)
@@ -477,8 +408,7 @@ class MLLA(BaseModule):
             self.layers.append(MLLAStage(
                 self.num_features[i], depth, heads, drop_path[start:start + depth], mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias, drop=drop_rate, downsample=i < num_stages - 1,
-                use_checkpoint=use_checkpoint, attn_impl=attn_impl, conv_impl=conv_impl,
-                precast_linears=precast_linears))
+                use_checkpoint=use_checkpoint, attn_impl=attn_impl, conv_impl=conv_impl))
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
         # Keep probabilities of every block's two residual branches, in order: the factors of all
