@@ -78,7 +78,7 @@ optim_wrapper = dict(
 # mlla_det/engine/hooks.py). Back to cuDNN: --cfg-options custom_hooks.1.enabled=True
 # The blocks as CUDA graphs in training, on bounded canvases (BlockGraphsHook; same outputs up to
 # rounding): MLLA-T on an H100, 0.178 s per iteration instead of 0.219 (median), each new canvas
-# costing ~4 s once, about 40 canvases in a run; evaluation runs the plain model; one GPU only
+# costing ~2.5 s once, about 40 canvases in a run; evaluation runs the plain model; one GPU only
 # unless told otherwise (benchmarks/README.md). Off: --cfg-options custom_hooks.2.enabled=False
 # Dense convolutions as batched GEMMs (GemmConvHook; same function, tests/test_gemm_conv.py):
 # without cuDNN, PyTorch's own path loops over the images (and the mask head's RoIs) one by one

@@ -314,7 +314,7 @@ class BlockGraphsHook(Hook):
     launch of host time. The stem, the downsampling layers, the neck and the heads stay as they are.
 
     On in the COCO configs: on the 1x pipeline (H100, MLLA-T, bf16) the median iteration went from
-    0.219 to 0.178 s; each new canvas costs about 4 s once (a warm-up and a recording, forward and
+    0.219 to 0.178 s; each new canvas costs about 2.5 s once (a warm-up and a recording, forward and
     backward), 24 canvases in the first 100 iterations, about 40 in a long run (benchmarks/README.md).
 
     ``evaluation``: validation and testing on canvases too (graphs recorded per canvas in inference
