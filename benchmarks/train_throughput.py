@@ -611,7 +611,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             distinct_input_sizes=len(set(hook.sizes)),
             distinct_input_sizes_after_warmup=len(set(hook.sizes[args.warmup:])),
             distinct_canvases=len({tuple(round_up(side, GRAPH_CANVAS) for side in size)
-                                   for size in hook.sizes}) if _uses_graphs(variant) else None,
+                                   for size in hook.sizes}) if _graphs_active(runner) else None,
             compiles=hook.compiles[-1] if hook.compiles else 0,
             compiles_after_warmup=(hook.compiles[-1] - hook.compiles[min(args.warmup, len(hook.compiles)) - 1])
             if hook.compiles else 0,
@@ -657,9 +657,10 @@ def slow_iterations(hook, warmup: int, median: float) -> list:
     return slow
 
 
-def _uses_graphs(variant: dict) -> bool:
-    """Whether the variant keeps the configs' BlockGraphsHook on (a variant's hook replaces it)."""
-    return all(h.get("enabled", True) for h in variant.get("hooks", []) if h["type"] == "BlockGraphsHook")
+def _graphs_active(runner) -> bool:
+    """Whether the run's BlockGraphsHook set the blocks up as CUDA graphs (off, or without CUDA: not)."""
+    from mlla_det.engine import BlockGraphsHook
+    return any(isinstance(h, BlockGraphsHook) and h.active for h in runner.hooks)
 
 
 def evaluate(args, runner, clock: PartClock) -> dict:

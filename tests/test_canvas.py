@@ -250,11 +250,13 @@ def test_hook_switch_and_errors(monkeypatch):
 
     # Several processes: the blocks stay as they are unless the hook is told to keep the graphs.
     plain = _Detector(small_model())
-    BlockGraphsHook().before_run(_Runner(plain, distributed=True))
-    assert "run_blocks_on_canvas" not in vars(plain.backbone.layers[0])
+    refused = BlockGraphsHook()
+    refused.before_run(_Runner(plain, distributed=True))
+    assert not refused.active and "run_blocks_on_canvas" not in vars(plain.backbone.layers[0])
     assert plain.backbone.layers[0].canvas_multiple is None
-    BlockGraphsHook(distributed=True).before_run(_Runner(plain, distributed=True))
-    assert "run_blocks_on_canvas" in vars(plain.backbone.layers[0])
+    kept = BlockGraphsHook(distributed=True)
+    kept.before_run(_Runner(plain, distributed=True))
+    assert kept.active and "run_blocks_on_canvas" in vars(plain.backbone.layers[0])
 
 
 @pytest.mark.parametrize("evaluation", [False, True])

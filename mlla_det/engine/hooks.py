@@ -352,7 +352,9 @@ class BlockGraphsHook(Hook):
         self._backbone = None
 
     @property
-    def _active(self) -> bool:
+    def active(self) -> bool:
+        """Whether before_run set the blocks up as CUDA graphs (not when switched off, without CUDA, or
+        in several processes without `distributed`)."""
         return self._backbone is not None
 
     def before_run(self, runner) -> None:
@@ -388,15 +390,15 @@ class BlockGraphsHook(Hook):
 
     def _new_step(self) -> None:
         # Tells the graphs' memory pool that the previous step's outputs are no longer in use.
-        if self._active:
+        if self.active:
             torch.compiler.cudagraph_mark_step_begin()
 
     def _evaluation_begins(self) -> None:
-        if self._active and not self.evaluation:
+        if self.active and not self.evaluation:
             self._backbone.set_canvas(None)
 
     def _evaluation_ends(self) -> None:
-        if self._active and not self.evaluation:
+        if self.active and not self.evaluation:
             self._backbone.set_canvas(self.canvas_multiple)
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
