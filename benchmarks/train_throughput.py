@@ -102,7 +102,9 @@ VARIANTS["default-cudnn@fixed"] = dict(VARIANTS["default-cudnn"], fixed_size=FIX
 DEFAULT_VARIANTS = ("paper", "paper-no-cudnn", "paper+repo-optim", "default", "default@fixed")
 
 PARTS = ("preprocess", "backbone", "neck", "rpn", "roi", "backward", "optimizer")
-EVAL_PARTS = ("preprocess", "backbone", "neck", "rpn", "roi")  # the heads' predict methods: proposals, boxes, masks
+# The heads' predict methods: proposals, then the RoI head's boxes and masks (roi_boxes and roi_masks
+# are inside roi).
+EVAL_PARTS = ("preprocess", "backbone", "neck", "rpn", "roi", "roi_boxes", "roi_masks")
 EVAL_WARMUP = 3  # evaluation images run before the timed ones
 
 
@@ -206,13 +208,13 @@ class PartClock:
 
         setattr(owner, method, timed)
 
-    def medians(self, skip: int, leave_out=()) -> dict:
-        """Median per iteration of each part's host and GPU milliseconds, over iterations after skip
-        except those in leave_out."""
+    def medians(self, skip: int, leave_out=(), parts=PARTS) -> dict:
+        """Median per iteration of each of `parts`' host and GPU milliseconds, over iterations after
+        skip except those in leave_out."""
         if self.cuda:
             torch.cuda.synchronize()
         result = {}
-        for part in PARTS:
+        for part in parts:
             host, gpu = [], []
             for index, record in enumerate(self.records):
                 if index < skip or index in leave_out:
@@ -691,6 +693,9 @@ def evaluate(args, runner, clock: PartClock) -> dict:
     clock.records = []
     clock.wrap(model.rpn_head, "predict", "rpn")
     clock.wrap(model.roi_head, "predict", "roi")
+    clock.wrap(model.roi_head, "predict_bbox", "roi_boxes")
+    clock.wrap(model.roi_head, "predict_mask", "roi_masks")
+    detections = []
     try:
         last = time.perf_counter()
         for index, batch in enumerate(loader):
@@ -700,22 +705,51 @@ def evaluate(args, runner, clock: PartClock) -> dict:
             for hook in graph_hooks:  # what the test loop would call: a new step for CUDA graphs
                 hook.before_test_iter(runner, index, batch)
             with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None):
-                model.test_step(batch)
+                results = model.test_step(batch)
             if device == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
             if index >= EVAL_WARMUP:
                 times.append(now - last)
+            detections.extend(len(result.pred_instances) for result in results)
             last = now
+        # How many class scores passed the box head's score threshold into its NMS, per image, on the
+        # last batch run again outside the timing (mmdet's batched NMS loops over the classes, one
+        # host synchronisation each, above 10,000 boxes).
+        for hook in graph_hooks:
+            hook.before_test_iter(runner, index, batch)
+        nms_inputs = _boxes_into_nms(model, batch, device, amp) if times else None
     finally:
         for hook in graph_hooks:
             hook.after_test(runner)
         for hook in reversed(run_hooks):
             hook.after_run(runner)
     median = statistics.median(times) if times else float("nan")
-    parts = clock.medians(EVAL_WARMUP)
+    parts = clock.medians(EVAL_WARMUP, parts=EVAL_PARTS)
     return dict(eval_s_per_image_median=median, eval_images_per_s=1.0 / median, eval_images=len(times),
-                eval_parts={part: parts[part] for part in EVAL_PARTS}, **in_force)
+                eval_parts=parts,
+                eval_detections_median=statistics.median(detections) if detections else None,
+                eval_boxes_into_nms=nms_inputs, **in_force)
+
+
+def _boxes_into_nms(model, batch, device: str, amp) -> list:
+    """The number of (box, class) pairs over the score threshold that the RoI head's multiclass_nms
+    receives, per image of `batch`."""
+    import mmdet.models.roi_heads.bbox_heads.bbox_head as bbox_head_module
+    counts = []
+    original = bbox_head_module.multiclass_nms
+
+    def counting_nms(multi_bboxes, multi_scores, score_thr, *args, **kwargs):
+        counts.append(int((multi_scores[:, :-1] > score_thr).sum()))
+        return original(multi_bboxes, multi_scores, score_thr, *args, **kwargs)
+
+    bbox_head_module.multiclass_nms = counting_nms
+    try:
+        with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None):
+            model.test_step(batch)
+    finally:
+        bbox_head_module.multiclass_nms = original
+    return counts
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -750,6 +784,10 @@ def print_rows(rows) -> None:
     eval_parts = _parts_cells(rows, "eval_parts")
     if eval_parts:
         print_table(eval_parts, ["variant", *EVAL_PARTS], title="median ms per evaluation image, host (GPU)")
+        for r in rows:
+            if r.get("eval_parts"):
+                print(f"{r['variant']}: detections per image (median) {r.get('eval_detections_median')}, "
+                      f"(box, class) pairs into the box head's NMS {r.get('eval_boxes_into_nms')}")
     for r in rows:
         if r.get("host_profile"):
             print_host_profile(r["variant"], r["host_profile"])

@@ -383,6 +383,13 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
         # Where an evaluation image's time goes: every part of the test step ran and was timed.
         assert set(row["eval_parts"]) == set(train_throughput.EVAL_PARTS)
         assert all(part["host_ms"] > 0 for part in row["eval_parts"].values()), row["eval_parts"]
+        # What the box head's NMS received on the last evaluation batch (one image), and the detections.
+        assert row["eval_detections_median"] >= 0
+        assert len(row["eval_boxes_into_nms"]) == 1 and row["eval_boxes_into_nms"][0] >= 0
+        # No CUDA here: the configs' block graphs stay off, so no canvases are counted; evaluation
+        # runs the plain model in every variant.
+        assert row["distinct_canvases"] is None
+        assert row["eval_canvas_multiples"] == [None] * 4
         assert row["dataloader_workers"] == 0  # --sanity's; otherwise the config's
         assert set(row["parts"]) == set(train_throughput.PARTS)
         assert all(part["host_ms"] > 0 for part in row["parts"].values()), row["parts"]
