@@ -383,7 +383,9 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
         # Where an evaluation image's time goes: every part of the test step ran and was timed.
         assert set(row["eval_parts"]) == set(train_throughput.EVAL_PARTS)
         assert all(part["host_ms"] > 0 for part in row["eval_parts"].values()), row["eval_parts"]
-        # What the box head's NMS received on the last evaluation batch (one image), and the detections.
+        # The threshold set on the first evaluation image, what the box head's NMS received on the
+        # last batch (one image), and the detections.
+        assert row["eval_score_thr"] >= 0.0
         assert row["eval_detections_median"] >= 0
         assert len(row["eval_boxes_into_nms"]) == 1 and row["eval_boxes_into_nms"][0] >= 0
         # No CUDA here: the configs' block graphs stay off, so no canvases are counted; evaluation
@@ -497,3 +499,15 @@ def test_attention_specialisations_counts_fewer_keys_unspecialised():
     counts = list(specialised["keys_after"].values())
     assert counts == sorted(counts) and counts[0] > 0
     assert all(unspecialised["keys_after"][k] <= v for k, v in specialised["keys_after"].items())
+
+
+def test_evaluation_threshold_lets_the_chosen_number_of_pairs_through():
+    """train_throughput's evaluation threshold: the (box, class) pairs over it are the requested
+    count, the background column left out; with fewer pairs than that, every pair passes."""
+    from benchmarks import train_throughput
+    torch.manual_seed(0)
+    scores = torch.rand(300, 81).softmax(dim=1)
+    scores[:, -1] = 1.0  # the background column: higher than any class, and not counted
+    threshold = train_throughput._threshold_passing([scores], 500)
+    assert int((scores[:, :-1] > threshold).sum()) == 500
+    assert train_throughput._threshold_passing([scores[:5]], 500) == 0.0
