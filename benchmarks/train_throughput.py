@@ -17,8 +17,9 @@ preprocessing, backbone, neck, RPN with its proposals and losses, RoI heads with
 losses, backward, optimizer), host time and GPU time (CUDA events at the part's bounds). From the
 median it projects the 1x schedule (88.5k iterations of 16 images) on 8 GPUs at 2 images per GPU,
 assuming each GPU keeps the measured pace. Evaluation: images/s of the test pipeline (1333x800
-keep-ratio, batch 1, as tools/test.py runs it) with the detection threshold at 0, so that random
-weights give the 100 detections and masks per image a trained model gives.
+keep-ratio, batch 1, as tools/test.py runs it), the box head's score threshold set on the first
+untimed image so that EVAL_NMS_PAIRS (box, class) pairs enter its NMS: random weights then give
+the 100 detections and masks per image a trained model gives, through one NMS call.
 """
 import argparse
 import bisect
