@@ -52,7 +52,9 @@
 #                    GEMM convolutions against the defaults (host profile of both), 60 iterations (~5 min)
 #   train-ratios     the GPU tests of the GEMM convolutions and the sampler (GPU_TESTS_TIMEOUT), then
 #                    train_throughput.py: a prewarm run of the defaults (Triton's disk cache; the host
-#                    profile), RATIOS_VARIANTS (the two baselines given the per-size fixes and the defaults), RATIOS_ITERS
+#                    profile), RATIOS_VARIANTS (the two baselines given the per-size fixes, the defaults without
+#                    and with the blocks' CUDA graphs: each new canvas costs two slow iterations, so give the
+#                    graphs RATIOS_ITERS >= 150 and RATIOS_WARMUP ~50 for medians past the first canvases), RATIOS_ITERS
 #                    (30) iterations and RATIOS_EVAL_IMAGES (8) evaluation images each, then the defaults
 #                    in fp32 (RATIOS_FP32=0 skips; RATIOS_FP32_TIMEOUT, 200 s), prewarmed too (~10 min: a cold
 #                    prewarm alone took 112 s on an H100)
@@ -231,8 +233,8 @@ for stage in "$@"; do
         tests/test_device_masks.py > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
       timeout "${RATIOS_TIMEOUT:-420}" python3 benchmarks/train_throughput.py \
-        --variants "${RATIOS_VARIANTS:-paper-no-cudnn,paper+repo-optim,default}" \
-        --prewarm --host-profile 2 --iters "${RATIOS_ITERS:-30}" --warmup 10 --eval-images "${RATIOS_EVAL_IMAGES:-8}" \
+        --variants "${RATIOS_VARIANTS:-paper-no-cudnn,paper+repo-optim,default-no-graphs,default}" \
+        --prewarm --host-profile 2 --iters "${RATIOS_ITERS:-30}" --warmup "${RATIOS_WARMUP:-10}" --eval-images "${RATIOS_EVAL_IMAGES:-8}" \
         --json "$out/train_throughput_ratios.json" > "$out/train_throughput_ratios.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
       grep -A14 "Python functions by own time" "$out/train_throughput_ratios.log" | cut -c1-150
