@@ -23,7 +23,6 @@ the 100 detections and masks per image a trained model gives, through one NMS ca
 """
 import argparse
 import bisect
-import contextlib
 import json
 import math
 import statistics
@@ -38,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
-from benchmarks.common import launch_costs, round_up, write_json  # noqa: E402
+from benchmarks.common import (EVAL_NMS_PAIRS, launch_costs, round_up, scores_into_nms,  # noqa: E402
+                               threshold_passing, write_json)
 from mlla_kernels.cached_launch import specialisation_count, specialisations  # noqa: E402
 
 ITERATIONS_1X = 88_500  # 12 epochs of COCO train2017 (118k images) at 16 images per iteration
@@ -108,14 +108,6 @@ PARTS = ("preprocess", "backbone", "neck", "rpn", "roi", "backward", "optimizer"
 # are inside roi).
 EVAL_PARTS = ("preprocess", "backbone", "neck", "rpn", "roi", "roi_boxes", "roi_masks")
 EVAL_WARMUP = 3  # evaluation images run before the timed ones
-# Random weights score every class near 1/81, under the configs' 0.05: the box head would keep
-# nothing and the mask head never run. With no threshold (what this benchmark used before
-# 2026-12-07, seventh session) all 1,000 x 80 (box, class) pairs enter the box head's NMS, over the
-# 10,000 above which mmdet's batched NMS loops over the classes with host synchronisations in each
-# (78-94 ms of an evaluation image on an H100, in every model), which a trained model does not do.
-# So the first (untimed) evaluation image sets the threshold that lets this many pairs through:
-# still 100 detections (and masks) per image, and one NMS call.
-EVAL_NMS_PAIRS = 2000
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -714,10 +706,10 @@ def evaluate(args, runner, clock: PartClock) -> dict:
                 hook.before_test_iter(runner, index, batch)
             calibrating = index == 0
             with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None), \
-                    _scores_into_nms(enabled=calibrating) as scores:
+                    scores_into_nms(enabled=calibrating) as scores:
                 results = model.test_step(batch)
             if calibrating:
-                score_thr = _threshold_passing(scores, EVAL_NMS_PAIRS)
+                score_thr = threshold_passing(scores, EVAL_NMS_PAIRS)
                 model.roi_head.test_cfg.score_thr = score_thr
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -733,7 +725,7 @@ def evaluate(args, runner, clock: PartClock) -> dict:
             for hook in graph_hooks:
                 hook.before_test_iter(runner, index, batch)
             with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None), \
-                    _scores_into_nms(enabled=True) as scores:
+                    scores_into_nms(enabled=True) as scores:
                 model.test_step(batch)
             nms_inputs = [int((s[:, :-1] > score_thr).sum()) for s in scores]
     finally:
@@ -747,37 +739,6 @@ def evaluate(args, runner, clock: PartClock) -> dict:
                 eval_parts=parts,
                 eval_detections_median=statistics.median(detections) if detections else None,
                 eval_score_thr=score_thr, eval_boxes_into_nms=nms_inputs, **in_force)
-
-
-@contextlib.contextmanager
-def _scores_into_nms(enabled: bool):
-    """Collects the class scores (rois x (classes + 1)) the RoI box head hands to multiclass_nms, one
-    tensor per image, while `enabled`."""
-    import mmdet.models.roi_heads.bbox_heads.bbox_head as bbox_head_module
-    seen = []
-    if not enabled:
-        yield seen
-        return
-    original = bbox_head_module.multiclass_nms
-
-    def recording_nms(multi_bboxes, multi_scores, *args, **kwargs):
-        seen.append(multi_scores.detach().float())
-        return original(multi_bboxes, multi_scores, *args, **kwargs)
-
-    bbox_head_module.multiclass_nms = recording_nms
-    try:
-        yield seen
-    finally:
-        bbox_head_module.multiclass_nms = original
-
-
-def _threshold_passing(scores: list, pairs: int) -> float:
-    """The score threshold under which about `pairs` (box, class) pairs of the first image's scores
-    (background column left out) stay: the (pairs + 1)-th largest score, or 0 with fewer pairs."""
-    flat = scores[0][:, :-1].reshape(-1)
-    if flat.numel() <= pairs:
-        return 0.0
-    return float(torch.topk(flat, pairs + 1).values[-1])
 
 
 # ------------------------------------------------------------------------------------ driver

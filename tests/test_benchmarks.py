@@ -104,6 +104,7 @@ def test_detector_cpu_sanity_writes_rows(tmp_path):
         assert "error" not in row, row
         assert row["ms"] > 0 and row["images_per_s"] > 0
     assert rows[0]["images"].count("x") == 2  # two training images
+    assert rows[1]["score_thr"] >= 0.0  # set after the first inference call (common.EVAL_NMS_PAIRS)
 
 
 def _compiled(fn):
@@ -502,12 +503,11 @@ def test_attention_specialisations_counts_fewer_keys_unspecialised():
 
 
 def test_evaluation_threshold_lets_the_chosen_number_of_pairs_through():
-    """train_throughput's evaluation threshold: the (box, class) pairs over it are the requested
+    """The benchmarks' evaluation threshold: the (box, class) pairs over it are the requested
     count, the background column left out; with fewer pairs than that, every pair passes."""
-    from benchmarks import train_throughput
     torch.manual_seed(0)
     scores = torch.rand(300, 81).softmax(dim=1)
     scores[:, -1] = 1.0  # the background column: higher than any class, and not counted
-    threshold = train_throughput._threshold_passing([scores], 500)
+    threshold = common.threshold_passing([scores], 500)
     assert int((scores[:, :-1] > threshold).sum()) == 500
-    assert train_throughput._threshold_passing([scores[:5]], 500) == 0.0
+    assert common.threshold_passing([scores[:5]], 500) == 0.0
