@@ -57,7 +57,8 @@
 #                    graphs RATIOS_ITERS >= 150 and RATIOS_WARMUP ~50 for medians past the first canvases), RATIOS_ITERS
 #                    (30) iterations and RATIOS_EVAL_IMAGES (8) evaluation images each, then the defaults
 #                    in fp32 (RATIOS_FP32=0 skips; RATIOS_FP32_TIMEOUT, 200 s), prewarmed too (~10 min: a cold
-#                    prewarm alone took 112 s on an H100)
+#                    prewarm alone took 112 s on an H100; RATIOS_PREWARM=0 drops the prewarm process and its
+#                    host profile, for when a carried triton_cache.tar.xz holds the kernels already)
 #   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (the
 #                    benchmark's default until 2026-12-07), bf16 without a loss scaler (tools/train.py --amp
 #                    bf16, the default since), fp32 (~5 min)
@@ -232,9 +233,12 @@ for stage in "$@"; do
       gpu_tests tests/test_gemm_conv.py tests/test_samplers.py tests/test_bbox_coders.py tests/test_mask_head.py \
         tests/test_device_masks.py > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
+      prewarm="--prewarm --host-profile 2"
+      [ "${RATIOS_PREWARM:-1}" = 1 ] || prewarm=""
+      # shellcheck disable=SC2086  # prewarm is a word list
       timeout "${RATIOS_TIMEOUT:-420}" python3 benchmarks/train_throughput.py \
         --variants "${RATIOS_VARIANTS:-paper-no-cudnn,paper+repo-optim,default-no-graphs,default}" \
-        --prewarm --host-profile 2 --iters "${RATIOS_ITERS:-30}" --warmup "${RATIOS_WARMUP:-10}" --eval-images "${RATIOS_EVAL_IMAGES:-8}" \
+        $prewarm --iters "${RATIOS_ITERS:-30}" --warmup "${RATIOS_WARMUP:-10}" --eval-images "${RATIOS_EVAL_IMAGES:-8}" \
         --json "$out/train_throughput_ratios.json" > "$out/train_throughput_ratios.log" 2>&1
       grep -A8 -E "training on|median ms per" "$out/train_throughput_ratios.log"
       grep -A14 "Python functions by own time" "$out/train_throughput_ratios.log" | cut -c1-150
