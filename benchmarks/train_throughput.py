@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -71,8 +72,6 @@ VARIANTS = {
                     describe="this repository's defaults (fused kernels, merged fused AdamW, cuDNN off, the "
                              "blocks as CUDA graphs on canvases)"),
 }
-# The canvases' side multiple of the configs' BlockGraphsHook (pixels), for the canvas count.
-GRAPH_CANVAS = 128
 VARIANTS.update({
     "default-no-graphs": dict(VARIANTS["default"], hooks=NO_GRAPHS,
                               describe="defaults with the blocks launched op by op (BlockGraphsHook off)"),
@@ -86,7 +85,7 @@ VARIANTS.update({
     "default-buckets": dict(VARIANTS["default"], cudnn=True, gemm=False, hooks=[dict(type="ConvShapeBucketsHook")],
                             describe="defaults with cuDNN on and bucketed convolutions (ConvShapeBucketsHook)"),
     "default-graphs-inductor": dict(
-        VARIANTS["default"], hooks=[dict(type="BlockGraphsHook", canvas_multiple=GRAPH_CANVAS, backend="inductor")],
+        VARIANTS["default"], hooks=[dict(type="BlockGraphsHook", backend="inductor")],
         describe="defaults with the blocks compiled by Inductor into CUDA graphs on canvases"),
     # Batches in pinned memory (the dataloader's pin_memory) copied to the GPU without blocking the
     # host (the data preprocessor's non_blocking).
@@ -611,8 +610,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             data_wait_ms=1e3 * statistics.median(hook.data_wait_s[args.warmup:] or hook.data_wait_s or [0.0]),
             distinct_input_sizes=len(set(hook.sizes)),
             distinct_input_sizes_after_warmup=len(set(hook.sizes[args.warmup:])),
-            distinct_canvases=len({tuple(round_up(side, GRAPH_CANVAS) for side in size)
-                                   for size in hook.sizes}) if _graphs_active(runner) else None,
+            distinct_canvases=_distinct_canvases(runner, hook.sizes),
             compiles=hook.compiles[-1] if hook.compiles else 0,
             compiles_after_warmup=(hook.compiles[-1] - hook.compiles[min(args.warmup, len(hook.compiles)) - 1])
             if hook.compiles else 0,
@@ -658,10 +656,14 @@ def slow_iterations(hook, warmup: int, median: float) -> list:
     return slow
 
 
-def _graphs_active(runner) -> bool:
-    """Whether the run's BlockGraphsHook set the blocks up as CUDA graphs (off, or without CUDA: not)."""
+def _distinct_canvases(runner, sizes) -> Optional[int]:
+    """How many canvases the padded input sizes fell into, at the canvas multiple of the run's
+    BlockGraphsHook; None where no hook set the blocks up as CUDA graphs (off, or without CUDA)."""
     from mlla_det.engine import BlockGraphsHook
-    return any(isinstance(h, BlockGraphsHook) and h.active for h in runner.hooks)
+    for h in runner.hooks:
+        if isinstance(h, BlockGraphsHook) and h.active:
+            return len({tuple(round_up(side, h.canvas_multiple) for side in size) for size in sizes})
+    return None
 
 
 def evaluate(args, runner, clock: PartClock) -> dict:
@@ -696,6 +698,12 @@ def evaluate(args, runner, clock: PartClock) -> dict:
     clock.wrap(model.roi_head, "predict_mask", "roi_masks")
     detections = []
     score_thr = model.roi_head.test_cfg.score_thr
+
+    def test_step(batch, record_scores: bool):
+        with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None), \
+                scores_into_nms(enabled=record_scores) as scores:
+            return model.test_step(batch), scores
+
     try:
         last = time.perf_counter()
         for index, batch in enumerate(loader):
@@ -704,11 +712,8 @@ def evaluate(args, runner, clock: PartClock) -> dict:
             clock.new_iteration()
             for hook in graph_hooks:  # what the test loop would call: a new step for CUDA graphs
                 hook.before_test_iter(runner, index, batch)
-            calibrating = index == 0
-            with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None), \
-                    scores_into_nms(enabled=calibrating) as scores:
-                results = model.test_step(batch)
-            if calibrating:
+            results, scores = test_step(batch, record_scores=index == 0)
+            if index == 0:
                 score_thr = threshold_passing(scores, EVAL_NMS_PAIRS)
                 model.roi_head.test_cfg.score_thr = score_thr
             if device == "cuda":
@@ -724,9 +729,7 @@ def evaluate(args, runner, clock: PartClock) -> dict:
         if times:
             for hook in graph_hooks:
                 hook.before_test_iter(runner, index, batch)
-            with torch.no_grad(), torch.autocast(device, amp or torch.float32, enabled=amp is not None), \
-                    scores_into_nms(enabled=True) as scores:
-                model.test_step(batch)
+            _, scores = test_step(batch, record_scores=True)
             nms_inputs = [int((s[:, :-1] > score_thr).sum()) for s in scores]
     finally:
         for hook in graph_hooks:
