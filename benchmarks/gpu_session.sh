@@ -58,7 +58,8 @@
 #                    (30) iterations and RATIOS_EVAL_IMAGES (8) evaluation images each, then the defaults
 #                    in fp32 (RATIOS_FP32=0 skips; RATIOS_FP32_TIMEOUT, 200 s), prewarmed too (~10 min: a cold
 #                    prewarm alone took 112 s on an H100; RATIOS_PREWARM=0 drops the prewarm process and its
-#                    host profile, for when a carried triton_cache.tar.xz holds the kernels already)
+#                    host profile, for when a carried triton_cache.tar.xz holds the kernels already; then
+#                    RATIOS_HOST_PROFILE=N profiles N iterations of every variant instead)
 #   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (the
 #                    benchmark's default until 2026-12-07), bf16 without a loss scaler (tools/train.py --amp
 #                    bf16, the default since), fp32 (~5 min)
@@ -234,7 +235,7 @@ for stage in "$@"; do
         tests/test_device_masks.py > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
       prewarm="--prewarm --host-profile 2"
-      [ "${RATIOS_PREWARM:-1}" = 1 ] || prewarm=""
+      [ "${RATIOS_PREWARM:-1}" = 1 ] || prewarm="--host-profile ${RATIOS_HOST_PROFILE:-0}"
       # shellcheck disable=SC2086  # prewarm is a word list
       timeout "${RATIOS_TIMEOUT:-420}" python3 benchmarks/train_throughput.py \
         --variants "${RATIOS_VARIANTS:-paper-no-cudnn,paper+repo-optim,default-no-graphs,default}" \
