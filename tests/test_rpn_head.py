@@ -8,7 +8,7 @@ import mlla_det  # noqa: F401,I001  (the mmcv stand-in: before anything imports 
 from mmdet.models.dense_heads import RPNHead
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from mmengine.structures import InstanceData
 
 from mlla_det.models.rpn_head import LevelMergedRPNHead
@@ -87,12 +87,57 @@ def test_an_image_without_boxes_trains_on_negatives_only():
     assert got['loss_rpn_cls'] == pytest.approx(expected['loss_rpn_cls'], rel=1e-6) and got['loss_rpn_cls'] > 0
 
 
-def test_proposals_are_mmdets():
-    mmdet_head, ours = rpn_heads()
-    features, metas, _ = batch(torch.Generator().manual_seed(2), torch.float32)
-    mmdet_head.eval(), ours.eval()
+def proposals(head, features, metas, cfg, rescale=False):
+    head.eval()
     with torch.no_grad():
-        expected = mmdet_head.predict_by_feat(*mmdet_head(features), batch_img_metas=metas, rescale=False)
-        got = ours.predict_by_feat(*ours(features), batch_img_metas=metas, rescale=False)
+        return head.predict_by_feat(*head(features), batch_img_metas=metas, cfg=cfg, rescale=rescale)
+
+
+def assert_same_proposals(expected, got):
+    assert len(got) == len(expected)
     for e, g in zip(expected, got):
-        assert torch.equal(g.bboxes, e.bboxes) and torch.equal(g.scores, e.scores)
+        assert set(g.keys()) == set(e.keys()) == {'bboxes', 'scores', 'labels'}
+        for key in ('bboxes', 'scores', 'labels'):
+            assert g[key].dtype == e[key].dtype and torch.equal(g[key], e[key]), key
+
+
+# The RPN's proposals in training (rpn_proposal) and testing (test_cfg.rpn), and with a small-box
+# filter that removes some of them; bf16 is the features' dtype under the configs' autocast.
+@pytest.mark.parametrize('stage', ['train', 'test', 'min_bbox_size'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_proposals_are_mmdets_bit_for_bit(stage, dtype):
+    mmdet_head, ours = rpn_heads()
+    mmdet_head, ours = mmdet_head.to(dtype), ours.to(dtype)
+    model = Config.fromfile(osp.join(REPO_ROOT, 'configs', '_base_', 'mask-rcnn_fpn_coco.py')).model
+    cfg = model.train_cfg.rpn_proposal if stage == 'train' else ours.test_cfg
+    assert cfg.nms_pre < 224 * 320 // 16 * 3  # the first levels are ranked and cut, the last not
+    if stage == 'min_bbox_size':
+        cfg = ConfigDict(cfg, min_bbox_size=12)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        features, metas, _ = batch(generator, dtype, image_sizes=((224, 320), (160, 288), (224, 192)),
+                                   boxes_per_image=(1, 1, 1))
+        expected = proposals(mmdet_head, features, metas, cfg)
+        got = proposals(ours, features, metas, cfg)
+        assert_same_proposals(expected, got)
+        assert all(len(result) > 100 for result in got)
+        if stage == 'min_bbox_size':  # the filter removes boxes that the unfiltered proposals hold
+            def smallest_side(results):
+                return min(float(torch.minimum(r.bboxes[:, 2] - r.bboxes[:, 0], r.bboxes[:, 3] - r.bboxes[:, 1]).min())
+                           for r in results)
+            assert smallest_side(got) > 12 >= smallest_side(proposals(ours, features, metas, ours.test_cfg))
+
+
+def test_proposals_when_every_box_is_filtered_out_or_rescaled():
+    mmdet_head, ours = rpn_heads()
+    features, metas, _ = batch(torch.Generator().manual_seed(3), torch.float32)
+    cfg = ConfigDict(ours.test_cfg, min_bbox_size=10_000)
+    expected, got = proposals(mmdet_head, features, metas, cfg), proposals(ours, features, metas, cfg)
+    assert all(len(result) == 0 for result in got)
+    for e, g in zip(expected, got):
+        assert g.bboxes.shape == e.bboxes.shape == (0, 4)
+        assert g.labels.dtype == e.labels.dtype and g.scores.dtype == e.scores.dtype
+    for meta in metas:
+        meta['scale_factor'] = (0.5, 0.75)
+    assert_same_proposals(proposals(mmdet_head, features, metas, ours.test_cfg, rescale=True),
+                          proposals(ours, features, metas, ours.test_cfg, rescale=True))
