@@ -63,8 +63,9 @@
 #   train-precision  train_throughput.py, the defaults 50 iterations each: bf16 with the dynamic loss scale (the
 #                    benchmark's default until 2026-12-07), bf16 without a loss scaler (tools/train.py --amp
 #                    bf16, the default since), fp32 (~5 min)
-#   shapes           the quick start: train, evaluate, render a prediction (~5 min); SHAPES_CONFIG picks another
-#                    shapes config (e.g. an experiment's), SHAPES_TIMEOUT (560 s) bounds it
+#   shapes           the quick start: train, evaluate, render a prediction (~5 min a config), for each config
+#                    in SHAPES_CONFIGS (default: the shipped one; e.g. add benchmarks/configs/shapes_fast_hooks.py),
+#                    each under SHAPES_TIMEOUT seconds (560)
 #   dist             2 GPUs x 2 images vs 1 GPU x 4 images, same iterations, then a rendered
 #                    prediction (needs a 2-GPU machine; ~8 min on 2 x H200: run it alone)
 #   save-triton-cache  Triton's cache (the kernels this call compiled) packed as $OUT/triton_cache.tar.xz
@@ -259,15 +260,16 @@ for stage in "$@"; do
         echo "$mode"; grep -A4 "training on" "$out/train_throughput_$name.log" | tail -n 1
       done ;;
     shapes)
-      config=${SHAPES_CONFIG:-configs/mlla/mask-rcnn_mlla-t_fpn_shapes.py}
-      name=$(basename "$config" .py)
-      timeout "${SHAPES_TIMEOUT:-560}" python3 tools/shapes_quickstart.py --config "$config" \
-        --work-dir "/tmp/$name" --data-root /tmp/shapes_data > "$out/$name.log" 2>&1
-      echo "quickstart ($name) exit: $?"
-      cp "/tmp/$name/metrics.json" "$out/$name.metrics.json" 2>/dev/null
-      cp "/tmp/$name/prediction.png" "$out/$name.prediction.png" 2>/dev/null
-      grep -E "Iter\(train\) \[ *[0-9]+00/" "$out/$name.log" | sed -E 's/.*(\[ *[0-9]+\/[0-9]+\]).*( time: [0-9.]+).*/\1\2/'
-      grep -E "mAP_copypaste" "$out/$name.log"; tail -n 9 "$out/$name.log" | head -n 5 ;;
+      for config in ${SHAPES_CONFIGS:-configs/mlla/mask-rcnn_mlla-t_fpn_shapes.py}; do
+        name=$(basename "$config" .py)
+        timeout "${SHAPES_TIMEOUT:-560}" python3 tools/shapes_quickstart.py --config "$config" \
+          --work-dir "/tmp/$name" --data-root /tmp/shapes_data > "$out/$name.log" 2>&1
+        echo "quickstart ($name) exit: $?"
+        cp "/tmp/$name/metrics.json" "$out/$name.metrics.json" 2>/dev/null
+        cp "/tmp/$name/prediction.png" "$out/$name.prediction.png" 2>/dev/null
+        grep -E "Iter\(train\) \[ *[0-9]+00/" "$out/$name.log" | sed -E 's/.*(\[ *[0-9]+\/[0-9]+\]).*( time: [0-9.]+).*/\1\2/'
+        grep -E "mAP_copypaste" "$out/$name.log"; tail -n 9 "$out/$name.log" | head -n 5
+      done ;;
     dist)
       timeout 570 bash benchmarks/scaling_2gpu.sh "$out" > "$out/dist.log" 2>&1
       echo "dist exit: $?"; tail -n 25 "$out/dist.log" ;;

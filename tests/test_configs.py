@@ -280,3 +280,20 @@ def test_cudnn_hook_sets_cudnn_for_the_run_and_restores_it():
 def test_shapes_quickstart_keeps_cudnn_as_measured():
     cfg = Config.fromfile(osp.join(CONFIG_DIR, 'mask-rcnn_mlla-t_fpn_shapes.py'))
     assert cfg.custom_hooks[-1] == dict(type='CudnnHook', enabled=True)
+
+
+def test_the_quickstart_candidate_is_the_shapes_config_with_the_coco_hooks():
+    """benchmarks/configs/shapes_fast_hooks.py, timed against the shipped quick start on a GPU
+    (gpu_session.sh shapes): only its hooks and its loss scaler differ."""
+    shipped = Config.fromfile(osp.join(CONFIG_DIR, 'mask-rcnn_mlla-t_fpn_shapes.py'))
+    candidate = Config.fromfile(osp.join(REPO_ROOT, 'benchmarks', 'configs', 'shapes_fast_hooks.py'))
+    coco = Config.fromfile(config_path('t', '1x'))
+    assert candidate.custom_hooks == coco.custom_hooks
+    assert candidate.optim_wrapper.loss_scale == dict(enabled=False)
+    assert candidate.optim_wrapper.dtype == 'bfloat16'
+    differing = {key for key in set(shipped) | set(candidate)
+                 if key not in ('custom_hooks', 'optim_wrapper', 'filename') and shipped.get(key) != candidate.get(key)}
+    assert len(set(shipped)) > 30 and not differing
+    shipped.optim_wrapper.pop('loss_scale', None)
+    candidate.optim_wrapper.pop('loss_scale')
+    assert candidate.optim_wrapper == shipped.optim_wrapper
