@@ -269,22 +269,24 @@ def detector_config(arch: str, attn_impl: str = "auto", conv_impl: str = "refere
 # fewer launches, no host synchronisation and no host-side shuffle: mlla_det/models/).
 HEAD_UTILS = {"paper": dict(assigner="MaxIoUAssigner", sampler="RandomSampler", bbox_coder="DeltaXYWHBBoxCoder",
                             anchor_generator="AnchorGenerator", rpn_head="RPNHead", mask_head="FCNMaskHead",
-                            data_preprocessor="DetDataPreprocessor"),
+                            roi_extractor="SingleRoIExtractor", data_preprocessor="DetDataPreprocessor"),
               "repo": dict(assigner="SyncFreeMaxIoUAssigner", sampler="DeviceRandomSampler",
                            bbox_coder="PairedDeltaXYWHBBoxCoder", anchor_generator="CachedAnchorGenerator",
                            rpn_head="LevelMergedRPNHead", mask_head="DeviceTargetsFCNMaskHead",
-                           data_preprocessor="DeviceMasksDetDataPreprocessor")}
+                           roi_extractor="LevelSortedRoIExtractor", data_preprocessor="DeviceMasksDetDataPreprocessor")}
 
 
 def set_head_utils(model_cfg, kind: str) -> None:
-    """Point a Mask R-CNN config's RPN and mask head types, its RPN and RoI-head assigners, samplers
-    and box coders and its anchor generator at `kind` (a key of HEAD_UTILS)."""
+    """Point a Mask R-CNN config's RPN and mask head types, its RoI extractors, its RPN and RoI-head
+    assigners, samplers and box coders and its anchor generator at `kind` (a key of HEAD_UTILS)."""
     types = HEAD_UTILS[kind]
     for stage in ("rpn", "rcnn"):
         model_cfg.train_cfg[stage]["assigner"]["type"] = types["assigner"]
         model_cfg.train_cfg[stage]["sampler"]["type"] = types["sampler"]
     model_cfg.rpn_head["type"] = types["rpn_head"]
     model_cfg.roi_head.mask_head["type"] = types["mask_head"]
+    model_cfg.roi_head.bbox_roi_extractor["type"] = types["roi_extractor"]
+    model_cfg.roi_head.mask_roi_extractor["type"] = types["roi_extractor"]
     model_cfg.rpn_head.bbox_coder["type"] = types["bbox_coder"]
     model_cfg.roi_head.bbox_head.bbox_coder["type"] = types["bbox_coder"]
     model_cfg.rpn_head.anchor_generator["type"] = types["anchor_generator"]
@@ -292,14 +294,17 @@ def set_head_utils(model_cfg, kind: str) -> None:
 
 
 def use_heads(model, kind: str) -> None:
-    """Make a detector's RPN and mask heads and its data preprocessor HEAD_UTILS[kind]'s types.
-    The objects stay (their classes are switched: this repository's versions only override
-    methods of mmdet's and add no state), so that what holds a head, such as detector.py's
-    compiled methods, keeps holding it."""
+    """Make a detector's RPN and mask heads, its RoI extractors and its data preprocessor
+    HEAD_UTILS[kind]'s types. The objects stay (their classes are switched: this repository's
+    versions only override methods of mmdet's and add no state), so that what holds a head, such
+    as detector.py's compiled methods, keeps holding it."""
     from mmdet.registry import MODELS
-    for owner, name in ((model, "rpn_head"), (model.roi_head, "mask_head"), (model, "data_preprocessor")):
+    for owner, name, util in ((model, "rpn_head", "rpn_head"), (model.roi_head, "mask_head", "mask_head"),
+                              (model.roi_head, "bbox_roi_extractor", "roi_extractor"),
+                              (model.roi_head, "mask_roi_extractor", "roi_extractor"),
+                              (model, "data_preprocessor", "data_preprocessor")):
         head = getattr(owner, name)
-        head_type, current = MODELS.get(HEAD_UTILS[kind][name]), type(head)
+        head_type, current = MODELS.get(HEAD_UTILS[kind][util]), type(head)
         if not (issubclass(head_type, current) or issubclass(current, head_type)):
             raise TypeError(f"cannot switch a {name} of type {current.__name__} to {head_type.__name__}")
         head.__class__ = head_type

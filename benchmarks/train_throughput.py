@@ -623,6 +623,7 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             bbox_coder=cfg.model.rpn_head.bbox_coder.type,
             rpn_head=cfg.model.rpn_head.type,
             mask_head=cfg.model.roi_head.mask_head.type,
+            roi_extractor=cfg.model.roi_head.bbox_roi_extractor.type,
             data_preprocessor=cfg.model.data_preprocessor.type,
             optimizer_groups=len(runner.optim_wrapper.optimizer.param_groups),
             peak_memory_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,

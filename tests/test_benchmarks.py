@@ -410,6 +410,8 @@ def test_train_throughput_sanity_runs_every_variant_through_the_runner(tmp_path)
     assert by_name["default"]["bbox_coder"] == "PairedDeltaXYWHBBoxCoder"
     assert by_name["default"]["sampler"] == "DeviceRandomSampler"
     assert [by_name[n]["mask_head"] for n in ("paper", "default")] == ["FCNMaskHead", "DeviceTargetsFCNMaskHead"]
+    assert [by_name[n]["roi_extractor"] for n in ("paper", "default")] == \
+        ["SingleRoIExtractor", "LevelSortedRoIExtractor"]
     assert [by_name[n]["data_preprocessor"] for n in ("paper", "default")] == \
         ["DetDataPreprocessor", "DeviceMasksDetDataPreprocessor"]
     # The yardstick of the per-size target sees one input size.

@@ -145,17 +145,19 @@ def test_local_base_matches_mmdet_mask_rcnn_config():
     del reference['model']['neck']['in_channels']
     del reference['optim_wrapper']
     ours = Config.fromfile(osp.join(REPO_ROOT, 'configs', '_base_', 'mask-rcnn_fpn_coco.py')).to_dict()
-    # Its seven substitutions, each giving mmdet's results bit for bit (tests/test_assigners.py,
+    # Its eight substitutions, each giving mmdet's results bit for bit (tests/test_assigners.py,
     # tests/test_anchor_generators.py, tests/test_bbox_coders.py, tests/test_mask_head.py,
-    # tests/test_device_masks.py), or the
+    # tests/test_device_masks.py, tests/test_roi_extractors.py), or the
     # same up to the order of a sum (the RPN loss, tests/test_rpn_head.py), or on a GPU the same
     # distribution (the sampler, tests/test_samplers.py), and nothing else.
     substituted = {'SyncFreeMaxIoUAssigner': 'MaxIoUAssigner', 'CachedAnchorGenerator': 'AnchorGenerator',
                    'DeviceRandomSampler': 'RandomSampler', 'PairedDeltaXYWHBBoxCoder': 'DeltaXYWHBBoxCoder',
                    'LevelMergedRPNHead': 'RPNHead', 'DeviceTargetsFCNMaskHead': 'FCNMaskHead',
-                   'DeviceMasksDetDataPreprocessor': 'DetDataPreprocessor'}
+                   'DeviceMasksDetDataPreprocessor': 'DetDataPreprocessor', 'LevelSortedRoIExtractor': 'SingleRoIExtractor'}
     model, train_cfg = ours['model'], ours['model']['train_cfg']
-    for part in (model['data_preprocessor'], model['rpn_head'], model['roi_head']['mask_head'], train_cfg['rpn']['assigner'], train_cfg['rcnn']['assigner'], train_cfg['rpn']['sampler'],
+    for part in (model['data_preprocessor'], model['rpn_head'], model['roi_head']['mask_head'],
+                 model['roi_head']['bbox_roi_extractor'], model['roi_head']['mask_roi_extractor'],
+                 train_cfg['rpn']['assigner'], train_cfg['rcnn']['assigner'], train_cfg['rpn']['sampler'],
                  train_cfg['rcnn']['sampler'], model['rpn_head']['anchor_generator'], model['rpn_head']['bbox_coder'],
                  model['roi_head']['bbox_head']['bbox_coder']):
         part['type'] = substituted[part['type']]

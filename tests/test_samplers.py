@@ -71,3 +71,67 @@ def test_on_the_gpu_uniform_subsets_drawn_on_the_device():
     names = [e.name for e in prof.events()]
     assert 'aten::randperm' in names
     assert not any('Memcpy' in name or name == 'aten::_to_copy' for name in names), names
+
+
+RCNN = dict(num=512, pos_fraction=0.25, neg_pos_ub=-1, add_gt_as_proposals=True)
+
+
+def _assignment(generator, num_priors, num_gts, positive_share, device='cpu'):
+    """An assignment of num_priors boxes: positives (gt index > 0), negatives (0), ignored (-1)."""
+    from mmdet.models.task_modules.assigners import AssignResult
+    from mmengine.structures import InstanceData
+    draw = torch.rand(num_priors, generator=generator)
+    gt_inds = torch.where(draw < positive_share, torch.randint(1, max(num_gts, 1) + 1, (num_priors,), generator=generator),
+                          torch.where(draw < 0.9, 0, -1))
+    if num_gts == 0:
+        gt_inds = torch.where(gt_inds > 0, 0, gt_inds)
+    labels = torch.where(gt_inds > 0, torch.randint(0, 80, (num_priors,), generator=generator), -1)
+    corners = torch.rand(num_priors + num_gts, 2, generator=generator) * 500
+    boxes = torch.cat([corners, corners + 8 + torch.rand(num_priors + num_gts, 2, generator=generator) * 200], 1)
+    assign = AssignResult(num_gts, gt_inds.to(device), torch.rand(num_priors, generator=generator).to(device),
+                          labels=labels.to(device))
+    gts = InstanceData(bboxes=boxes[num_priors:].to(device), labels=torch.randint(0, 80, (num_gts,), generator=generator).to(device))
+    return assign, InstanceData(priors=boxes[:num_priors].to(device)), gts
+
+
+def _copy(assign):
+    from mmdet.models.task_modules.assigners import AssignResult
+    return AssignResult(assign.num_gts, assign.gt_inds.clone(), assign.max_overlaps.clone(), labels=assign.labels.clone())
+
+
+# RPN-like and RoI-head-like samplers; more positives than wanted (drawn) and fewer (all kept);
+# an image without boxes; an upper bound on negatives per positive.
+@pytest.mark.parametrize('settings, num_priors, num_gts, positive_share', [
+    (RPN, 20_000, 9, 0.02), (RPN, 20_000, 3, 0.001), (RCNN, 2_000, 12, 0.3), (RCNN, 1_000, 0, 0.0),
+    (dict(RCNN, neg_pos_ub=3), 2_000, 5, 0.01)])
+def test_on_the_cpu_the_same_samples_as_mmdet(settings, num_priors, num_gts, positive_share):
+    generator = torch.Generator().manual_seed(num_priors + num_gts)
+    assign, priors, gts = _assignment(generator, num_priors, num_gts, positive_share)
+    torch.manual_seed(7)
+    expected = RandomSampler(**settings).sample(_copy(assign), priors, gts)
+    torch.manual_seed(7)
+    got = DeviceRandomSampler(**settings).sample(_copy(assign), priors, gts)
+    for field in ('pos_inds', 'neg_inds', 'pos_priors', 'neg_priors', 'pos_is_gt', 'pos_assigned_gt_inds',
+                  'pos_gt_bboxes', 'pos_gt_labels'):
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+    assert got.avg_factor == expected.avg_factor and got.num_gts == expected.num_gts
+    assert got.pos_inds.numel() + got.neg_inds.numel() > 0
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_sample_waits_for_the_gpu_once():
+    generator = torch.Generator().manual_seed(0)
+    assign, priors, gts = _assignment(generator, 200_000, 9, 0.002, device='cuda')
+    sampler = DeviceRandomSampler(**RPN)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('warn')
+    try:
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            result = sampler.sample(_copy(assign), priors, gts)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [str(w.message) for w in caught if 'synchroniz' in str(w.message)]
+    assert len(waits) == 1, waits
+    assert result.pos_inds.numel() > 0 and result.neg_inds.numel() == 256 - result.pos_inds.numel()

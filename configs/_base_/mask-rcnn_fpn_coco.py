@@ -31,8 +31,10 @@ model = dict(
         loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
     roi_head=dict(
         type='StandardRoIHead',
+        # mmdet's SingleRoIExtractor, one host synchronisation per call instead of one per level
+        # (mlla_det/models/roi_extractors.py)
         bbox_roi_extractor=dict(
-            type='SingleRoIExtractor',
+            type='LevelSortedRoIExtractor',
             roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0),
             out_channels=256,
             featmap_strides=[4, 8, 16, 32]),
@@ -48,7 +50,7 @@ model = dict(
             loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
             loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
         mask_roi_extractor=dict(
-            type='SingleRoIExtractor',
+            type='LevelSortedRoIExtractor',
             roi_layer=dict(type='RoIAlign', output_size=14, sampling_ratio=0),
             out_channels=256,
             featmap_strides=[4, 8, 16, 32]),
