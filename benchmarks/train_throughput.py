@@ -236,9 +236,9 @@ class ThroughputHook(Hook):
     priority = "VERY_LOW"
 
     def __init__(self, clock: PartClock, profile_window: tuple, pad_divisor: int = 32,
-                 host_profile: "HostProfile" = None):
+                 host_profile: "HostProfile" = None, host_waits: "HostWaitProbe" = None):
         self.clock, self.profile_window, self.pad_divisor = clock, profile_window, pad_divisor
-        self.host_profile = host_profile
+        self.host_profile, self.host_waits = host_profile, host_waits
         self.iteration_s, self.data_wait_s, self.sizes = [], [], []
         self.last_end = None
         self.profiler, self.profile_start, self.busy_fraction = None, None, None
@@ -268,6 +268,8 @@ class ThroughputHook(Hook):
             self._start_profiler()
         if self.host_profile is not None:
             self.host_profile.before_iter(batch_idx)
+        if self.host_waits is not None:
+            self.host_waits.before_iter(batch_idx)
         self.clock.new_iteration()
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
@@ -277,6 +279,8 @@ class ThroughputHook(Hook):
         self.last_end = now
         self.compiles.append(compile_count())
         self.kernel_specialisations.append(specialisation_count())
+        if self.host_waits is not None:
+            self.host_waits.after_iter(batch_idx)
         if self.host_profile is not None:
             self.host_profile.after_iter(batch_idx)
         if batch_idx + 1 == self.profile_window[1] and self.profiler is not None:
@@ -372,6 +376,38 @@ ALWAYS_TRACED = ("aten::linear", "aten::randperm", "aten::max", "aten::select", 
 
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
                  "cudaGraphLaunch")
+
+
+class HostWaitProbe:
+    """The host's waits for the GPU over one training iteration: torch.cuda's sync debug mode warns
+    at every synchronising call, and the warnings are counted by the Python line that made them.
+    The backward's autograd threads are not seen (their warnings do not reach Python's)."""
+
+    def __init__(self, iteration: int):
+        self.iteration = iteration
+        self.count, self.sites = None, None
+        self._catcher = self._records = None
+
+    def before_iter(self, batch_idx: int):
+        if batch_idx == self.iteration and torch.cuda.is_available():
+            import warnings
+            self._catcher = warnings.catch_warnings(record=True)
+            self._records = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def after_iter(self, batch_idx: int):
+        if self._catcher is None:
+            return
+        torch.cuda.set_sync_debug_mode(0)
+        self._catcher.__exit__(None, None, None)
+        waits = [w for w in self._records if "synchroniz" in str(w.message).lower()]
+        sites = {}
+        for w in waits:
+            site = f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+        self.count, self.sites = len(waits), dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+        self._catcher = self._records = None
 
 
 class HostProfile:
@@ -585,7 +621,10 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
                 raise ValueError(f"--host-profile {args.host_profile} needs --iters >= --warmup + "
                                  f"--profile-iters + {args.host_profile + 1}")
             host_profile = HostProfile(clock, first, args.host_profile)
-        hook = ThroughputHook(clock, window, host_profile=host_profile)
+        # The wait count's iteration comes just before the profiles' (left out of the medians too).
+        probe_iteration = (host_profile.first if host_profile is not None else window[0]) - 1
+        host_waits = HostWaitProbe(probe_iteration) if probe_iteration >= args.warmup else None
+        hook = ThroughputHook(clock, window, host_profile=host_profile, host_waits=host_waits)
         runner.register_hook(hook)
         model = runner.model
         clock.wrap(model.data_preprocessor, "forward", "preprocess")
@@ -601,6 +640,8 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
         row["train_wall_s"] = time.perf_counter() - start
         # iteration_s[k] is iteration k + 1's; the host profile's iterations are left out.
         profiled = set(host_profile.iterations_profiled()) if host_profile is not None else set()
+        if host_waits is not None:
+            profiled.add(host_waits.iteration)
         steady = [t for k, t in enumerate(hook.iteration_s) if k >= args.warmup and k + 1 not in profiled]
         steady = steady or hook.iteration_s
         median = statistics.median(steady)
@@ -634,6 +675,8 @@ def run_variant(args, name: str, data_dir: Path, ann_file: Path) -> dict:
             slow_iterations=slow_iterations(hook, args.warmup, median),
             projection_1x_hours=ITERATIONS_1X * median / 3600,
             host_profile=host_profile.summary if host_profile is not None else None,
+            host_waits_per_iteration=host_waits.count if host_waits is not None else None,
+            host_wait_sites=host_waits.sites if host_waits is not None else None,
         )
         row.update(evaluate(args, runner, clock) if args.eval_images else {})
     row["environment"] = environment()
@@ -781,6 +824,11 @@ def print_rows(rows) -> None:
             if r.get("eval_parts"):
                 print(f"{r['variant']}: detections per image (median) {r.get('eval_detections_median')}, "
                       f"(box, class) pairs into the box head's NMS {r.get('eval_boxes_into_nms')}")
+    for r in rows:
+        if r.get("host_waits_per_iteration") is not None:
+            sites = ", ".join(f"{site} x{n}" for site, n in list(r["host_wait_sites"].items())[:8])
+            print(f"{r['variant']}: {r['host_waits_per_iteration']} host waits for the GPU in one iteration "
+                  f"(forward and optimizer): {sites}")
     for r in rows:
         if r.get("host_profile"):
             print_host_profile(r["variant"], r["host_profile"])

@@ -446,6 +446,7 @@ def test_train_throughput_host_profile_reports_parts_ops_and_python(tmp_path):
     [row] = load_rows(out.with_suffix(".prewarm.json"))
     assert row["variant"] == timed["variant"] == "default-no-gemm"
     assert timed["host_profile"] is None and timed["iterations"] == 2
+    assert timed["host_waits_per_iteration"] is None  # counted on a GPU only
     summary = row["host_profile"]
     assert summary["iterations"] == 1 and summary["aten_calls_per_iteration"] > 100
     assert {"backbone", "neck", "rpn", "roi", "backward"} <= set(summary["parts"])
@@ -462,6 +463,21 @@ def test_train_throughput_host_profile_reports_parts_ops_and_python(tmp_path):
     assert "host profile of default-no-gemm (prewarm)" in result.stdout
     assert result.stdout.index("--- prewarm") < result.stdout.index("--- default-no-gemm")
     assert row["gemm_convolutions"] == row["eval_gemm_convolutions"] == 0
+
+
+@pytest.mark.gpu
+def test_host_wait_probe_counts_the_waits_of_its_iteration_only():
+    from benchmarks.train_throughput import HostWaitProbe
+    probe = HostWaitProbe(1)
+    x = torch.ones(4, device="cuda")
+    for iteration in range(3):
+        probe.before_iter(iteration)
+        for _ in range(5):
+            float(x.sum())  # a wait
+        torch.nonzero_static(x > 0, size=4)  # none
+        probe.after_iter(iteration)
+    assert probe.count == 5 and list(probe.sites.values()) == [5], probe.sites
+    assert "test_benchmarks.py" in next(iter(probe.sites))
 
 
 def _scaled_sum(x):
