@@ -50,7 +50,7 @@
 #                    (20), TRAIN_EXTRA more arguments (e.g. --prewarm), under TRAIN_TIMEOUT seconds (330)
 #   train-gemm       GemmConvHook's GPU tests, linear_host_cost.py, then train_throughput.py: the defaults without
 #                    GEMM convolutions against the defaults (host profile of both), 60 iterations (~5 min)
-#   train-ratios     the GPU tests of the GEMM convolutions and the sampler (GPU_TESTS_TIMEOUT), then
+#   train-ratios     the GPU tests of the GEMM convolutions and the heads' utilities (GPU_TESTS_TIMEOUT), then
 #                    train_throughput.py: a prewarm run of the defaults (Triton's disk cache; the host
 #                    profile), RATIOS_VARIANTS (the two baselines given the per-size fixes, the defaults without
 #                    and with the blocks' CUDA graphs: each new canvas costs two slow iterations, so give the
@@ -234,7 +234,9 @@ for stage in "$@"; do
       grep -A8 -E "training on|median ms per" "$out/train_throughput_gemm.log" ;;
     train-ratios)
       gpu_tests tests/test_gemm_conv.py tests/test_samplers.py tests/test_bbox_coders.py tests/test_mask_head.py \
-        tests/test_device_masks.py > "$out/ratios_tests.log" 2>&1
+        tests/test_device_masks.py tests/test_rpn_head.py tests/test_roi_extractors.py \
+        tests/test_benchmarks.py::test_host_wait_probe_counts_the_waits_of_its_iteration_only \
+        > "$out/ratios_tests.log" 2>&1
       tail -n 4 "$out/ratios_tests.log"
       prewarm="--prewarm --host-profile 2"
       [ "${RATIOS_PREWARM:-1}" = 1 ] || prewarm="--host-profile ${RATIOS_HOST_PROFILE:-0}"

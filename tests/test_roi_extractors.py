@@ -41,7 +41,9 @@ def features_and_gradients(extractor, feats, rois, upstream, roi_scale_factor=No
     return out.detach(), [f.grad for f in inputs]
 
 
-def check_against_mmdet(device, dtype):
+def check_against_mmdet(device, dtype, gradient_tolerance=0.0):
+    """Features bit for bit; gradients too where RoIAlign's backward sums in a fixed order (the
+    CPU), within gradient_tolerance of the largest where it adds atomically (a GPU)."""
     generator = torch.Generator().manual_seed(0)
     for name in ('bbox_roi_extractor', 'mask_roi_extractor'):
         mmdet_extractor, ours = extractor_pair(name)
@@ -58,14 +60,18 @@ def check_against_mmdet(device, dtype):
             assert got.abs().sum() > 0
             for level, (g, e) in enumerate(zip(grads, expected_grads)):
                 assert g is not None and e is not None, level  # unused levels stay in the graph
-                assert torch.equal(g, e), level
+                if gradient_tolerance:
+                    assert torch.allclose(g.float(), e.float(), rtol=0,
+                                          atol=gradient_tolerance * float(e.float().abs().max())), level
+                else:
+                    assert torch.equal(g, e), level
             if num_rois == 300:
                 assert set(levels.tolist()) == {0, 1, 2, 3}
             elif num_rois == 60:
                 assert 3 not in set(levels.tolist())
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
 def test_the_same_features_and_gradients_as_mmdet(dtype):
     check_against_mmdet('cpu', dtype)
 
@@ -80,8 +86,6 @@ def test_no_rois_go_to_mmdet():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_the_same_features_and_gradients_as_mmdet_on_the_gpu(dtype):
-    if not torch.cuda.is_available():
-        pytest.skip('needs a GPU')
-    check_against_mmdet('cuda', dtype)
+@pytest.mark.parametrize('dtype, gradient_tolerance', [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_the_same_features_and_gradients_as_mmdet_on_the_gpu(dtype, gradient_tolerance):
+    check_against_mmdet('cuda', dtype, gradient_tolerance)

@@ -106,8 +106,21 @@ def assert_same_proposals(expected, got):
 @pytest.mark.parametrize('stage', ['train', 'test', 'min_bbox_size'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_proposals_are_mmdets_bit_for_bit(stage, dtype):
+    check_proposals(stage, dtype, 'cpu')
+
+
+# On a GPU the batch's sort along rows and mmdet's sort of each image's scores must give each
+# row the same order, ties in bf16 included.
+@pytest.mark.gpu
+@pytest.mark.parametrize('stage', ['train', 'min_bbox_size'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_proposals_are_mmdets_bit_for_bit_on_the_gpu(stage, dtype):
+    check_proposals(stage, dtype, 'cuda')
+
+
+def check_proposals(stage, dtype, device):
     mmdet_head, ours = rpn_heads()
-    mmdet_head, ours = mmdet_head.to(dtype), ours.to(dtype)
+    mmdet_head, ours = mmdet_head.to(device, dtype), ours.to(device, dtype)
     model = Config.fromfile(osp.join(REPO_ROOT, 'configs', '_base_', 'mask-rcnn_fpn_coco.py')).model
     cfg = model.train_cfg.rpn_proposal if stage == 'train' else ours.test_cfg
     assert cfg.nms_pre < 224 * 320 // 16 * 3  # the first levels are ranked and cut, the last not
@@ -117,6 +130,7 @@ def test_proposals_are_mmdets_bit_for_bit(stage, dtype):
     for _ in range(2):
         features, metas, _ = batch(generator, dtype, image_sizes=((224, 320), (160, 288), (224, 192)),
                                    boxes_per_image=(1, 1, 1))
+        features = [f.to(device) for f in features]
         expected = proposals(mmdet_head, features, metas, cfg)
         got = proposals(ours, features, metas, cfg)
         assert_same_proposals(expected, got)
