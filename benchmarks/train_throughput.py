@@ -84,6 +84,11 @@ VARIANTS.update({
     # than cuDNN off over 40 iterations, README of benchmarks/).
     "default-buckets": dict(VARIANTS["default"], cudnn=True, gemm=False, hooks=[dict(type="ConvShapeBucketsHook")],
                             describe="defaults with cuDNN on and bucketed convolutions (ConvShapeBucketsHook)"),
+    # Evaluation on canvases too: the same outputs as the plain model up to rounding (test_canvas.py),
+    # one graph per canvas recorded in inference mode; over COCO's 5,000 validation images the
+    # recordings are paid once (about a dozen canvases at 1333x800 keep-ratio).
+    "default-eval-graphs": dict(VARIANTS["default"], hooks=[dict(type="BlockGraphsHook", evaluation=True)],
+                                describe="defaults with the blocks as CUDA graphs on canvases in evaluation too"),
     "default-graphs-inductor": dict(
         VARIANTS["default"], hooks=[dict(type="BlockGraphsHook", backend="inductor")],
         describe="defaults with the blocks compiled by Inductor into CUDA graphs on canvases"),

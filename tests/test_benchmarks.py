@@ -529,3 +529,21 @@ def test_evaluation_threshold_lets_the_chosen_number_of_pairs_through():
     threshold = common.threshold_passing([scores], 500)
     assert int((scores[:, :-1] > threshold).sum()) == 500
     assert common.threshold_passing([scores[:5]], 500) == 0.0
+
+
+def test_every_train_throughput_variant_has_one_block_graphs_hook(tmp_path):
+    """Each variant's config carries the configs' hooks with its own in their place: one
+    BlockGraphsHook, off for the paper's and the op-by-op variants, evaluating on canvases only
+    in default-eval-graphs."""
+    import argparse
+
+    from benchmarks import train_throughput
+
+    args = argparse.Namespace(arch="t", amp="bf16", loss_scale="off", workers=None, seed=0, iters=2, sanity=False)
+    for name, variant in train_throughput.VARIANTS.items():
+        cfg = train_throughput.build_config(args, variant, tmp_path, tmp_path / "instances.json", tmp_path)
+        graphs = [h for h in cfg.custom_hooks if h["type"] == "BlockGraphsHook"]
+        assert len(graphs) == 1, name
+        assert graphs[0].get("enabled", True) is not (name.startswith("paper") or name == "default-no-graphs"), name
+        assert graphs[0].get("evaluation", False) is (name == "default-eval-graphs"), name
+        assert sorted(h["type"] for h in cfg.custom_hooks).count("CudnnHook") == 1, name
