@@ -120,18 +120,9 @@ def test_on_the_cpu_the_same_samples_as_mmdet(settings, num_priors, num_gts, pos
 
 @pytest.mark.gpu
 def test_on_the_gpu_a_sample_waits_for_the_gpu_once():
+    from tests.helpers_cuda import host_waits
     generator = torch.Generator().manual_seed(0)
     assign, priors, gts = _assignment(generator, 200_000, 9, 0.002, device='cuda')
-    sampler = DeviceRandomSampler(**RPN)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode('warn')
-    try:
-        import warnings
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            result = sampler.sample(_copy(assign), priors, gts)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    waits = [str(w.message) for w in caught if 'synchroniz' in str(w.message)]
+    result, waits = host_waits(DeviceRandomSampler(**RPN).sample, _copy(assign), priors, gts)
     assert len(waits) == 1, waits
     assert result.pos_inds.numel() > 0 and result.neg_inds.numel() == 256 - result.pos_inds.numel()

@@ -32,7 +32,9 @@ class LevelSortedRoIExtractor(SingleRoIExtractor):
         target_levels = self.map_roi_levels(rois, num_levels)
         if roi_scale_factor is not None:
             rois = self.roi_rescale(rois, roi_scale_factor)
-        counts = torch.bincount(target_levels, minlength=num_levels).tolist()  # the one synchronisation
+        # The level sizes by comparison, not bincount: on a GPU bincount waits for its input's max.
+        levels = torch.arange(num_levels, device=target_levels.device)
+        counts = (target_levels[None, :] == levels[:, None]).sum(dim=1).tolist()  # the one synchronisation
         order = torch.argsort(target_levels, stable=True)
         level_rois = rois[order].split(counts)
         roi_feats = feats[0].new_zeros(rois.size(0), self.out_channels, *out_size)
