@@ -107,7 +107,9 @@ VARIANTS["default-cudnn@fixed"] = dict(VARIANTS["default-cudnn"], fixed_size=FIX
                                                 f"{FIXED_SIZE[0]}x{FIXED_SIZE[1]}")
 DEFAULT_VARIANTS = ("paper", "paper-no-cudnn", "paper+repo-optim", "default", "default@fixed")
 
-PARTS = ("preprocess", "backbone", "neck", "rpn", "roi", "backward", "optimizer")
+# "blocks" is inside "backbone": the stages' blocks, which BlockGraphsHook replays from CUDA graphs
+# (then the compiled calls' own host time: guards, wrappers, the graphs' bookkeeping).
+PARTS = ("preprocess", "backbone", "blocks", "neck", "rpn", "roi", "backward", "optimizer")
 # The heads' predict methods: proposals, then the RoI head's boxes and masks (roi_boxes and roi_masks
 # are inside roi).
 EVAL_PARTS = ("preprocess", "backbone", "neck", "rpn", "roi", "roi_boxes", "roi_masks")
@@ -256,7 +258,11 @@ class ThroughputHook(Hook):
         from mlla_det.models.gemm_conv import gemm_convolution_count
         self.cudnn = torch.backends.cudnn.enabled  # as CudnnHook (a higher priority) left it
         self.gemm_convolutions = gemm_convolution_count(runner.model)
-        # The runner builds its optimizer wrapper inside train(), so its parts are wrapped here.
+        # The runner builds its optimizer wrapper inside train(), so its parts are wrapped here;
+        # so are the blocks, which BlockGraphsHook (run before) may have compiled.
+        for stage in getattr(getattr(runner.model, "backbone", None), "layers", []):
+            on_canvas = getattr(stage, "canvas_multiple", None) is not None
+            self.clock.wrap(stage, "run_blocks_on_canvas" if on_canvas else "run_blocks", "blocks")
         self.clock.wrap(runner.optim_wrapper, "backward", "backward")
         self.clock.wrap(runner.optim_wrapper, "step", "optimizer")
         self.clock.wrap(runner.optim_wrapper, "zero_grad", "optimizer")
