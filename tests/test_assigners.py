@@ -57,6 +57,34 @@ def test_same_assignment_as_mmdet_on_boxes(settings):
         assert_same(MaxIoUAssigner(**settings).assign(pred, gt), SyncFreeMaxIoUAssigner(**settings).assign(pred, gt))
 
 
+@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.mark.parametrize("num_gts", [0, 1, 5, 30])
+def test_assigning_the_valid_priors_in_place_is_assigning_them_cut_out(settings, num_gts):
+    """assign_valid(priors, valid) = mmdet's assign(priors[valid]) scattered back, the others -1:
+    the best matches of each box among the valid priors only (the invalid include better ones)."""
+    generator = torch.Generator().manual_seed(num_gts)
+    xy = torch.rand(num_gts, 2, generator=generator) * 200
+    gts = torch.cat([xy, xy + 8 + torch.rand(num_gts, 2, generator=generator) * 100], dim=1)
+    xy = torch.rand(3000, 2, generator=generator) * 250
+    priors = torch.cat([xy, xy + 4 + torch.rand(3000, 2, generator=generator) * 120], dim=1)
+    valid = torch.rand(3000, generator=generator) < 0.7
+    if num_gts:
+        priors[:60] = gts[torch.randint(0, num_gts, (60,), generator=generator)]  # IoU 1, shared maxima
+        valid[:30] = False  # some of the best matches are invalid
+    gt = InstanceData(bboxes=gts, labels=torch.randint(0, 80, (num_gts,), generator=generator))
+    cut = MaxIoUAssigner(**settings).assign(InstanceData(priors=priors[valid]), gt)
+    got = SyncFreeMaxIoUAssigner(**settings).assign_valid(InstanceData(priors=priors), gt, valid)
+    expected_inds = torch.full((3000,), -1, dtype=cut.gt_inds.dtype)
+    expected_inds[valid] = cut.gt_inds
+    expected_labels = torch.full((3000,), -1, dtype=cut.labels.dtype)
+    expected_labels[valid] = cut.labels
+    assert torch.equal(got.gt_inds, expected_inds) and torch.equal(got.labels, expected_labels)
+    assert torch.equal(got.max_overlaps[valid], cut.max_overlaps) and got.num_gts == num_gts
+    assert (got.gt_inds[valid] >= 0).any() and (got.gt_inds[~valid] == -1).all()
+    if num_gts:
+        assert (got.gt_inds > 0).any()
+
+
 def test_control_a_changed_rule_is_seen():
     """The comparison can fail: a box at two ground truths' maxima goes to the last of them; the
     first-claim rule, otherwise the same, is caught."""

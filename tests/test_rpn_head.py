@@ -77,6 +77,58 @@ def test_the_same_losses_and_gradients_as_mmdet(dtype, tolerance):
             assert torch.allclose(grad, expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max())
 
 
+@pytest.mark.parametrize('boxes_per_image', [(6, 2), (3, 0)])
+def test_targets_of_the_valid_anchors_assigned_in_place_are_mmdets(boxes_per_image):
+    """Each image's anchors outside its own padded shape (the batch pads to the largest) are
+    invalid: mmdet cuts the valid ones out, ours assigns them in place; the same targets."""
+    mmdet_head, ours = rpn_heads()
+    assert ours.train_cfg['allowed_border'] < 0  # the in-place path, not mmdet's
+    generator = torch.Generator().manual_seed(sum(boxes_per_image))
+    sizes = ((224, 320), (130, 200))
+    features, metas, instances = batch(generator, torch.float32, image_sizes=sizes, boxes_per_image=boxes_per_image)
+    for meta, (height, width) in zip(metas, sizes):
+        meta['pad_shape'] = (-(-height // 32) * 32, -(-width // 32) * 32)
+    featmap_sizes = [f.shape[-2:] for f in features]
+    anchors, flags = ours.get_anchors(featmap_sizes, metas, device='cpu')
+    for index, (meta, image_instances) in enumerate(zip(metas, instances)):
+        flat_anchors, valid = torch.cat(anchors[index]), torch.cat(flags[index])
+        torch.manual_seed(index)
+        expected = mmdet_head._get_targets_single(flat_anchors, valid, image_instances, meta)
+        torch.manual_seed(index)
+        got = ours._get_targets_single(flat_anchors, valid, image_instances, meta)
+        for name, e, g in zip(('labels', 'label_weights', 'bbox_targets', 'bbox_weights'), expected[:4], got[:4]):
+            assert e.dtype == g.dtype and torch.equal(e, g), name
+        e_result, g_result = expected[-1], got[-1]
+        assert torch.equal(g_result.pos_priors, e_result.pos_priors)
+        assert torch.equal(g_result.neg_priors, e_result.neg_priors)
+        assert g_result.avg_factor == e_result.avg_factor
+        assert (got[1] > 0).sum() == 256 or not bool(valid.all())
+        if index == 1:
+            assert not bool(valid.all())  # the smaller image has invalid anchors
+        if len(image_instances) > 0:
+            assert (got[0] == 0).any()  # positives
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_rpn_loss_waits_once_per_image_and_twice_for_its_losses():
+    """The sampler's one wait per image, and mmdet's two in the losses (the sigmoid cross-entropy's
+    label expansion, the L1 loss's check for any weight); the targets add none."""
+    from tests.helpers_cuda import host_waits
+    _, ours = rpn_heads()
+    ours = ours.cuda()
+    generator = torch.Generator().manual_seed(4)
+    sizes = ((224, 320), (130, 200))
+    features, metas, instances = batch(generator, torch.float32, image_sizes=sizes, boxes_per_image=(6, 2))
+    for meta, (height, width) in zip(metas, sizes):
+        meta['pad_shape'] = (-(-height // 32) * 32, -(-width // 32) * 32)
+    features = [f.cuda() for f in features]
+    instances = [i.to('cuda') for i in instances]
+    cls_scores, bbox_preds = ours(features)
+    losses, waits = host_waits(ours.loss_by_feat, cls_scores, bbox_preds, instances, metas)
+    assert len(waits) <= len(metas) + 2, waits
+    assert float(losses['loss_rpn_bbox']) > 0
+
+
 def test_an_image_without_boxes_trains_on_negatives_only():
     mmdet_head, ours = rpn_heads()
     features, metas, instances = batch(torch.Generator().manual_seed(1), torch.float64, boxes_per_image=(0, 0))

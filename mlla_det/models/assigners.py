@@ -5,10 +5,17 @@ ground-truth boxes with an ``if`` on a GPU value in each turn, and assigns throu
 ``nonzero``: every image of every iteration waits for the GPU once per ground-truth box, twice over
 in Mask R-CNN (the RPN's and the RoI head's assigner). The loop's effect has a closed form: an
 anchor matched by several boxes keeps the last one, so it takes the largest matching index.
+
+``assign_valid`` assigns a subset of the priors, given as a mask, without cutting it out (which
+waits for the GPU): the others get an overlap of -1 with every box, as mmdet's ignored priors do,
+so that no box counts them among its best matches, and end up unassigned.
 """
+from typing import Optional
+
 import torch
 from mmdet.models.task_modules.assigners import AssignResult, MaxIoUAssigner
 from mmdet.registry import TASK_UTILS
+from mmengine.structures import InstanceData
 
 __all__ = ['SyncFreeMaxIoUAssigner']
 
@@ -54,3 +61,34 @@ class SyncFreeMaxIoUAssigner(MaxIoUAssigner):
         assigned_labels = torch.where(assigned_gt_inds > 0, gt_of_each, -1)
         return AssignResult(num_gts=num_gts, gt_inds=assigned_gt_inds, max_overlaps=max_overlaps,
                             labels=assigned_labels)
+
+    def can_assign_valid(self, gt_instances: InstanceData) -> bool:
+        """Whether assign_valid applies: not when mmdet would move the work to the CPU or permute
+        repeated boxes."""
+        return self.perm_repeat_gt_cfg is None and not (
+            self.gpu_assign_thr > 0 and gt_instances.bboxes.shape[0] > self.gpu_assign_thr)
+
+    def assign_valid(self, pred_instances: InstanceData, gt_instances: InstanceData, valid: torch.Tensor,
+                     gt_instances_ignore: Optional[InstanceData] = None) -> AssignResult:
+        """mmdet's ``assign`` of the priors where `valid` (bool, one per prior) is true, in the
+        index space of all the priors: the rest unassigned (-1). The same as assigning
+        ``priors[valid]`` and scattering the result back, without the wait that cutting needs."""
+        if not self.can_assign_valid(gt_instances):
+            raise ValueError('assign_valid does not cover gpu_assign_thr or perm_repeat_gt_cfg; use assign')
+        priors, gt_bboxes, gt_labels = pred_instances.priors, gt_instances.bboxes, gt_instances.labels
+        overlaps = self.iou_calculator(gt_bboxes, priors)
+        if (self.ignore_iof_thr > 0 and gt_instances_ignore is not None
+                and gt_instances_ignore.bboxes.numel() > 0 and priors.numel() > 0):
+            ignored = gt_instances_ignore.bboxes
+            if self.ignore_wrt_candidates:
+                ignore_max = self.iou_calculator(priors, ignored, mode='iof').max(dim=1).values
+            else:
+                ignore_max = self.iou_calculator(ignored, priors, mode='iof').max(dim=0).values
+            overlaps = overlaps.masked_fill(ignore_max[None, :] > self.ignore_iof_thr, -1)
+        overlaps = overlaps.masked_fill(~valid[None, :], -1)
+        result = self.assign_wrt_overlaps(overlaps, gt_labels)
+        # Without boxes mmdet makes every prior a negative; the invalid ones stay out here too.
+        result.gt_inds = torch.where(valid, result.gt_inds, -1)
+        if result.labels is not None:
+            result.labels = torch.where(valid, result.labels, -1)
+        return result

@@ -15,6 +15,14 @@ their padded feature maps, so every level keeps the same number of anchors in ea
 sort, the gathers and the decode run once per level over the batch (a sort along a row gives that
 row's order whatever the other rows hold), and only the NMS, whose output length varies, stays per
 image. The proposals are mmdet's bit for bit (tests/test_rpn_head.py).
+
+mmdet's ``AnchorHead._get_targets_single`` cuts each image's valid anchors out (a ``nonzero``, after
+an ``any()`` that only checks there are some), assigns and samples them, and scatters the targets
+back with four ``unmap``s: six waits for the GPU per image. Here the valid anchors are assigned in
+place (``SyncFreeMaxIoUAssigner.assign_valid``), the sampler draws from the same galleries in
+the same order, and the targets are written straight into full-size tensors: the same targets,
+no wait but the sampler's one. The sampling result's indices count all the image's anchors
+instead of its valid ones.
 """
 from typing import List, Optional
 
@@ -25,6 +33,8 @@ from mmdet.models.utils import multi_apply
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import cat_boxes, empty_box_as
 from mmengine.structures import InstanceData
+
+from .assigners import SyncFreeMaxIoUAssigner
 
 __all__ = ['LevelMergedRPNHead']
 
@@ -63,6 +73,43 @@ class LevelMergedRPNHead(RPNHead):
         loss_bbox = self.loss_bbox(deltas.reshape(-1, self.bbox_coder.encode_size), torch.cat(bbox_targets),
                                    torch.cat(bbox_weights), avg_factor=avg_factor)
         return dict(loss_rpn_cls=loss_cls, loss_rpn_bbox=loss_bbox)
+
+    def _get_targets_single(self, flat_anchors, valid_flags: torch.Tensor, gt_instances: InstanceData,
+                            img_meta: dict, gt_instances_ignore: Optional[InstanceData] = None,
+                            unmap_outputs: bool = True) -> tuple:
+        # The in-place path covers the configs' RPN: anchors as plain tensors, no border allowance
+        # (the valid anchors are then exactly the valid flags), deltas as targets.
+        if (self.train_cfg['allowed_border'] >= 0 or not unmap_outputs or self.reg_decoded_bbox
+                or not isinstance(flat_anchors, torch.Tensor) or not isinstance(self.assigner, SyncFreeMaxIoUAssigner)
+                or not self.assigner.can_assign_valid(gt_instances)):
+            return super()._get_targets_single(flat_anchors, valid_flags, gt_instances, img_meta,
+                                               gt_instances_ignore, unmap_outputs)
+        # mmdet checks that some anchor is valid on the GPU; the valid flags come from the padded
+        # shape (get_anchors), so some are valid unless that shape is empty.
+        height, width = img_meta['pad_shape'][:2]
+        if height <= 0 or width <= 0:
+            raise ValueError(f'There is no valid anchor inside the image boundary: the padded image shape is '
+                             f'{tuple(img_meta["pad_shape"])}; check the image size')
+        pred_instances = InstanceData(priors=flat_anchors)
+        assign_result = self.assigner.assign_valid(pred_instances, gt_instances, valid_flags, gt_instances_ignore)
+        sampling_result = self.sampler.sample(assign_result, pred_instances, gt_instances)
+
+        num_anchors = flat_anchors.shape[0]
+        bbox_targets = flat_anchors.new_zeros(num_anchors, self.bbox_coder.encode_size)
+        bbox_weights = flat_anchors.new_zeros(num_anchors, self.bbox_coder.encode_size)
+        labels = flat_anchors.new_full((num_anchors,), self.num_classes, dtype=torch.long)
+        label_weights = flat_anchors.new_zeros(num_anchors, dtype=torch.float)
+        pos_inds, neg_inds = sampling_result.pos_inds, sampling_result.neg_inds
+        if len(pos_inds) > 0:
+            bbox_targets[pos_inds, :] = self.bbox_coder.encode(sampling_result.pos_priors,
+                                                               sampling_result.pos_gt_bboxes)
+            bbox_weights[pos_inds, :] = 1.0
+            labels[pos_inds] = sampling_result.pos_gt_labels
+            pos_weight = self.train_cfg['pos_weight']
+            label_weights[pos_inds] = 1.0 if pos_weight <= 0 else pos_weight
+        if len(neg_inds) > 0:
+            label_weights[neg_inds] = 1.0
+        return labels, label_weights, bbox_targets, bbox_weights, pos_inds, neg_inds, sampling_result
 
     def predict_by_feat(self, cls_scores: List[torch.Tensor], bbox_preds: List[torch.Tensor],
                         score_factors: Optional[List[torch.Tensor]] = None, batch_img_metas: Optional[List[dict]] = None,
