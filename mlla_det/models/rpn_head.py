@@ -42,8 +42,9 @@ __all__ = ['LevelMergedRPNHead']
 @MODELS.register_module()
 class LevelMergedRPNHead(RPNHead):
     """``RPNHead`` (same arguments, same proposals) whose ``loss_by_feat`` returns one
-    classification and one regression loss over all levels instead of a list of five, and whose
-    ``predict_by_feat`` ranks, gathers and decodes all images' anchors level by level at once."""
+    classification and one regression loss over all levels instead of a list of five, whose
+    targets are made without cutting the valid anchors out, and whose ``predict_by_feat`` ranks,
+    gathers and decodes all images' anchors level by level at once."""
 
     def loss_by_feat(self, cls_scores: List[torch.Tensor], bbox_preds: List[torch.Tensor], batch_gt_instances,
                      batch_img_metas: List[dict], batch_gt_instances_ignore: Optional[list] = None) -> dict:
