@@ -17,7 +17,8 @@ model = dict(
         pad_size_divisor=32),
     neck=dict(type='FPN', out_channels=256, num_outs=5),
     rpn_head=dict(
-        # mmdet's RPNHead, its training loss taken once over all levels (mlla_det/models/rpn_head.py)
+        # mmdet's RPNHead, its training loss taken once over all levels, its targets made without
+        # waiting for the GPU, its proposals ranked for the whole batch (mlla_det/models/rpn_head.py)
         type='LevelMergedRPNHead',
         in_channels=256,
         feat_channels=256,
