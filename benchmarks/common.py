@@ -528,3 +528,20 @@ def threshold_passing(scores: list, pairs: int) -> float:
     if flat.numel() <= pairs:
         return 0.0
     return float(torch.topk(flat, pairs + 1).values[-1])
+
+
+@contextlib.contextmanager
+def host_waits():
+    """The host's waits for the GPU inside the block: torch.cuda's sync debug mode warns at every
+    synchronising call made from this thread; yields a list that holds those warnings once the
+    block ends (each with the file and line that made the call). GPU only."""
+    import warnings
+    waits = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield waits
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    waits.extend(w for w in caught if "synchroniz" in str(w.message).lower())

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
-from benchmarks.common import (EVAL_NMS_PAIRS, launch_costs, round_up, scores_into_nms,  # noqa: E402
-                               threshold_passing, write_json)
+from benchmarks.common import (EVAL_NMS_PAIRS, host_waits, launch_costs, round_up,  # noqa: E402
+                               scores_into_nms, threshold_passing, write_json)
 from mlla_kernels.cached_launch import specialisation_count, specialisations  # noqa: E402
 
 ITERATIONS_1X = 88_500  # 12 epochs of COCO train2017 (118k images) at 16 images per iteration
@@ -390,35 +390,30 @@ LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cuda
 
 
 class HostWaitProbe:
-    """The host's waits for the GPU over one training iteration: torch.cuda's sync debug mode warns
-    at every synchronising call, and the warnings are counted by the Python line that made them.
-    The backward's autograd threads are not seen (their warnings do not reach Python's)."""
+    """The host's waits for the GPU over one training iteration (common.host_waits), counted by the
+    Python line that made them. The backward's autograd threads are not seen (their warnings do not
+    reach Python's)."""
 
     def __init__(self, iteration: int):
         self.iteration = iteration
         self.count, self.sites = None, None
-        self._catcher = self._records = None
+        self._recording = self._waits = None
 
     def before_iter(self, batch_idx: int):
         if batch_idx == self.iteration and torch.cuda.is_available():
-            import warnings
-            self._catcher = warnings.catch_warnings(record=True)
-            self._records = self._catcher.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
+            self._recording = host_waits()
+            self._waits = self._recording.__enter__()
 
     def after_iter(self, batch_idx: int):
-        if self._catcher is None:
+        if self._recording is None:
             return
-        torch.cuda.set_sync_debug_mode(0)
-        self._catcher.__exit__(None, None, None)
-        waits = [w for w in self._records if "synchroniz" in str(w.message).lower()]
+        self._recording.__exit__(None, None, None)
         sites = {}
-        for w in waits:
+        for w in self._waits:
             site = f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
             sites[site] = sites.get(site, 0) + 1
-        self.count, self.sites = len(waits), dict(sorted(sites.items(), key=lambda kv: -kv[1]))
-        self._catcher = self._records = None
+        self.count, self.sites = len(self._waits), dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+        self._recording = self._waits = None
 
 
 class HostProfile:

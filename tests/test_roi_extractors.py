@@ -93,10 +93,10 @@ def test_the_same_features_and_gradients_as_mmdet_on_the_gpu(dtype, gradient_tol
 
 @pytest.mark.gpu
 def test_on_the_gpu_an_extraction_waits_for_the_gpu_once():
-    from tests.helpers_cuda import host_waits
+    from benchmarks.common import host_waits
     _, ours = extractor_pair('mask_roi_extractor')
     feats, rois = features_and_rois(torch.Generator().manual_seed(2), 'cuda', torch.float32, 300)
-    with torch.no_grad():
-        features, waits = host_waits(ours, feats, rois)
-    assert len(waits) == 1, waits
+    with torch.no_grad(), host_waits() as waits:
+        features = ours(feats, rois)
+    assert len(waits) == 1, [str(w.message) for w in waits]
     assert features.shape == (300, 256, 14, 14)

@@ -113,7 +113,7 @@ def test_targets_of_the_valid_anchors_assigned_in_place_are_mmdets(boxes_per_ima
 def test_on_the_gpu_the_rpn_loss_waits_once_per_image_and_twice_for_its_losses():
     """The sampler's one wait per image, and mmdet's two in the losses (the sigmoid cross-entropy's
     label expansion, the L1 loss's check for any weight); the targets add none."""
-    from tests.helpers_cuda import host_waits
+    from benchmarks.common import host_waits
     _, ours = rpn_heads()
     ours = ours.cuda()
     generator = torch.Generator().manual_seed(4)
@@ -124,8 +124,9 @@ def test_on_the_gpu_the_rpn_loss_waits_once_per_image_and_twice_for_its_losses()
     features = [f.cuda() for f in features]
     instances = [i.to('cuda') for i in instances]
     cls_scores, bbox_preds = ours(features)
-    losses, waits = host_waits(ours.loss_by_feat, cls_scores, bbox_preds, instances, metas)
-    assert len(waits) <= len(metas) + 2, waits
+    with host_waits() as waits:
+        losses = ours.loss_by_feat(cls_scores, bbox_preds, instances, metas)
+    assert len(waits) <= len(metas) + 2, [str(w.message) for w in waits]
     assert float(losses['loss_rpn_bbox']) > 0
 
 

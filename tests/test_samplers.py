@@ -120,9 +120,10 @@ def test_on_the_cpu_the_same_samples_as_mmdet(settings, num_priors, num_gts, pos
 
 @pytest.mark.gpu
 def test_on_the_gpu_a_sample_waits_for_the_gpu_once():
-    from tests.helpers_cuda import host_waits
+    from benchmarks.common import host_waits
     generator = torch.Generator().manual_seed(0)
     assign, priors, gts = _assignment(generator, 200_000, 9, 0.002, device='cuda')
-    result, waits = host_waits(DeviceRandomSampler(**RPN).sample, _copy(assign), priors, gts)
-    assert len(waits) == 1, waits
+    with host_waits() as waits:
+        result = DeviceRandomSampler(**RPN).sample(_copy(assign), priors, gts)
+    assert len(waits) == 1, [str(w.message) for w in waits]
     assert result.pos_inds.numel() > 0 and result.neg_inds.numel() == 256 - result.pos_inds.numel()
